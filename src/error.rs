@@ -1,0 +1,197 @@
+//! The crate's error type.
+//!
+//! One `#[non_exhaustive]` enum, [`Error`], for every fallible call: registry writes,
+//! configuration, picks. Each variant names the problem and carries the context an
+//! operator needs at 3 a.m. (which service, which address, which field). The crate never
+//! panics on caller input; it returns one of these.
+//!
+//! Service names in errors are `Arc<str>` so that the errors a hot path can return during an
+//! outage ([`Error::NoEndpoints`], [`Error::NoHealthyEndpoints`]) are built without
+//! allocating.
+#![deny(unsafe_code)]
+
+use std::net::SocketAddr;
+
+use crate::sync::DataArc;
+
+/// Everything that can go wrong in `tai-loadbalancer`.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::{Endpoint, Error, ServiceRegistry};
+///
+/// # pollster_block_on(async {
+/// let registry = ServiceRegistry::new();
+/// let endpoint = Endpoint::new("127.0.0.1:5001".parse().unwrap(), None);
+/// match registry.deregister("nobody", &endpoint).await {
+///     Err(Error::UnknownService { service }) => assert_eq!(&*service, "nobody"),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # });
+/// # fn pollster_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// #     rt.block_on(f)
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The service has never been registered (or was removed).
+    #[error("unknown service `{service}`")]
+    UnknownService {
+        /// The service name that was asked for.
+        service: DataArc<str>,
+    },
+
+    /// The endpoint is not registered under the service.
+    #[error("endpoint {address} is not registered under service `{service}`")]
+    UnknownEndpoint {
+        /// The service.
+        service: DataArc<str>,
+        /// The address that was asked for.
+        address: SocketAddr,
+    },
+
+    /// The service exists but has no endpoints at all.
+    #[error("service `{service}` has no endpoints")]
+    NoEndpoints {
+        /// The service.
+        service: DataArc<str>,
+    },
+
+    /// The service has endpoints but none is currently routable (all unhealthy or draining).
+    #[error("service `{service}` has no healthy endpoints ({total} registered)")]
+    NoHealthyEndpoints {
+        /// The service.
+        service: DataArc<str>,
+        /// How many endpoints are registered.
+        total: usize,
+    },
+
+    /// A service name was rejected.
+    #[error("invalid service name {name:?}: {reason}")]
+    InvalidServiceName {
+        /// The name as given (truncated to 256 bytes).
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// An endpoint's address cannot receive traffic.
+    #[error("invalid endpoint address {address}: {reason}")]
+    InvalidAddress {
+        /// The rejected address.
+        address: SocketAddr,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// An endpoint's weight is out of range.
+    #[error("invalid weight {weight} for endpoint {address}: must be between 1 and {max}")]
+    InvalidWeight {
+        /// The endpoint.
+        address: SocketAddr,
+        /// The rejected weight.
+        weight: u32,
+        /// The largest accepted weight ([`MAX_WEIGHT`](crate::MAX_WEIGHT)).
+        max: u32,
+    },
+
+    /// An endpoint's metadata (region, zone, tags) was rejected.
+    #[error("invalid metadata for endpoint {address}: {field}: {reason}")]
+    InvalidMetadata {
+        /// The endpoint.
+        address: SocketAddr,
+        /// The offending field (`region`, `zone`, `tags`).
+        field: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// The same address appears twice in one batch.
+    #[error("endpoint {address} appears more than once in the batch for service `{service}`")]
+    DuplicateEndpoint {
+        /// The service.
+        service: DataArc<str>,
+        /// The repeated address.
+        address: SocketAddr,
+    },
+
+    /// A configuration value is out of range or inconsistent.
+    #[error("invalid configuration: `{field}`: {reason}")]
+    InvalidConfig {
+        /// Dotted path of the offending field, e.g. `consistent_hash.slots`.
+        field: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// A configuration document could not be parsed.
+    #[error("cannot parse configuration{}: {message}", location(*.line, *.column))]
+    ConfigParse {
+        /// 1-based line of the problem, when known.
+        line: Option<usize>,
+        /// 1-based column of the problem, when known.
+        column: Option<usize>,
+        /// The parser's description (names the unknown or mistyped field).
+        message: String,
+    },
+
+    /// A configuration file could not be read.
+    #[error("cannot read configuration file {path}: {message}")]
+    ConfigIo {
+        /// The path that was read.
+        path: String,
+        /// The I/O error.
+        message: String,
+    },
+
+    /// The load balancer was stopped; it routes nothing any more.
+    #[error("the load balancer is stopped")]
+    Stopped,
+
+    /// The control-plane thread could not be started.
+    #[error("cannot start the control-plane thread: {message}")]
+    ControlPlane {
+        /// The operating system's reason.
+        message: String,
+    },
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(" at line {l}, column {c}"),
+        (Some(l), None) => format!(" at line {l}"),
+        _ => String::new(),
+    }
+}
+
+impl Error {
+    pub(crate) fn invalid_config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn unknown_service(service: &str) -> Self {
+        Error::UnknownService {
+            service: DataArc::from(truncate(service)),
+        }
+    }
+}
+
+/// Truncates caller input that is echoed into an error, so a hostile 10 MB "service name"
+/// does not become a 10 MB log line.
+pub(crate) fn truncate(s: &str) -> &str {
+    const MAX: usize = 256;
+    if s.len() <= MAX {
+        return s;
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,60 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Crate layout
+//!
+//! | path | role |
+//! |---|---|
+//! | [`endpoint`](crate::Endpoint), `registry` | membership: what exists (control-plane state) |
+//! | `table`, `pick`, `balancer` | the read path: snapshots, strategies, [`Pick`] guards |
+//! | `control` | the write path: command queue, coalescing, rebuild and publish |
+//! | `config`, `stats`, `error` | configuration, counters snapshot, errors |
+//! | `sync` | the one door to atomics, `Arc`, locks, threads and entropy (loom-swappable) |
+#![doc(test(attr(deny(warnings))))]
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+#![cfg_attr(tai_loadbalancer_loom, allow(dead_code, unreachable_pub))]
+
+#[cfg(all(tai_loadbalancer_loom, not(feature = "loom")))]
+compile_error!("`--cfg tai_loadbalancer_loom` needs `--features loom` (see loom-tests/README.md)");
+
+mod balancer;
+mod config;
+mod control;
+mod endpoint;
+mod error;
+mod pick;
+mod registry;
+mod stats;
+mod sync;
+mod table;
+
+pub use balancer::{IntegratedLoadBalancer, ServiceHandle};
+pub use config::{
+    ConsistentHashConfig, ControlPlaneConfig, LoadBalancerConfig, MAX_HASH_SLOTS, MIN_HASH_SLOTS,
+    ServiceConfig,
+};
+pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
+pub use error::Error;
+pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
+pub use pick::jump::jump_hash;
+pub use pick::{LoadBalancingStrategy, Outcome, Pick};
+pub use registry::{MAX_SERVICE_NAME_LEN, ServiceRegistry};
+pub use stats::{EndpointMetrics, LoadBalancerMetrics, ServiceMetrics};
+
+/// Internal hooks for `loom-tests/`. Not public API: absent from normal builds, outside
+/// semver.
+#[cfg(tai_loadbalancer_loom)]
+#[doc(hidden)]
+pub mod __loom {
+    pub use crate::loom_hooks::*;
+}
+
+#[cfg(tai_loadbalancer_loom)]
+mod loom_hooks;
+
+/// Internal hooks for `fuzz/`. Not public API: only built under `cfg(fuzzing)`.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use crate::pick::consistent::FuzzRing as Ring;
+}

@@ -1,0 +1,237 @@
+//! Selection: the strategies, the read path over one table, and the [`Pick`] guard.
+//!
+//! This module owns the data plane's decision. Given one loaded [`ServiceTable`] it returns one
+//! of its routable endpoints without taking a lock, allocating, or looping over the endpoints:
+//!
+//! | strategy | cost per pick | state written |
+//! |---|---|---|
+//! | [`RoundRobin`](LoadBalancingStrategy::RoundRobin) | `fetch_add` + `%` | the slot's cursor |
+//! | [`Random`](LoadBalancingStrategy::Random) | thread-local RNG | none |
+//! | [`LeastConnections`](LoadBalancingStrategy::LeastConnections) | 2 RNG draws + 2 loads | none |
+//! | [`Weighted`](LoadBalancingStrategy::Weighted) | `fetch_add` + schedule read | the slot's cursor |
+//! | [`ConsistentHash`](LoadBalancingStrategy::ConsistentHash) | hash + shift + 4-byte read | none |
+//!
+//! (A guarded [`Pick`] adds its in-flight increment and decrement.)
+//!
+//! # Invariants
+//!
+//! * A decision reads exactly one table version (the caller loads it once).
+//! * Only routable endpoints are returned; an empty routable set is a typed miss.
+//! * Every [`Pick`] increments its endpoint's in-flight count once and its `Drop` decrements
+//!   it once, whatever happens to the tables meanwhile.
+#![deny(unsafe_code)]
+
+pub(crate) mod consistent;
+pub(crate) mod jump;
+mod p2c;
+mod random;
+mod round_robin;
+pub(crate) mod weighted;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::Endpoint;
+use crate::sync::Arc;
+use crate::table::{EndpointState, Member, Miss, ServiceSlot, ServiceTable};
+use consistent::{FALLBACK_PROBES, owner_without_ring, probe_hash, reduce};
+
+/// How a service's requests are spread over its endpoints.
+///
+/// In TOML: `"round_robin"`, `"random"`, `"least_connections"`, `"weighted"`,
+/// `"consistent_hash"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancingStrategy {
+    /// Each endpoint in turn. Sequential callers see an exact rotation; concurrent callers
+    /// share one cursor and are fair within one rotation.
+    #[default]
+    RoundRobin,
+    /// Uniformly at random, from a per-thread generator (scales with cores).
+    Random,
+    /// The endpoint with fewer requests in flight (per unit of weight) of two chosen at random:
+    /// the power of two choices. In-flight counts come from [`Pick`] guards, so use
+    /// [`IntegratedLoadBalancer::pick`](crate::IntegratedLoadBalancer::pick) with this
+    /// strategy.
+    LeastConnections,
+    /// Proportional to [`EndpointMetadata::weight`](crate::EndpointMetadata::weight), in a
+    /// smooth deterministic rotation (a 95/5 split sends the 5 % endpoint every 20th request).
+    Weighted,
+    /// By consistent hash of a request key (see
+    /// [`IntegratedLoadBalancer::next_endpoint_with_hash`](crate::IntegratedLoadBalancer::next_endpoint_with_hash)).
+    /// Requests without a key are spread at random.
+    ConsistentHash,
+}
+
+impl fmt::Display for LoadBalancingStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RoundRobin => "round_robin",
+            Self::Random => "random",
+            Self::LeastConnections => "least_connections",
+            Self::Weighted => "weighted",
+            Self::ConsistentHash => "consistent_hash",
+        })
+    }
+}
+
+/// The result of a request, as reported on a [`Pick`] or to
+/// [`IntegratedLoadBalancer::record_result`](crate::IntegratedLoadBalancer::record_result).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The request succeeded.
+    Success,
+    /// The request failed.
+    Failure,
+}
+
+// ===== the read path =====
+
+/// Chooses a routable endpoint of `table`. `hash` routes by consistent hash; `None` uses the
+/// table's strategy. `slots` is the configured ring size (used only without a ring).
+#[inline]
+pub(crate) fn choose<'t>(
+    table: &'t ServiceTable,
+    slot: &ServiceSlot,
+    hash: Option<u64>,
+) -> Result<&'t Arc<EndpointState>, Miss> {
+    let routable = &table.routable;
+    let n = routable.len();
+    if n == 0 {
+        return Err(table.miss());
+    }
+    if let Some(h) = hash {
+        return Ok(by_hash(table, h));
+    }
+    let index = match table.strategy {
+        LoadBalancingStrategy::RoundRobin => round_robin::index(slot.next_ticket(), n),
+        LoadBalancingStrategy::Weighted => match &table.schedule {
+            Some(schedule) => schedule.index(slot.next_ticket()),
+            None => round_robin::index(slot.next_ticket(), n),
+        },
+        LoadBalancingStrategy::Random | LoadBalancingStrategy::ConsistentHash => random::index(n),
+        LoadBalancingStrategy::LeastConnections => p2c::index(routable, table.routable_weights.as_deref()),
+    };
+    Ok(&routable[index])
+}
+
+/// Consistent-hash pick with the deterministic health fallback (see
+/// [`consistent`](self::consistent)). `table.routable` is non-empty.
+#[inline]
+fn by_hash(table: &ServiceTable, h: u64) -> &Arc<EndpointState> {
+    let members = &table.members;
+    for probe in 0..=FALLBACK_PROBES {
+        let hp = probe_hash(h, probe);
+        let owner = match &table.ring {
+            Some(ring) => ring.owner(ring.slot_of(hp)),
+            None => ringless_owner(table, hp),
+        };
+        if let Some(member) = owner.map(|o| &members[o]) {
+            if member.routable {
+                return &member.state;
+            }
+        }
+    }
+    let last = probe_hash(h, FALLBACK_PROBES + 1);
+    &table.routable[reduce(last, table.routable.len())]
+}
+
+/// The owner the ring would give, computed from the definition (`O(total weight)`): only
+/// used until the control plane has built this service's ring.
+#[cold]
+fn ringless_owner(table: &ServiceTable, h: u64) -> Option<usize> {
+    let slots = table.hash_slots;
+    let slot = (h >> (64 - slots.trailing_zeros())) as u32;
+    owner_without_ring(&table.members, Member::ring_key, slots, slot)
+}
+
+// ===== impl Pick =====
+
+/// A selected endpoint with one request in flight on it: an RAII guard.
+///
+/// The endpoint's in-flight count (the load signal of
+/// [`LeastConnections`](LoadBalancingStrategy::LeastConnections), and what a drain waits for)
+/// is incremented when the pick is made and decremented when the guard is dropped, even if the
+/// endpoint was removed meanwhile. Report how the request went with [`Pick::record`] (or
+/// [`success`](Pick::success)/[`failure`](Pick::failure)); a guard dropped without a report
+/// counts as neither.
+///
+/// A `Pick` does not borrow the routing table: hold it across I/O freely.
+///
+/// # Examples
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use tai_loadbalancer::*;
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// # let registry = Arc::new(ServiceRegistry::new());
+/// # registry.register("api", Endpoint::new("127.0.0.1:5001".parse().unwrap(), None)).await.unwrap();
+/// let lb = IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::LeastConnections, Default::default()).await?;
+/// let pick = lb.pick("api")?;
+/// assert_eq!(pick.in_flight(), 1);
+/// // ... send the request to pick.address() ...
+/// pick.record(Outcome::Success, Some(std::time::Duration::from_millis(3)));
+/// assert_eq!(lb.metrics().successful_requests, 1);
+/// # Ok::<_, Error>(())
+/// # }).unwrap();
+/// ```
+#[must_use = "dropping a Pick ends the request it accounts for"]
+pub struct Pick {
+    state: Arc<EndpointState>,
+}
+
+impl Pick {
+    /// Takes a guarded pick of `state`.
+    #[inline]
+    pub(crate) fn new(state: &Arc<EndpointState>) -> Pick {
+        state.acquire();
+        Pick { state: state.clone() }
+    }
+
+    /// The endpoint's address.
+    #[inline]
+    pub fn address(&self) -> SocketAddr {
+        self.state.address()
+    }
+
+    /// The endpoint as currently registered (address and metadata).
+    pub fn endpoint(&self) -> Endpoint {
+        self.state.endpoint()
+    }
+
+    /// Requests in flight on this endpoint right now, this one included.
+    pub fn in_flight(&self) -> u64 {
+        self.state.in_flight()
+    }
+
+    /// Reports the outcome (and optionally the latency) and ends the request.
+    pub fn record(self, outcome: Outcome, latency: Option<Duration>) {
+        self.state.record(outcome == Outcome::Success, latency);
+    }
+
+    /// Reports success and ends the request.
+    pub fn success(self) {
+        self.record(Outcome::Success, None);
+    }
+
+    /// Reports failure and ends the request.
+    pub fn failure(self) {
+        self.record(Outcome::Failure, None);
+    }
+}
+
+impl Drop for Pick {
+    #[inline]
+    fn drop(&mut self) {
+        self.state.release();
+    }
+}
+
+impl fmt::Debug for Pick {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pick").field("address", &self.address()).finish()
+    }
+}

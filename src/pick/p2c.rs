@@ -1,0 +1,40 @@
+//! Least connections by the power of two choices (Mitzenmacher, "The Power of Two Choices in
+//! Randomized Load Balancing", 2001; the policy behind tower's `p2c` and Envoy's
+//! `LEAST_REQUEST`).
+//!
+//! Two *distinct* endpoints are drawn uniformly and the one with fewer requests in flight per
+//! unit of weight wins. Scanning all endpoints for the global minimum would cost `O(n)` and
+//! send every concurrent caller to the same idle endpoint (herding); two random candidates
+//! cost `O(1)` and spread ties, because a tie keeps the first candidate, which is itself
+//! random. With weights, `(in_flight + 1) / weight` is compared, so an idle heavy endpoint
+//! beats an idle light one and load follows weight.
+#![deny(unsafe_code)]
+
+use crate::sync::Arc;
+use crate::sync::random_below;
+use crate::table::EndpointState;
+
+/// Chooses between two distinct random members of `routable` (`len >= 1`).
+#[inline]
+pub(crate) fn index(routable: &[Arc<EndpointState>], weights: Option<&[u32]>) -> usize {
+    let n = routable.len();
+    if n == 1 {
+        return 0;
+    }
+    let a = random_below(n);
+    let mut b = random_below(n - 1);
+    if b >= a {
+        b += 1;
+    }
+    debug_assert_ne!(a, b, "p2c candidates must differ");
+    let (la, lb) = (routable[a].in_flight(), routable[b].in_flight());
+    let b_wins = match weights {
+        None => lb < la,
+        Some(w) => {
+            // (lb + 1) / wb < (la + 1) / wa, in integers (weights <= 1e6, loads < 2^40 in
+            // practice; u128 keeps it exact regardless).
+            u128::from(lb + 1) * u128::from(w[a]) < u128::from(la + 1) * u128::from(w[b])
+        }
+    };
+    if b_wins { b } else { a }
+}

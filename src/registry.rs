@@ -1,0 +1,409 @@
+//! The service registry: the authoritative membership of every service.
+//!
+//! This module owns [`ServiceRegistry`]. It is control-plane state: a map from service name to
+//! its endpoints (keyed by address), behind one lock that is never taken on the pick path.
+//! Load balancers *attach* to a registry; every change is pushed to each attached balancer's
+//! control plane, and the registry call returns only once all of them have published tables
+//! reflecting it.
+//!
+//! # Invariants
+//!
+//! * **Read-your-writes**: when `register`, `register_batch`, `deregister` or `remove_service`
+//!   returns, every balancer attached to this registry routes by the new membership: a
+//!   deregistered endpoint is never picked by a selection that starts after the call returned.
+//! * **All or nothing**: a call validates everything before changing anything; a rejected
+//!   call leaves the registry exactly as it was. A batch is applied as one version.
+//! * **Identity is the address**: registering an address already present replaces its
+//!   metadata; identical re-registration changes nothing (and publishes nothing).
+//! * Versions increase by one per applied change, across all services, and are delivered to
+//!   each balancer in order (they are queued while the registry lock is held).
+#![deny(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::Error;
+use crate::control::MembershipUpdate;
+use crate::control::queue::Ack;
+use crate::endpoint::Endpoint;
+use crate::error::truncate;
+use crate::sync::{DataArc, DataWeak, Mutex};
+
+/// Longest accepted service name, in bytes (a DNS name's limit).
+pub const MAX_SERVICE_NAME_LEN: usize = 253;
+
+/// Checks a service name: non-empty, at most 253 bytes, no control characters, no leading or
+/// trailing whitespace.
+pub(crate) fn validate_service_name(name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() {
+        "must not be empty"
+    } else if name.len() > MAX_SERVICE_NAME_LEN {
+        "longer than 253 bytes"
+    } else if name.chars().any(char::is_control) {
+        "contains control characters"
+    } else if name.trim() != name {
+        "has leading or trailing whitespace"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidServiceName {
+        name: truncate(name).to_owned(),
+        reason,
+    })
+}
+
+/// Where the registry delivers membership changes: a balancer's control plane.
+pub(crate) trait MembershipSink: Send + Sync {
+    /// Queues the update; the ack resolves once it is published.
+    fn submit(&self, update: MembershipUpdate) -> Ack;
+    /// Applies queued updates on the caller's thread if the sink has no thread of its own.
+    fn help(&self);
+    /// Whether the sink was stopped (it is then dropped from the registry).
+    fn is_closed(&self) -> bool;
+}
+
+#[derive(Default)]
+struct ServiceRecord {
+    endpoints: BTreeMap<SocketAddr, Endpoint>,
+    version: u64,
+}
+
+impl ServiceRecord {
+    fn published(&self) -> DataArc<[Endpoint]> {
+        self.endpoints.values().cloned().collect()
+    }
+}
+
+#[derive(Default)]
+struct RegistryState {
+    services: BTreeMap<DataArc<str>, ServiceRecord>,
+    sinks: Vec<DataWeak<dyn MembershipSink>>,
+    version: u64,
+}
+
+impl RegistryState {
+    /// Queues `update` to every live sink; returns the acks and the sinks to help.
+    fn broadcast(&mut self, update: &MembershipUpdate) -> Delivery {
+        let mut delivery = Delivery::default();
+        self.sinks.retain(|weak| match weak.upgrade() {
+            Some(sink) if !sink.is_closed() => {
+                delivery.acks.push(sink.submit(update.clone()));
+                delivery.sinks.push(sink);
+                true
+            }
+            _ => false,
+        });
+        delivery
+    }
+}
+
+impl ServiceRecord {
+    fn update(&self, service: &DataArc<str>) -> MembershipUpdate {
+        MembershipUpdate {
+            service: service.clone(),
+            version: self.version,
+            endpoints: Some(self.published()),
+        }
+    }
+}
+
+/// Acks to await and sinks to help once the registry lock is released.
+#[derive(Default)]
+struct Delivery {
+    acks: Vec<Ack>,
+    sinks: Vec<DataArc<dyn MembershipSink>>,
+}
+
+impl Delivery {
+    /// Lets sinks without a thread apply the change, then waits for every publication.
+    async fn complete(self) {
+        for sink in &self.sinks {
+            sink.help();
+        }
+        for ack in self.acks {
+            ack.await;
+        }
+    }
+}
+
+/// The membership of every service, shared by any number of load balancers.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::{Endpoint, EndpointMetadata, ServiceRegistry};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let registry = ServiceRegistry::new();
+/// let west = EndpointMetadata::new().with_region("us-west-2").with_zone("us-west-2a");
+/// registry
+///     .register_batch(
+///         "api",
+///         vec![
+///             Endpoint::new("127.0.0.1:5001".parse()?, Some(west.clone())),
+///             Endpoint::new("127.0.0.1:5002".parse()?, None),
+///         ],
+///     )
+///     .await?;
+/// let found = registry.find_matching("api", Some("us-west-2"), None).await?;
+/// assert_eq!(found.len(), 1);
+/// registry.deregister("api", &found[0]).await?;
+/// assert_eq!(registry.endpoints("api").await?.len(), 1);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Default)]
+pub struct ServiceRegistry {
+    state: Mutex<RegistryState>,
+}
+
+impl ServiceRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `endpoint` under `service` (creating the service if needed). Registering an
+    /// address that is already present replaces its metadata.
+    ///
+    /// Returns once every attached balancer routes by the new membership.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidServiceName`], [`Error::InvalidAddress`], [`Error::InvalidWeight`],
+    /// [`Error::InvalidMetadata`].
+    pub async fn register(&self, service: impl Into<String>, endpoint: Endpoint) -> Result<(), Error> {
+        let service = service.into();
+        validate_service_name(&service)?;
+        endpoint.validate()?;
+        let delivery = self.change(&service, true, |record| {
+            let unchanged = record.endpoints.get(&endpoint.address) == Some(&endpoint);
+            if !unchanged {
+                record.endpoints.insert(endpoint.address, endpoint);
+            }
+            Ok(!unchanged)
+        })?;
+        delivery.complete().await;
+        Ok(())
+    }
+
+    /// Registers several endpoints under `service` as one change: all of them or, if any is
+    /// invalid or an address repeats, none.
+    ///
+    /// # Errors
+    ///
+    /// As [`register`](Self::register), plus [`Error::DuplicateEndpoint`].
+    pub async fn register_batch(
+        &self,
+        service: impl Into<String>,
+        endpoints: Vec<Endpoint>,
+    ) -> Result<(), Error> {
+        let service = service.into();
+        validate_service_name(&service)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for endpoint in &endpoints {
+            endpoint.validate()?;
+            if !seen.insert(endpoint.address) {
+                return Err(Error::DuplicateEndpoint {
+                    service: DataArc::from(service.as_str()),
+                    address: endpoint.address,
+                });
+            }
+        }
+        if endpoints.is_empty() {
+            return Ok(());
+        }
+        let delivery = self.change(&service, true, |record| {
+            let mut changed = false;
+            for endpoint in endpoints {
+                if record.endpoints.get(&endpoint.address) != Some(&endpoint) {
+                    record.endpoints.insert(endpoint.address, endpoint);
+                    changed = true;
+                }
+            }
+            Ok(changed)
+        })?;
+        delivery.complete().await;
+        Ok(())
+    }
+
+    /// Removes the endpoint with `endpoint.address` from `service` (its metadata is not
+    /// compared). The service stays registered, possibly with no endpoints.
+    ///
+    /// Returns once no attached balancer can pick it for a new request. Requests already in
+    /// flight on it are not interrupted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`].
+    pub async fn deregister(&self, service: &str, endpoint: &Endpoint) -> Result<(), Error> {
+        let address = endpoint.address;
+        let delivery = self.change(service, false, |record| match record.endpoints.remove(&address) {
+            Some(_) => Ok(true),
+            None => Err(Error::UnknownEndpoint {
+                service: DataArc::from(truncate(service)),
+                address,
+            }),
+        })?;
+        delivery.complete().await;
+        Ok(())
+    }
+
+    /// Removes `service` and all its endpoints; balancers then answer
+    /// [`Error::UnknownService`] for it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`].
+    pub async fn remove_service(&self, service: &str) -> Result<(), Error> {
+        let delivery = {
+            let mut state = self.state.lock();
+            let Some((name, _)) = state.services.remove_entry(service) else {
+                return Err(Error::unknown_service(service));
+            };
+            state.version += 1;
+            let update = MembershipUpdate {
+                service: name,
+                version: state.version,
+                endpoints: None,
+            };
+            tracing::debug!(service = %update.service, version = update.version, "service removed from registry");
+            state.broadcast(&update)
+        };
+        delivery.complete().await;
+        Ok(())
+    }
+
+    /// The endpoints of `service` in `region` and `zone` (`None` matches anything), in
+    /// address order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`].
+    pub async fn find_matching(
+        &self,
+        service: &str,
+        region: Option<&str>,
+        zone: Option<&str>,
+    ) -> Result<Vec<Endpoint>, Error> {
+        let state = self.state.lock();
+        let record = state
+            .services
+            .get(service)
+            .ok_or_else(|| Error::unknown_service(service))?;
+        Ok(record
+            .endpoints
+            .values()
+            .filter(|e| region.is_none_or(|r| e.region() == Some(r)))
+            .filter(|e| zone.is_none_or(|z| e.zone() == Some(z)))
+            .cloned()
+            .collect())
+    }
+
+    /// All endpoints of `service`, in address order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`].
+    pub async fn endpoints(&self, service: &str) -> Result<Vec<Endpoint>, Error> {
+        self.find_matching(service, None, None).await
+    }
+
+    /// The names of all registered services, sorted.
+    pub async fn services(&self) -> Vec<String> {
+        self.state.lock().services.keys().map(|s| s.to_string()).collect()
+    }
+
+    /// The registry's version: the number of changes applied so far.
+    pub fn version(&self) -> u64 {
+        self.state.lock().version
+    }
+
+    /// Applies `f` to the record of `service` under the lock; if it reports a change, bumps
+    /// the version and queues the new membership to every balancer. A record created for this
+    /// call is removed again if `f` fails or changes nothing.
+    fn change(
+        &self,
+        service: &str,
+        create: bool,
+        f: impl FnOnce(&mut ServiceRecord) -> Result<bool, Error>,
+    ) -> Result<Delivery, Error> {
+        let mut state = self.state.lock();
+        let (name, mut record, created) = match state.services.remove_entry(service) {
+            Some((name, record)) => (name, record, false),
+            None if create => (DataArc::from(service), ServiceRecord::default(), true),
+            None => return Err(Error::unknown_service(service)),
+        };
+        // The record is out of the map while `f` runs (invisible: we hold the lock); it goes
+        // back unless it was created for this call and the call failed or changed nothing.
+        let result = f(&mut record);
+        let changed = matches!(result, Ok(true));
+        let update = changed.then(|| {
+            state.version += 1;
+            record.version = state.version;
+            record.update(&name)
+        });
+        if !created || changed {
+            state.services.insert(name, record);
+        }
+        result?;
+        let Some(update) = update else {
+            return Ok(Delivery::default());
+        };
+        tracing::debug!(
+            service = %update.service,
+            version = update.version,
+            endpoints = update.endpoints.as_ref().map_or(0, |e| e.len()),
+            "registry membership changed"
+        );
+        Ok(state.broadcast(&update))
+    }
+
+    /// Attaches a balancer: queues the current membership of every service to it and keeps
+    /// it informed of every later change. Returns what to complete before the balancer is
+    /// used.
+    pub(crate) fn attach(&self, sink: DataWeak<dyn MembershipSink>) -> impl Future<Output = ()> + use<> {
+        let mut state = self.state.lock();
+        let mut delivery = Delivery::default();
+        if let Some(strong) = sink.upgrade() {
+            for (name, record) in &state.services {
+                delivery.acks.push(strong.submit(record.update(name)));
+            }
+            delivery.sinks.push(strong);
+            state.sinks.push(sink);
+        }
+        delivery.complete()
+    }
+}
+
+impl fmt::Debug for ServiceRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state.lock();
+        f.debug_struct("ServiceRegistry")
+            .field("services", &state.services.len())
+            .field("version", &state.version)
+            .field("balancers", &state.sinks.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        for ok in ["api", "api-service", "a.b.c", "checkout/v2", "ünïcode"] {
+            validate_service_name(ok).unwrap();
+        }
+        for bad in ["", " api", "api ", "a\nb", "a\0b"] {
+            assert!(
+                matches!(validate_service_name(bad), Err(Error::InvalidServiceName { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(validate_service_name(&"x".repeat(254)).is_err());
+        assert!(validate_service_name(&"x".repeat(253)).is_ok());
+    }
+}

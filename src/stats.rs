@@ -1,0 +1,192 @@
+//! Pull-model statistics: a plain snapshot of the balancer's counters.
+//!
+//! This module owns [`LoadBalancerMetrics`] and its per-service and per-endpoint parts. The
+//! counters themselves are per-endpoint atomics on the data plane (no shared hot cache line);
+//! [`IntegratedLoadBalancer::metrics`](crate::IntegratedLoadBalancer::metrics) sums them on
+//! demand. Counters of removed endpoints stay in their service's totals; the endpoints
+//! themselves leave the per-endpoint list, so it does not grow without bound.
+//!
+//! # Meaning of the counters
+//!
+//! * `total_requests`: selections handed out: every [`Pick`](crate::Pick), every
+//!   `select`/`next_endpoint*` result.
+//! * `successful_requests`, `failed_requests`: outcomes reported on a pick or through
+//!   [`IntegratedLoadBalancer::record_result`](crate::IntegratedLoadBalancer::record_result).
+//!   A selection without a report counts in neither, so
+//!   `successful + failed <= total` (up to requests racing with the snapshot).
+//! * `in_flight`: picks not yet dropped.
+//!
+//! Each counter is read on its own without stopping traffic, so a snapshot taken under load
+//! can be skewed by the requests in progress while it was taken.
+#![deny(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::LoadBalancingStrategy;
+use crate::control::ServiceCounters;
+use crate::table::CounterValues;
+
+/// A snapshot of the balancer's request counters.
+///
+/// # Examples
+///
+/// The seed README computes `100.0 * metrics.successful_requests / metrics.total_requests`,
+/// which does not compile (`f64 * u64`); use [`success_rate`](Self::success_rate) or cast:
+///
+/// ```
+/// # use tai_loadbalancer::LoadBalancerMetrics;
+/// let metrics = LoadBalancerMetrics { total_requests: 4, successful_requests: 3, failed_requests: 1, ..Default::default() };
+/// println!("Success: {}%", 100.0 * metrics.successful_requests as f64 / metrics.total_requests as f64);
+/// assert_eq!(metrics.success_rate(), Some(0.75));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadBalancerMetrics {
+    /// Selections handed out.
+    pub total_requests: u64,
+    /// Outcomes reported as success.
+    pub successful_requests: u64,
+    /// Outcomes reported as failure.
+    pub failed_requests: u64,
+    /// Requests in flight (picks not yet dropped).
+    pub in_flight: u64,
+    /// Per service, sorted by name.
+    pub services: Vec<ServiceMetrics>,
+}
+
+/// Counters of one service.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceMetrics {
+    /// The service name.
+    pub service: String,
+    /// The strategy routing it.
+    pub strategy: LoadBalancingStrategy,
+    /// Version of the routing table currently published.
+    pub table_version: u64,
+    /// Registry version of the membership that table was built from
+    /// ([`ServiceRegistry::version`](crate::ServiceRegistry::version) at that change).
+    pub registry_version: u64,
+    /// Registered endpoints.
+    pub endpoints_total: usize,
+    /// Endpoints picks can currently go to.
+    pub endpoints_routable: usize,
+    /// Selections handed out (including to endpoints since removed).
+    pub total_requests: u64,
+    /// Outcomes reported as success.
+    pub successful_requests: u64,
+    /// Outcomes reported as failure.
+    pub failed_requests: u64,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Current endpoints, in address order.
+    pub endpoints: Vec<EndpointMetrics>,
+}
+
+/// Counters of one endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointMetrics {
+    /// The endpoint.
+    pub address: SocketAddr,
+    /// Its weight.
+    pub weight: u32,
+    /// Whether picks can currently go to it.
+    pub routable: bool,
+    /// Selections handed out.
+    pub selections: u64,
+    /// Outcomes reported as success.
+    pub successes: u64,
+    /// Outcomes reported as failure.
+    pub failures: u64,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Mean of the latencies reported with outcomes, if any were.
+    pub mean_latency: Option<Duration>,
+}
+
+fn rate(successes: u64, failures: u64) -> Option<f64> {
+    let reported = successes + failures;
+    (reported > 0).then(|| successes as f64 / reported as f64)
+}
+
+impl LoadBalancerMetrics {
+    /// Successes over reported outcomes, `None` before any outcome was reported.
+    pub fn success_rate(&self) -> Option<f64> {
+        rate(self.successful_requests, self.failed_requests)
+    }
+
+    /// The metrics of `service`, if it is routed by this balancer.
+    pub fn service(&self, service: &str) -> Option<&ServiceMetrics> {
+        self.services.iter().find(|s| s.service == service)
+    }
+
+    pub(crate) fn from_counters(services: Vec<ServiceCounters>) -> Self {
+        let mut m = LoadBalancerMetrics::default();
+        for sc in services {
+            let mut totals = sc.removed;
+            let mut endpoints = Vec::with_capacity(sc.endpoints.len());
+            let mut routable = 0;
+            for (endpoint, is_routable, c) in &sc.endpoints {
+                totals.add(c);
+                routable += usize::from(*is_routable);
+                endpoints.push(EndpointMetrics::new(
+                    endpoint.address,
+                    endpoint.weight(),
+                    *is_routable,
+                    c,
+                ));
+            }
+            let service = ServiceMetrics {
+                service: sc.name.to_string(),
+                strategy: sc.strategy,
+                table_version: sc.table_version,
+                registry_version: sc.membership_version,
+                endpoints_total: endpoints.len(),
+                endpoints_routable: routable,
+                total_requests: totals.selections,
+                successful_requests: totals.successes,
+                failed_requests: totals.failures,
+                in_flight: totals.in_flight,
+                endpoints,
+            };
+            m.total_requests += service.total_requests;
+            m.successful_requests += service.successful_requests;
+            m.failed_requests += service.failed_requests;
+            m.in_flight += service.in_flight;
+            m.services.push(service);
+        }
+        m
+    }
+}
+
+impl ServiceMetrics {
+    /// Successes over reported outcomes, `None` before any outcome was reported.
+    pub fn success_rate(&self) -> Option<f64> {
+        rate(self.successful_requests, self.failed_requests)
+    }
+
+    /// The metrics of the endpoint at `address`, if it is a current member.
+    pub fn endpoint(&self, address: SocketAddr) -> Option<&EndpointMetrics> {
+        self.endpoints.iter().find(|e| e.address == address)
+    }
+}
+
+impl EndpointMetrics {
+    fn new(address: SocketAddr, weight: u32, routable: bool, c: &CounterValues) -> Self {
+        Self {
+            address,
+            weight,
+            routable,
+            selections: c.selections,
+            successes: c.successes,
+            failures: c.failures,
+            in_flight: c.in_flight,
+            mean_latency: (c.latency_count > 0)
+                .then(|| Duration::from_micros(c.latency_sum_us / c.latency_count)),
+        }
+    }
+
+    /// Successes over reported outcomes, `None` before any outcome was reported.
+    pub fn success_rate(&self) -> Option<f64> {
+        rate(self.successes, self.failures)
+    }
+}

@@ -1,0 +1,145 @@
+//! Loom twin of the sync door: every primitive the models must explore comes from loom.
+#![deny(unsafe_code)]
+
+use core::fmt;
+use core::ops::Deref;
+
+pub(crate) use loom::sync::Arc;
+
+/// Atomics, re-exported from loom.
+pub(crate) mod atomic {
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+}
+
+/// Poison-tolerant mutex over `loom::sync::Mutex`.
+pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+/// Guard of [`Mutex`].
+pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self(loom::sync::Mutex::new(value))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<T: Default> Default for Mutex<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
+
+impl<T> fmt::Debug for Mutex<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Mutex(..)")
+    }
+}
+
+/// Condition variable over `loom::sync::Condvar`.
+#[derive(Debug)]
+pub(crate) struct Condvar(loom::sync::Condvar);
+
+impl Default for Condvar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Condvar {
+    pub(crate) fn new() -> Self {
+        Self(loom::sync::Condvar::new())
+    }
+
+    pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.0
+            .wait(guard)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn notify_one(&self) {
+        self.0.notify_one();
+    }
+
+    pub(crate) fn notify_all(&self) {
+        self.0.notify_all();
+    }
+}
+
+/// Stand-in for the arc-swap cell with the same contract: a load returns one whole
+/// published `Arc<T>`; a store replaces it. Modelled with a loom `RwLock` so the models
+/// explore every interleaving of loads and stores.
+pub(crate) struct SnapshotCell<T>(loom::sync::RwLock<Arc<T>>);
+
+/// A loaded snapshot (an owned `Arc` in the model).
+pub(crate) struct Snap<T>(Arc<T>);
+
+impl<T> SnapshotCell<T> {
+    pub(crate) fn new(value: Arc<T>) -> Self {
+        Self(loom::sync::RwLock::new(value))
+    }
+
+    pub(crate) fn load(&self) -> Snap<T> {
+        Snap(self.load_full())
+    }
+
+    pub(crate) fn load_full(&self) -> Arc<T> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn store(&self, value: Arc<T>) {
+        let old = {
+            let mut slot = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            core::mem::replace(&mut *slot, value)
+        };
+        drop(old);
+    }
+}
+
+impl<T> Deref for Snap<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for SnapshotCell<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SnapshotCell(..)")
+    }
+}
+
+impl<T> fmt::Debug for Snap<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Snap(..)")
+    }
+}
+
+/// Threads for the control plane, from loom.
+pub(crate) mod thread {
+    pub(crate) use loom::thread::JoinHandle;
+
+    pub(crate) fn spawn<F>(name: String, f: F) -> std::io::Result<JoinHandle<()>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        loom::thread::Builder::new().name(name).spawn(f)
+    }
+}
+
+/// Deterministic under the model: always the first index.
+pub(crate) fn random_below(_n: usize) -> usize {
+    0
+}
+
+/// Deterministic under the model.
+pub(crate) fn random_u64() -> u64 {
+    0x9e37_79b9_7f4a_7c15
+}
