@@ -30,7 +30,7 @@ use crate::registry::{MembershipSink, ServiceRegistry};
 use crate::stats::LoadBalancerMetrics;
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell};
-use crate::table::{Directory, EndpointState, Miss, ServiceSlot, ServiceTable};
+use crate::table::{Directory, Miss, Pin, ServiceSlot, ServiceTable};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
@@ -75,17 +75,17 @@ impl Shared {
     #[inline]
     pub(crate) fn pick(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Pick, Error> {
         let table = slot.table.load();
-        let state = self.choose(&table, slot, hash)?;
-        Ok(Pick::new(state))
+        let pin = self.choose(&table, slot, hash)?;
+        Ok(Pick::new(pin))
     }
 
     /// An unguarded selection from `slot`.
     #[inline]
     pub(crate) fn select(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Endpoint, Error> {
         let table = slot.table.load();
-        let state = self.choose(&table, slot, hash)?;
-        state.note_selection();
-        Ok(state.endpoint())
+        let pin = self.choose(&table, slot, hash)?;
+        pin.note_selection();
+        Ok(pin.endpoint().clone())
     }
 
     #[inline]
@@ -94,13 +94,13 @@ impl Shared {
         table: &'t ServiceTable,
         slot: &ServiceSlot,
         hash: Option<u64>,
-    ) -> Result<&'t Arc<EndpointState>, Error> {
+    ) -> Result<&'t Arc<Pin>, Error> {
         match choose(table, slot, hash) {
-            Ok(state) => {
+            Ok(pin) => {
                 if hash.is_some() && table.ring.is_none() {
                     self.want_ring(slot, table);
                 }
-                Ok(state)
+                Ok(pin)
             }
             Err(miss) => Err(miss_error(table, miss)),
         }
@@ -117,8 +117,8 @@ impl Shared {
         }
     }
 
-    /// The state of member `address` of `slot`'s current table.
-    fn member(slot: &ServiceSlot, address: SocketAddr) -> Result<Arc<EndpointState>, Error> {
+    /// The calling thread's pin of member `address` of `slot`'s current table.
+    fn member(slot: &ServiceSlot, address: SocketAddr) -> Result<Arc<Pin>, Error> {
         let table = slot.table.load();
         if let Some(miss) = table.miss {
             return Err(miss_error(&table, miss));
@@ -127,7 +127,7 @@ impl Shared {
             .members
             .binary_search_by(|m| m.state.address().cmp(&address))
         {
-            Ok(i) => Ok(table.members[i].state.clone()),
+            Ok(i) => Ok(table.local().members[i].clone()),
             Err(_) => Err(Error::UnknownEndpoint {
                 service: table.service.clone(),
                 address,
@@ -383,8 +383,8 @@ impl IntegratedLoadBalancer {
     ) -> Result<(), Error> {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service)?;
-        let state = Shared::member(slot, endpoint.address)?;
-        state.record(outcome == Outcome::Success, latency);
+        let pin = Shared::member(slot, endpoint.address)?;
+        pin.record(outcome == Outcome::Success, latency);
         Ok(())
     }
 
@@ -525,7 +525,7 @@ impl ServiceHandle {
         table
             .members
             .iter()
-            .map(|m| (m.state.endpoint(), m.routable))
+            .map(|m| (m.state.endpoint().clone(), m.routable))
             .collect()
     }
 }

@@ -145,6 +145,15 @@ impl Endpoint {
         self
     }
 
+    /// A copy whose metadata is a fresh allocation, not shared with `self`: each counter shard
+    /// keeps its own copy, so cloning endpoints on different cores touches different lines.
+    pub(crate) fn detached(&self) -> Endpoint {
+        Endpoint {
+            address: self.address,
+            metadata: self.metadata.as_deref().map(|m| DataArc::new(m.clone())),
+        }
+    }
+
     /// The relative weight (1 unless set).
     pub fn weight(&self) -> u32 {
         self.metadata().weight

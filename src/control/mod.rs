@@ -19,8 +19,9 @@
 //!   push order even when the thread and helpers race.
 //! * Per service, membership versions only move forward; an older update is ignored.
 //! * Endpoint states are kept per address across rebuilds (counters survive republication).
-//!   A removed endpoint's state retires: its counters stay in the service totals, and it is
-//!   dropped once no table or guard refers to it.
+//!   A metadata change starts a new generation of the state; a removed endpoint's state, or
+//!   a replaced generation, retires: its counters stay in the endpoint's (or, once the address
+//!   is gone, the service's) totals, and it is dropped once no table or guard refers to it.
 //! * After [`ControlPlane::shutdown`] no table is published except the stopped tombstones.
 #![deny(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub(crate) mod queue;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::endpoint::Endpoint;
@@ -68,9 +70,11 @@ struct ServiceControl {
     states: Vec<Arc<EndpointState>>,
     ring: RingCache,
     table_version: u64,
-    /// Removed endpoints still referenced by an old table or a guard.
+    /// Retired generations still referenced by an old table or a guard.
     retiring: Vec<Arc<EndpointState>>,
-    /// Final counters of removed endpoints that are gone.
+    /// Final counters of dropped generations whose address is still a member.
+    retired_members: HashMap<SocketAddr, CounterValues, ahash::RandomState>,
+    /// Final counters of dropped generations of addresses no longer members.
     retired: CounterValues,
     dirty: bool,
 }
@@ -91,6 +95,7 @@ impl ServiceControl {
             ring: RingCache::default(),
             table_version: 0,
             retiring: Vec::new(),
+            retired_members: HashMap::default(),
             retired: CounterValues::default(),
             dirty: true,
         }
@@ -99,24 +104,26 @@ impl ServiceControl {
     /// Rebuilds and publishes this service's table from `self.endpoints`.
     fn rebuild(&mut self, strategy: LoadBalancingStrategy, hash_slots: u32) {
         let started = Instant::now();
-        // Merge the sorted previous states with the sorted new membership: reuse the state of
-        // every address that stays, create states for new addresses, retire the rest.
+        let shards = crate::sync::shard_count();
+        // Merge the sorted previous states with the sorted new membership: keep the state of
+        // every endpoint that stays as it was, start a generation for new or changed ones,
+        // retire the rest.
         let previous = std::mem::take(&mut self.states);
         let mut previous = previous.into_iter().peekable();
         let mut states = Vec::with_capacity(self.endpoints.len());
         let mut members = Vec::with_capacity(self.endpoints.len());
-        for endpoint in self.endpoints.iter() {
+        let endpoints = self.endpoints.clone();
+        for endpoint in endpoints.iter() {
             while let Some(old) = previous.next_if(|s| s.address() < endpoint.address) {
-                self.retiring.push(old);
+                self.retire(old, false);
             }
             let state = match previous.next_if(|s| s.address() == endpoint.address) {
-                Some(state) => {
-                    if !state.endpoint_is(endpoint) {
-                        state.set_endpoint(endpoint.clone());
-                    }
-                    state
+                Some(old) if old.endpoint() == endpoint => old,
+                Some(old) => {
+                    self.retire(old, true);
+                    Arc::new(EndpointState::new(endpoint.clone(), shards))
                 }
-                None => Arc::new(EndpointState::new(endpoint.clone())),
+                None => Arc::new(EndpointState::new(endpoint.clone(), shards)),
             };
             members.push(Member {
                 state: state.clone(),
@@ -125,7 +132,9 @@ impl ServiceControl {
             });
             states.push(state);
         }
-        self.retiring.extend(previous);
+        for old in previous {
+            self.retire(old, false);
+        }
         self.states = states;
 
         let wants_ring = strategy == LoadBalancingStrategy::ConsistentHash
@@ -140,8 +149,9 @@ impl ServiceControl {
             members,
             hash_slots,
             ring,
+            shards,
         });
-        let (total, routable) = (table.members.len(), table.routable.len());
+        let (total, routable) = (table.members.len(), table.routable_len());
         self.slot.table.store(Arc::new(table));
         self.dirty = false;
         tracing::debug!(
@@ -157,14 +167,32 @@ impl ServiceControl {
         );
     }
 
-    /// Folds retired endpoints that nothing refers to any more into `retired`.
+    /// Retires a generation. `stays` tells whether its address remains a member.
+    fn retire(&mut self, state: Arc<EndpointState>, stays: bool) {
+        if !stays {
+            if let Some(c) = self.retired_members.remove(&state.address()) {
+                self.retired.add(&c);
+            }
+        }
+        self.retiring.push(state);
+    }
+
+    /// Folds retired generations that nothing refers to any more into the retired totals.
     fn sweep(&mut self) {
+        let members = &self.states;
+        let retired_members = &mut self.retired_members;
         let retired = &mut self.retired;
         self.retiring.retain(|s| {
-            if Arc::strong_count(s) > 1 {
+            if EndpointState::is_referenced(s) {
                 return true;
             }
-            retired.add(&s.counters());
+            let counters = s.counters();
+            let address = s.address();
+            if members.binary_search_by(|m| m.address().cmp(&address)).is_ok() {
+                retired_members.entry(address).or_default().add(&counters);
+            } else {
+                retired.add(&counters);
+            }
             false
         });
     }
@@ -451,36 +479,55 @@ impl ControlPlane {
         let mut out: Vec<ServiceCounters> = state
             .services
             .values_mut()
-            .map(|sc| {
-                sc.sweep();
-                let table = sc.slot.table.load();
-                // `states` and a live table's `members` are built in the same (address) order;
-                // a tombstone has no members, and nothing in it is routable.
-                let endpoints = sc
-                    .states
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        let routable = table.members.get(i).is_some_and(|m| m.routable);
-                        (s.endpoint(), routable, s.counters())
-                    })
-                    .collect();
-                let mut removed = sc.retired;
-                for s in &sc.retiring {
-                    removed.add(&s.counters());
-                }
-                ServiceCounters {
-                    name: sc.name.clone(),
-                    strategy: table.strategy,
-                    table_version: table.version,
-                    membership_version: table.membership_version,
-                    endpoints,
-                    removed,
-                }
-            })
+            .map(ServiceControl::counters)
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+}
+
+impl ServiceControl {
+    fn counters(&mut self) -> ServiceCounters {
+        self.sweep();
+        let table = self.slot.table.load();
+        let mut removed = self.retired;
+        let mut earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState> =
+            self.retired_members.clone();
+        for s in &self.retiring {
+            let address = s.address();
+            if self
+                .states
+                .binary_search_by(|m| m.address().cmp(&address))
+                .is_ok()
+            {
+                earlier.entry(address).or_default().add(&s.counters());
+            } else {
+                removed.add(&s.counters());
+            }
+        }
+        // `states` and a live table's `members` are built in the same (address) order; a
+        // tombstone has no members, and nothing in it is routable.
+        let endpoints = self
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let routable = table.members.get(i).is_some_and(|m| m.routable);
+                let mut counters = s.counters();
+                if let Some(c) = earlier.get(&s.address()) {
+                    counters.add(c);
+                }
+                (s.endpoint().clone(), routable, counters)
+            })
+            .collect();
+        ServiceCounters {
+            name: self.name.clone(),
+            strategy: table.strategy,
+            table_version: table.version,
+            membership_version: table.membership_version,
+            endpoints,
+            removed,
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoint::Endpoint;
 use crate::sync::Arc;
-use crate::table::{EndpointState, Member, Miss, ServiceSlot, ServiceTable};
+use crate::table::{Member, Miss, Pin, ServiceSlot, ServiceTable};
 use consistent::{FALLBACK_PROBES, owner_without_ring, probe_hash, reduce};
 
 /// How a service's requests are spread over its endpoints.
@@ -90,15 +90,16 @@ pub enum Outcome {
 
 // ===== the read path =====
 
-/// Chooses a routable endpoint of `table`. `hash` routes by consistent hash; `None` uses the
-/// table's strategy. `slots` is the configured ring size (used only without a ring).
+/// Chooses a routable endpoint of `table` and returns the calling thread's pin of it.
+/// `hash` routes by consistent hash; `None` uses the table's strategy.
 #[inline]
 pub(crate) fn choose<'t>(
     table: &'t ServiceTable,
     slot: &ServiceSlot,
     hash: Option<u64>,
-) -> Result<&'t Arc<EndpointState>, Miss> {
-    let routable = &table.routable;
+) -> Result<&'t Arc<Pin>, Miss> {
+    let view = table.local();
+    let routable = &view.routable;
     let n = routable.len();
     if n == 0 {
         return Err(table.miss());
@@ -119,24 +120,25 @@ pub(crate) fn choose<'t>(
 }
 
 /// Consistent-hash pick with the deterministic health fallback (see
-/// [`consistent`](self::consistent)). `table.routable` is non-empty.
+/// [`consistent`](self::consistent)). At least one member is routable.
 #[inline]
-fn by_hash(table: &ServiceTable, h: u64) -> &Arc<EndpointState> {
+fn by_hash(table: &ServiceTable, h: u64) -> &Arc<Pin> {
     let members = &table.members;
+    let view = table.local();
     for probe in 0..=FALLBACK_PROBES {
         let hp = probe_hash(h, probe);
         let owner = match &table.ring {
             Some(ring) => ring.owner(ring.slot_of(hp)),
             None => ringless_owner(table, hp),
         };
-        if let Some(member) = owner.map(|o| &members[o]) {
-            if member.routable {
-                return &member.state;
+        if let Some(o) = owner {
+            if members[o].routable {
+                return &view.members[o];
             }
         }
     }
     let last = probe_hash(h, FALLBACK_PROBES + 1);
-    &table.routable[reduce(last, table.routable.len())]
+    &view.routable[reduce(last, view.routable.len())]
 }
 
 /// The owner the ring would give, computed from the definition (`O(total weight)`): only
@@ -180,36 +182,37 @@ fn ringless_owner(table: &ServiceTable, h: u64) -> Option<usize> {
 /// ```
 #[must_use = "dropping a Pick ends the request it accounts for"]
 pub struct Pick {
-    state: Arc<EndpointState>,
+    pin: Arc<Pin>,
 }
 
 impl Pick {
-    /// Takes a guarded pick of `state`.
+    /// Takes a guarded pick of `pin`.
     #[inline]
-    pub(crate) fn new(state: &Arc<EndpointState>) -> Pick {
-        state.acquire();
-        Pick { state: state.clone() }
+    pub(crate) fn new(pin: &Arc<Pin>) -> Pick {
+        pin.acquire();
+        Pick { pin: pin.clone() }
     }
 
     /// The endpoint's address.
     #[inline]
     pub fn address(&self) -> SocketAddr {
-        self.state.address()
+        self.pin.address()
     }
 
-    /// The endpoint as currently registered (address and metadata).
-    pub fn endpoint(&self) -> Endpoint {
-        self.state.endpoint()
+    /// The endpoint (address and metadata, as registered when it was picked).
+    pub fn endpoint(&self) -> &Endpoint {
+        self.pin.endpoint()
     }
 
-    /// Requests in flight on this endpoint right now, this one included.
+    /// Requests in flight on this endpoint that were picked by threads of the same counter
+    /// shard as this one, this one included (the load signal least-connections compares).
     pub fn in_flight(&self) -> u64 {
-        self.state.in_flight()
+        self.pin.in_flight()
     }
 
     /// Reports the outcome (and optionally the latency) and ends the request.
     pub fn record(self, outcome: Outcome, latency: Option<Duration>) {
-        self.state.record(outcome == Outcome::Success, latency);
+        self.pin.record(outcome == Outcome::Success, latency);
     }
 
     /// Reports success and ends the request.
@@ -226,7 +229,17 @@ impl Pick {
 impl Drop for Pick {
     #[inline]
     fn drop(&mut self) {
-        self.state.release();
+        self.pin.release();
+    }
+}
+
+impl std::ops::Deref for Pick {
+    type Target = Endpoint;
+
+    /// A `Pick` reads as its [`Endpoint`]: `pick.address`, `&*pick` where an `&Endpoint` is
+    /// wanted.
+    fn deref(&self) -> &Endpoint {
+        self.pin.endpoint()
     }
 }
 

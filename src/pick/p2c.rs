@@ -10,13 +10,15 @@
 //! beats an idle light one and load follows weight.
 #![deny(unsafe_code)]
 
-use crate::sync::Arc;
-use crate::sync::random_below;
-use crate::table::EndpointState;
+use crate::sync::{Arc, random_below};
+use crate::table::Pin;
 
-/// Chooses between two distinct random members of `routable` (`len >= 1`).
+/// Chooses between two distinct random members of `routable` (`len >= 1`): the calling
+/// thread's shard of pins, so the in-flight counts compared are this shard's (each shard of
+/// threads balances its own requests, as each Envoy worker does; the sum over shards is
+/// then balanced too, and no core reads lines another core is writing).
 #[inline]
-pub(crate) fn index(routable: &[Arc<EndpointState>], weights: Option<&[u32]>) -> usize {
+pub(crate) fn index(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> usize {
     let n = routable.len();
     if n == 1 {
         return 0;

@@ -134,6 +134,16 @@ pub(crate) mod thread {
     }
 }
 
+/// One counter shard under the model.
+pub(crate) fn shard_count() -> usize {
+    1
+}
+
+/// Every model thread maps to shard 0.
+pub(crate) fn thread_ordinal() -> usize {
+    0
+}
+
 /// Deterministic under the model: always the first index.
 pub(crate) fn random_below(_n: usize) -> usize {
     0

@@ -128,6 +128,44 @@ pub(crate) mod thread {
     }
 }
 
+/// Most per-endpoint counter shards (see [`shard_count`]).
+const MAX_SHARDS: usize = 4;
+
+/// Number of counter shards per endpoint: the machine's parallelism, capped at 4, rounded up
+/// to a power of two. Computed once per process.
+pub(crate) fn shard_count() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(MAX_SHARDS)
+            .next_power_of_two()
+    })
+}
+
+/// A small number identifying the calling thread, assigned in order of first use. Threads
+/// map to counter shards by `ordinal & (shards - 1)`, so consecutive threads use different
+/// shards.
+#[inline]
+pub(crate) fn thread_ordinal() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static ORDINAL: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    ORDINAL.with(|ordinal| {
+        let v = ordinal.get();
+        if v != usize::MAX {
+            return v;
+        }
+        // Relaxed: a ticket; only uniqueness matters.
+        let v = NEXT.fetch_add(1, Ordering::Relaxed) & (usize::MAX >> 1);
+        ordinal.set(v);
+        v
+    })
+}
+
 /// A uniformly random index in `0..n` from the calling thread's generator (`fastrand`'s
 /// wyrand: no shared state, no allocation after the thread's first call). `n` must be > 0.
 #[inline]

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use crate::LoadBalancingStrategy;
 use crate::pick::consistent::HashRing;
 use crate::pick::weighted::Schedule;
-use crate::sync::{Arc, DataArc};
-use crate::table::{EndpointState, Member, ServiceTable};
+use crate::sync::DataArc;
+use crate::table::{Member, ServiceTable, ShardView};
 
 /// Everything a table is made of.
 #[derive(Debug)]
@@ -26,16 +26,23 @@ pub(crate) struct TableInput {
     pub(crate) hash_slots: u32,
     /// The ring to carry, if any (from [`RingCache::ring_for`]).
     pub(crate) ring: Option<DataArc<HashRing>>,
+    /// Number of counter shards (a power of two; every member's state has that many pins).
+    pub(crate) shards: usize,
 }
 
 /// Builds the table: routable subset, weights, and the weighted schedule when the strategy
 /// needs one.
 pub(crate) fn build(input: TableInput) -> ServiceTable {
-    let routable: Box<[Arc<EndpointState>]> = input
-        .members
-        .iter()
-        .filter(|m| m.routable)
-        .map(|m| m.state.clone())
+    let shards = (0..input.shards.max(1))
+        .map(|s| ShardView {
+            routable: input
+                .members
+                .iter()
+                .filter(|m| m.routable)
+                .map(|m| m.state.pin(s).clone())
+                .collect(),
+            members: input.members.iter().map(|m| m.state.pin(s).clone()).collect(),
+        })
         .collect();
     let weights: Vec<u32> = input
         .members
@@ -54,7 +61,7 @@ pub(crate) fn build(input: TableInput) -> ServiceTable {
         membership_version: input.membership_version,
         strategy: input.strategy,
         members: input.members.into_boxed_slice(),
-        routable,
+        shards,
         routable_weights: (!uniform).then(|| weights.into_boxed_slice()),
         schedule,
         ring: input.ring,

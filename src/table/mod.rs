@@ -1,15 +1,22 @@
 //! Routing snapshots: the immutable tables the data plane reads, and the per-endpoint atomics
 //! beside them.
 //!
-//! This module owns three types:
+//! This module owns four types:
 //!
-//! * [`EndpointState`]: one per registered address of a service, shared (`Arc`) by every
-//!   table version that contains the address and by every outstanding [`Pick`](crate::Pick).
-//!   It holds the counters that change per request (in-flight, selections, outcomes), so they
-//!   survive republication.
+//! * [`Pin`]: one endpoint's counters *for one shard of threads*, plus that shard's copy of the
+//!   endpoint. A pick touches only the pin of its own shard: it clones the pin's `Arc` and
+//!   bumps its in-flight and selection counts, all on lines no other shard writes. Writes
+//!   shared by every thread (one reference count, one in-flight counter per endpoint) make
+//!   each pick migrate cache lines between cores; we measured two-thread throughput fall to
+//!   0.5–1.7x of one thread that way on the project machine, against ~1.9x for read-only
+//!   work (`BENCHMARKS.md`).
+//! * [`EndpointState`]: one per registered generation of an address (a metadata change makes
+//!   a new generation), holding its pins. Shared by every table version that contains it, so
+//!   counters survive republication; the control plane sums the pins for metrics.
 //! * [`ServiceTable`]: one immutable, versioned snapshot of a service: its members in address
-//!   order, which of them are routable, and the strategy's precomputed structures (weighted
-//!   schedule, consistent-hash ring). Built by [`build`] on the control plane.
+//!   order, which of them are routable, per-shard arrays of their pins, and the strategy's
+//!   precomputed structures (weighted schedule, consistent-hash ring). Built by [`build`] on
+//!   the control plane.
 //! * [`ServiceSlot`]: the stable home of a service on the data plane: a
 //!   [`SnapshotCell`] holding the current table plus the strategy cursor, which must outlive
 //!   table versions (a round-robin rotation does not restart on every health flap).
@@ -19,9 +26,13 @@
 //! * A table is published whole by one `store`: membership, routability and the strategy
 //!   structures a pick reads always belong to the same version (no torn view, unlike two cells
 //!   that must agree).
-//! * `routable` is the subsequence of `members` with `routable == true`, in address order.
-//! * `schedule` entries index `routable`; ring owners index `members`.
+//! * `shards[s].routable` lists, in address order, shard `s`'s pins of the members with
+//!   `routable == true`; `shards[s].members[i]` is shard `s`'s pin of `members[i]`.
+//! * `schedule` entries index the routable list; ring owners index `members`.
 //! * `version` strictly increases for a given slot.
+//! * A pin's in-flight count is incremented by a pick holding an `Arc` to that pin and
+//!   decremented by the same guard's `Drop`, so it never underflows and reaches 0 exactly when
+//!   no guard of that shard is outstanding.
 #![deny(unsafe_code)]
 
 pub(crate) mod build;
@@ -37,27 +48,35 @@ use crate::pick::weighted::Schedule;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{Arc, CachePadded, DataArc, SnapshotCell};
 
-// ===== impl EndpointState =====
+// ===== impl Pin =====
 
-/// Per-request counters of one endpoint. Kept together on one cache-padded line: a pick
-/// touches only this line of the endpoint (plus the `Arc` header).
+/// Outcome counters of a pin: written when a request reports, not when it is picked, so they
+/// sit on their own line.
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
-    /// Picks holding this endpoint right now (guards not yet dropped).
-    pub(crate) in_flight: AtomicU64,
-    /// Every selection handed out (guarded or not).
-    pub(crate) selections: AtomicU64,
-    /// Outcomes recorded as success.
-    pub(crate) successes: AtomicU64,
-    /// Outcomes recorded as failure.
-    pub(crate) failures: AtomicU64,
-    /// Sum of recorded latencies, in microseconds.
-    pub(crate) latency_sum_us: AtomicU64,
-    /// Number of recorded latencies.
-    pub(crate) latency_count: AtomicU64,
+#[repr(C, align(64))]
+struct Outcomes {
+    successes: AtomicU64,
+    failures: AtomicU64,
+    latency_sum_us: AtomicU64,
+    latency_count: AtomicU64,
 }
 
-/// A point-in-time copy of [`Counters`].
+/// One endpoint's counters for one shard of threads.
+///
+/// Layout: the first 64-byte line holds everything a pick touches (in-flight, selections,
+/// the endpoint it returns); outcome counters follow on the second line. The `Arc` header
+/// that precedes it is written by guards of this shard only.
+#[repr(C, align(64))]
+pub(crate) struct Pin {
+    in_flight: AtomicU64,
+    selections: AtomicU64,
+    /// This shard's copy of the endpoint: its metadata `Arc` is not shared with other shards,
+    /// so cloning the endpoint on the pick path writes no line another shard writes.
+    endpoint: Endpoint,
+    outcomes: Outcomes,
+}
+
+/// A point-in-time sum of counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct CounterValues {
     pub(crate) in_flight: u64,
@@ -79,109 +98,157 @@ impl CounterValues {
     }
 }
 
-/// The mutable side of one endpoint of one service.
-pub(crate) struct EndpointState {
-    counters: CachePadded<Counters>,
-    address: SocketAddr,
-    /// The registered form (metadata can be updated in place: same address, same counters).
-    endpoint: SnapshotCell<Endpoint>,
-}
-
-impl EndpointState {
-    pub(crate) fn new(endpoint: Endpoint) -> Self {
+impl Pin {
+    fn new(endpoint: Endpoint) -> Self {
         Self {
-            counters: CachePadded::new(Counters::default()),
-            address: endpoint.address,
-            endpoint: SnapshotCell::new(Arc::new(endpoint)),
+            in_flight: AtomicU64::new(0),
+            selections: AtomicU64::new(0),
+            endpoint,
+            outcomes: Outcomes::default(),
         }
     }
 
     #[inline]
     pub(crate) fn address(&self) -> SocketAddr {
-        self.address
+        self.endpoint.address
     }
 
-    /// The current registered form of the endpoint.
-    pub(crate) fn endpoint(&self) -> Endpoint {
-        (*self.endpoint.load()).clone()
+    #[inline]
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
-    /// Whether the registered form equals `endpoint` (no clone).
-    pub(crate) fn endpoint_is(&self, endpoint: &Endpoint) -> bool {
-        *self.endpoint.load() == *endpoint
-    }
-
-    /// Replaces the metadata (control plane only; the address never changes).
-    pub(crate) fn set_endpoint(&self, endpoint: Endpoint) {
-        debug_assert_eq!(endpoint.address, self.address);
-        self.endpoint.store(Arc::new(endpoint));
-    }
-
-    /// Requests in flight. `Relaxed`: a load signal for least-connections, stale by at most
-    /// the requests racing with this read.
+    /// This shard's requests in flight. `Relaxed`: a load signal for least-connections,
+    /// stale by at most the requests racing with this read.
     #[inline]
     pub(crate) fn in_flight(&self) -> u64 {
-        self.counters.in_flight.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Counts a selection handed out without a guard. `Relaxed`: statistics only.
     #[inline]
     pub(crate) fn note_selection(&self) {
-        self.counters.selections.fetch_add(1, Ordering::Relaxed);
+        self.selections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a selection and one more request in flight. `Relaxed`: the increment publishes
-    /// nothing; the guard that undoes it holds its own `Arc` to this state.
+    /// nothing; the guard that undoes it holds an `Arc` to this pin.
     #[inline]
     pub(crate) fn acquire(&self) {
-        self.counters.selections.fetch_add(1, Ordering::Relaxed);
-        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.selections.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Ends one in-flight request. `Release`: whoever later reads the count with `Acquire`
     /// (a drain waiting for 0) also sees the outcome this request recorded.
     #[inline]
     pub(crate) fn release(&self) {
-        let before = self.counters.in_flight.fetch_sub(1, Ordering::Release);
-        debug_assert!(before > 0, "in-flight underflow on {}", self.address);
+        let before = self.in_flight.fetch_sub(1, Ordering::Release);
+        debug_assert!(before > 0, "in-flight underflow on {}", self.endpoint.address);
     }
 
     /// Records an outcome. `Relaxed`: statistics only.
     #[inline]
     pub(crate) fn record(&self, success: bool, latency: Option<Duration>) {
-        let c = &self.counters;
+        let o = &self.outcomes;
         if success {
-            c.successes.fetch_add(1, Ordering::Relaxed);
+            o.successes.fetch_add(1, Ordering::Relaxed);
         } else {
-            c.failures.fetch_add(1, Ordering::Relaxed);
+            o.failures.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(latency) = latency {
             let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-            c.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-            c.latency_count.fetch_add(1, Ordering::Relaxed);
+            o.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+            o.latency_count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// A copy of the counters. Each field is read `Relaxed` on its own; fields may be skewed
-    /// by requests racing with the read.
-    pub(crate) fn counters(&self) -> CounterValues {
-        let c = &self.counters;
+    fn counters(&self) -> CounterValues {
+        let o = &self.outcomes;
         CounterValues {
-            in_flight: c.in_flight.load(Ordering::Relaxed),
-            selections: c.selections.load(Ordering::Relaxed),
-            successes: c.successes.load(Ordering::Relaxed),
-            failures: c.failures.load(Ordering::Relaxed),
-            latency_sum_us: c.latency_sum_us.load(Ordering::Relaxed),
-            latency_count: c.latency_count.load(Ordering::Relaxed),
+            // Acquire pairs with `release`: a sum of 0 means every finished request's
+            // outcome is visible.
+            in_flight: self.in_flight.load(Ordering::Acquire),
+            selections: self.selections.load(Ordering::Relaxed),
+            successes: o.successes.load(Ordering::Relaxed),
+            failures: o.failures.load(Ordering::Relaxed),
+            latency_sum_us: o.latency_sum_us.load(Ordering::Relaxed),
+            latency_count: o.latency_count.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pin")
+            .field("address", &self.endpoint.address)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+// ===== impl EndpointState =====
+
+/// One generation of one endpoint of a service: its registered form and its pins.
+pub(crate) struct EndpointState {
+    endpoint: Endpoint,
+    pins: Box<[Arc<Pin>]>,
+}
+
+impl EndpointState {
+    /// A state with `shards` pins, each with its own copy of the endpoint's metadata.
+    pub(crate) fn new(endpoint: Endpoint, shards: usize) -> Self {
+        let pins = (0..shards.max(1))
+            .map(|_| Arc::new(Pin::new(endpoint.detached())))
+            .collect();
+        Self { endpoint, pins }
+    }
+
+    #[inline]
+    pub(crate) fn address(&self) -> SocketAddr {
+        self.endpoint.address
+    }
+
+    /// The registered form of this generation.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The pin of shard `shard` (`< shards`).
+    #[inline]
+    pub(crate) fn pin(&self, shard: usize) -> &Arc<Pin> {
+        &self.pins[shard]
+    }
+
+    /// The pin of the calling thread's shard.
+    #[inline]
+    #[allow(dead_code)]
+    pub(crate) fn local_pin(&self) -> &Arc<Pin> {
+        &self.pins[crate::sync::thread_ordinal() & (self.pins.len() - 1)]
+    }
+
+    /// Sum of all shards' counters. Each shard is read on its own; the sum may be skewed by
+    /// requests racing with the read.
+    pub(crate) fn counters(&self) -> CounterValues {
+        let mut total = CounterValues::default();
+        for pin in self.pins.iter() {
+            total.add(&pin.counters());
+        }
+        total
+    }
+
+    /// Whether anything besides the control plane (a table, a guard) still refers to this
+    /// generation.
+    pub(crate) fn is_referenced(this: &Arc<EndpointState>) -> bool {
+        Arc::strong_count(this) > 1 || this.pins.iter().any(|p| Arc::strong_count(p) > 1)
     }
 }
 
 impl fmt::Debug for EndpointState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EndpointState")
-            .field("address", &self.address)
-            .field("in_flight", &self.in_flight())
+            .field("address", &self.endpoint.address)
+            .field("shards", &self.pins.len())
             .finish_non_exhaustive()
     }
 }
@@ -226,8 +293,8 @@ pub(crate) struct ServiceTable {
     pub(crate) strategy: LoadBalancingStrategy,
     /// All members, in address order.
     pub(crate) members: Box<[Member]>,
-    /// Routable members' states, in address order.
-    pub(crate) routable: Box<[Arc<EndpointState>]>,
+    /// Per shard of threads: pins of the routable members and of all members.
+    pub(crate) shards: Box<[ShardView]>,
     /// Weights of `routable`, same order; `None` when all weights are equal.
     pub(crate) routable_weights: Option<Box<[u32]>>,
     /// Smooth weighted schedule over `routable` (weighted strategy with unequal weights).
@@ -240,7 +307,28 @@ pub(crate) struct ServiceTable {
     pub(crate) miss: Option<Miss>,
 }
 
+/// One shard's view of a table: the pins its threads touch.
+#[derive(Debug, Default)]
+pub(crate) struct ShardView {
+    /// Pins of routable members, in address order.
+    pub(crate) routable: Box<[Arc<Pin>]>,
+    /// Pins of all members, in address order (`members[i]`).
+    pub(crate) members: Box<[Arc<Pin>]>,
+}
+
 impl ServiceTable {
+    /// The calling thread's view. Tables always have a power-of-two number of shards.
+    #[inline]
+    pub(crate) fn local(&self) -> &ShardView {
+        &self.shards[crate::sync::thread_ordinal() & (self.shards.len() - 1)]
+    }
+
+    /// Number of routable members.
+    #[inline]
+    pub(crate) fn routable_len(&self) -> usize {
+        self.shards[0].routable.len()
+    }
+
     /// An empty table: a service with no endpoints, or a tombstone when `miss` is set.
     pub(crate) fn empty(
         service: DataArc<str>,
@@ -255,7 +343,7 @@ impl ServiceTable {
             membership_version: 0,
             strategy,
             members: Box::new([]),
-            routable: Box::new([]),
+            shards: Box::new([ShardView::default()]),
             routable_weights: None,
             schedule: None,
             ring: None,
@@ -264,7 +352,7 @@ impl ServiceTable {
         }
     }
 
-    /// Why nothing can be picked, when `routable` is empty.
+    /// Why nothing can be picked, when nothing is routable.
     #[cold]
     pub(crate) fn miss(&self) -> Miss {
         match self.miss {
@@ -282,7 +370,7 @@ impl fmt::Debug for ServiceTable {
             .field("version", &self.version)
             .field("strategy", &self.strategy)
             .field("members", &self.members.len())
-            .field("routable", &self.routable.len())
+            .field("routable", &self.routable_len())
             .field("ring", &self.ring.is_some())
             .field("miss", &self.miss)
             .finish()
