@@ -285,7 +285,7 @@ impl IntegratedLoadBalancer {
     /// The endpoint owning `key` on `service`'s consistent-hash ring, whatever the strategy.
     ///
     /// The same key maps to the same endpoint on every balancer holding the same endpoints,
-    /// in any process (see [`crate::pick::consistent`]).
+    /// in any process (see [`crate::docs::consistent_hashing`]).
     ///
     /// # Errors
     ///

@@ -20,6 +20,7 @@ compile_error!("`--cfg tai_loadbalancer_loom` needs `--features loom` (see loom-
 mod balancer;
 mod config;
 mod control;
+pub mod docs;
 mod endpoint;
 mod error;
 mod pick;

@@ -1,73 +1,13 @@
 //! The consistent-hash ring: keys to slots to endpoints.
 //!
-//! # What it must do
+//! The design (why not plain jump hash, the slot ring owned by rendezvous over permutations,
+//! how it is built in `O(S ln S)`, the health fallback, the limits) is written up for users in
+//! [`crate::docs::consistent_hashing`]; this module implements it:
 //!
-//! * **Stable**: a key maps to the same endpoint while the set does not change.
-//! * **Balanced**: each endpoint owns close to `weight / total_weight` of the keys.
-//! * **Minimal movement**: removing an endpoint moves only the keys it owned; adding one
-//!   moves only keys to it (about `1/(n+1)` of them).
-//! * **A pure function of the set**: any two balancers holding the same endpoints (address and
-//!   weight), registered in any order, with any history, in any process, map every key the
-//!   same way. No per-process random seed enters the mapping.
-//! * **Constant-time lookups** whatever the endpoint count, and no rebuild on health flaps.
-//!
-//! # Why not plain jump hash
-//!
-//! The design card starts from Lamping and Veach's jump consistent hash, which is the ideal
-//! function when buckets are numbered `0..n` and only appended or removed at the end: no
-//! memory, perfect balance, minimal movement. A service's endpoints are a *set*, though: any
-//! member can leave, and numbering them by registration order makes the mapping depend on
-//! history, while numbering them by sorted address shifts every later bucket when one in the
-//! middle leaves. Jump hash is also a chain of `ln(n)` dependent floating-point divisions: we
-//! measured 71 ns per call at 65,536 buckets on the project machine (`benches/pick.rs`,
-//! `jump_hash`), more than the whole pick budget. We keep [`jump_hash`](super::jump_hash) as a
-//! utility and keep its two key ideas here: a fixed, hash-addressed space of buckets, and
-//! assignments that only ever move *to* a new member.
-//!
-//! # The construction: a fixed slot ring owned by rendezvous over permutations
-//!
-//! 1. A key is hashed with XXH3-64 (seed 0, a published, versioned algorithm; see
-//!    `tests/hash_golden.rs`) and its top `log2(S)` bits pick one of `S` slots
-//!    ([`ConsistentHashConfig::slots`](crate::ConsistentHashConfig::slots), default 65,536).
-//! 2. Each endpoint of weight `w` contributes `w` *virtual members* `(address, v)`. Each
-//!    virtual member `m` derives, from XXH3 of its identity alone, a permutation of the slots:
-//!    `perm_m(j) = (offset_m + j * skip_m) mod S` with `skip_m` odd, so every slot appears
-//!    exactly once.
-//! 3. A slot belongs to the virtual member that lists it *earliest* in its permutation
-//!    (ties go to the smaller `(address, v)`). This is rendezvous (highest-random-weight)
-//!    hashing with score `-position`, evaluated per slot.
-//!
-//! Rendezvous ownership gives the set semantics directly: removing an endpoint changes only
-//! the slots whose winner disappears, adding one changes only the slots it now wins, and the
-//! owner of a slot depends on nothing but the members present. Each slot's owner is an
-//! independent draw weighted by `w`, so with the default 65,536 slots and 10 endpoints each
-//! owns 10 % ± 1.2 % (one standard deviation) of the ring.
-//!
-//! Building the table does not compute all `S * n` scores: members claim slots in *rounds*
-//! (round `j`: every member in order claims `perm_m(j)` if it is still free), which assigns
-//! every slot to its earliest lister in `O(S ln S)` steps whatever `n` is (the coupon
-//! collector bound), about a millisecond for 65,536 slots. The last few free slots, and
-//! rings over a handful of members, are finished by evaluating the definition directly
-//! (`position = (slot - offset) * skip⁻¹ mod S`). `tests` and the `table_ops` fuzz target
-//! check the built table against that definition.
-//!
-//! A lookup is one hash, one shift and one 4-byte read, whatever `n` is.
-//!
-//! # Health
-//!
-//! The ring is built over *all* members and is not rebuilt when health changes. When a key's
-//! owner is not routable the pick probes up to [`FALLBACK_PROBES`] further slots chosen by
-//! rehashing the key (deterministic, so every balancer agrees), and if all of those belong to
-//! unroutable members it takes a routable member by a final hash. Keys of healthy owners never
-//! move, the flapping endpoint's keys spread over the others rather than piling onto one
-//! neighbour, and they come back when it recovers.
-//!
-//! # Limits
-//!
-//! * With `n` close to `S` some endpoints own no slot; keep `S >= 64 n`.
-//! * Weights become virtual members: the sum of weights in one ring is capped at
-//!   [`MAX_VIRTUAL_MEMBERS`]; above it weights are scaled down proportionally, and then a
-//!   change can move keys between remaining endpoints.
+//! * [`hash_key`]: XXH3-64 of the key bytes (seed 0), part of the compatibility promise;
+//! * [`HashRing::build`]: the rounds construction, finished by the definition;
+//! * [`owner_without_ring`]: the definition itself, used before a ring exists and by tests;
+//! * [`probe_hash`], [`reduce`]: the deterministic fallback when an owner is not routable.
 #![deny(unsafe_code)]
 
 use std::fmt;
