@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::control::queue::Ack;
-use crate::control::{Command, ControlPlane, MembershipUpdate, Settings};
+use crate::control::{Command, ControlPlane, Settings};
 use crate::endpoint::Endpoint;
 use crate::pick::consistent::hash_key;
 use crate::pick::{Outcome, Pick, choose};
@@ -39,15 +39,17 @@ use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 pub(crate) struct Shared {
     pub(crate) directory: SnapshotCell<Directory>,
     pub(crate) control: ControlPlane,
+    /// Where memberships are read from. The registry holds only a `Weak` to this.
+    pub(crate) registry: DataArc<ServiceRegistry>,
 }
 
 impl MembershipSink for Shared {
-    fn submit(&self, update: MembershipUpdate) -> Ack {
-        self.control.submit(Command::Membership(update))
+    fn submit(&self, command: Command) -> Ack {
+        self.control.submit(command)
     }
 
     fn help(&self) {
-        self.control.help(&self.directory);
+        self.control.help(&*self.registry, &self.directory);
     }
 
     fn is_closed(&self) -> bool {
@@ -56,11 +58,20 @@ impl MembershipSink for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: LoadBalancerConfig, strategy: LoadBalancingStrategy) -> Self {
+    pub(crate) fn new(
+        registry: DataArc<ServiceRegistry>,
+        config: LoadBalancerConfig,
+        strategy: LoadBalancingStrategy,
+    ) -> Self {
         Self {
             directory: SnapshotCell::new(Arc::new(Directory::empty())),
             control: ControlPlane::new(Settings::new(config, strategy)),
+            registry,
         }
+    }
+
+    fn shutdown(&self) -> bool {
+        self.control.shutdown(&*self.registry, &self.directory)
     }
 
     #[inline]
@@ -209,7 +220,6 @@ fn miss_error(table: &ServiceTable, miss: Miss) -> Error {
 /// ```
 pub struct IntegratedLoadBalancer {
     shared: DataArc<Shared>,
-    registry: DataArc<ServiceRegistry>,
     strategy: LoadBalancingStrategy,
 }
 
@@ -228,14 +238,10 @@ impl IntegratedLoadBalancer {
         config: LoadBalancerConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
-        let shared = DataArc::new(Shared::new(config, strategy));
+        let shared = DataArc::new(Shared::new(registry.clone(), config, strategy));
         let sink: DataWeak<dyn MembershipSink> = DataArc::downgrade(&shared) as DataWeak<dyn MembershipSink>;
         registry.attach(sink).await;
-        Ok(Self {
-            shared,
-            registry,
-            strategy,
-        })
+        Ok(Self { shared, strategy })
     }
 
     /// Starts the control-plane thread. Idempotent.
@@ -251,14 +257,14 @@ impl IntegratedLoadBalancer {
         let shared = self.shared.clone();
         self.shared
             .control
-            .start(move || shared.control.run(&shared.directory))
+            .start(move || shared.control.run(&*shared.registry, &shared.directory))
     }
 
     /// Stops the balancer: joins the control-plane thread, detaches from the registry, and
     /// makes every later pick fail with [`Error::Stopped`]. Requests in flight keep their
     /// picks. Idempotent; also done on drop.
     pub async fn stop(&self) -> Result<(), Error> {
-        if self.shared.control.shutdown(&self.shared.directory) {
+        if self.shared.shutdown() {
             tracing::debug!("load balancer stopped");
         }
         Ok(())
@@ -413,13 +419,13 @@ impl IntegratedLoadBalancer {
 
     /// The registry this balancer follows.
     pub fn registry(&self) -> &DataArc<ServiceRegistry> {
-        &self.registry
+        &self.shared.registry
     }
 }
 
 impl Drop for IntegratedLoadBalancer {
     fn drop(&mut self) {
-        self.shared.control.shutdown(&self.shared.directory);
+        self.shared.shutdown();
     }
 }
 

@@ -24,8 +24,8 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use crate::Error;
-use crate::control::MembershipUpdate;
 use crate::control::queue::Ack;
+use crate::control::{Command, MembershipSource};
 use crate::endpoint::Endpoint;
 use crate::error::truncate;
 use crate::sync::{DataArc, DataWeak, Mutex};
@@ -53,10 +53,10 @@ pub(crate) fn validate_service_name(name: &str) -> Result<(), Error> {
     })
 }
 
-/// Where the registry delivers membership changes: a balancer's control plane.
+/// Where the registry announces membership changes: a balancer's control plane.
 pub(crate) trait MembershipSink: Send + Sync {
-    /// Queues the update; the ack resolves once it is published.
-    fn submit(&self, update: MembershipUpdate) -> Ack;
+    /// Queues the command; the ack resolves once its effect is published.
+    fn submit(&self, command: Command) -> Ack;
     /// Applies queued updates on the caller's thread if the sink has no thread of its own.
     fn help(&self);
     /// Whether the sink was stopped (it is then dropped from the registry).
@@ -67,11 +67,16 @@ pub(crate) trait MembershipSink: Send + Sync {
 struct ServiceRecord {
     endpoints: BTreeMap<SocketAddr, Endpoint>,
     version: u64,
+    /// The endpoints as a shared list, built on first read after a change: a burst of
+    /// changes costs one copy, made by the control plane when it next reads.
+    snapshot: Option<DataArc<[Endpoint]>>,
 }
 
 impl ServiceRecord {
-    fn published(&self) -> DataArc<[Endpoint]> {
-        self.endpoints.values().cloned().collect()
+    fn snapshot(&mut self) -> DataArc<[Endpoint]> {
+        self.snapshot
+            .get_or_insert_with(|| self.endpoints.values().cloned().collect())
+            .clone()
     }
 }
 
@@ -83,28 +88,19 @@ struct RegistryState {
 }
 
 impl RegistryState {
-    /// Queues `update` to every live sink; returns the acks and the sinks to help.
-    fn broadcast(&mut self, update: &MembershipUpdate) -> Delivery {
+    /// Announces a change of `service` to every live sink; returns the acks and the sinks to
+    /// help.
+    fn broadcast(&mut self, service: &DataArc<str>) -> Delivery {
         let mut delivery = Delivery::default();
         self.sinks.retain(|weak| match weak.upgrade() {
             Some(sink) if !sink.is_closed() => {
-                delivery.acks.push(sink.submit(update.clone()));
+                delivery.acks.push(sink.submit(Command::Changed(service.clone())));
                 delivery.sinks.push(sink);
                 true
             }
             _ => false,
         });
         delivery
-    }
-}
-
-impl ServiceRecord {
-    fn update(&self, service: &DataArc<str>) -> MembershipUpdate {
-        MembershipUpdate {
-            service: service.clone(),
-            version: self.version,
-            endpoints: Some(self.published()),
-        }
     }
 }
 
@@ -263,13 +259,8 @@ impl ServiceRegistry {
                 return Err(Error::unknown_service(service));
             };
             state.version += 1;
-            let update = MembershipUpdate {
-                service: name,
-                version: state.version,
-                endpoints: None,
-            };
-            tracing::debug!(service = %update.service, version = update.version, "service removed from registry");
-            state.broadcast(&update)
+            tracing::debug!(service = %name, version = state.version, "service removed from registry");
+            state.broadcast(&name)
         };
         delivery.complete().await;
         Ok(())
@@ -339,41 +330,48 @@ impl ServiceRegistry {
         // back unless it was created for this call and the call failed or changed nothing.
         let result = f(&mut record);
         let changed = matches!(result, Ok(true));
-        let update = changed.then(|| {
+        if changed {
             state.version += 1;
             record.version = state.version;
-            record.update(&name)
-        });
+            record.snapshot = None;
+            tracing::debug!(
+                service = %name,
+                version = record.version,
+                endpoints = record.endpoints.len(),
+                "registry membership changed"
+            );
+        }
         if !created || changed {
-            state.services.insert(name, record);
+            state.services.insert(name.clone(), record);
         }
         result?;
-        let Some(update) = update else {
+        if !changed {
             return Ok(Delivery::default());
-        };
-        tracing::debug!(
-            service = %update.service,
-            version = update.version,
-            endpoints = update.endpoints.as_ref().map_or(0, |e| e.len()),
-            "registry membership changed"
-        );
-        Ok(state.broadcast(&update))
+        }
+        Ok(state.broadcast(&name))
     }
 
-    /// Attaches a balancer: queues the current membership of every service to it and keeps
-    /// it informed of every later change. Returns what to complete before the balancer is
-    /// used.
+    /// Attaches a balancer: announces every service to it and keeps it informed of every
+    /// later change. Returns what to complete before the balancer is used.
     pub(crate) fn attach(&self, sink: DataWeak<dyn MembershipSink>) -> impl Future<Output = ()> + use<> {
         let mut state = self.state.lock();
         let mut delivery = Delivery::default();
         if let Some(strong) = sink.upgrade() {
-            for (name, record) in &state.services {
-                delivery.acks.push(strong.submit(record.update(name)));
+            for name in state.services.keys() {
+                delivery.acks.push(strong.submit(Command::Changed(name.clone())));
             }
             delivery.sinks.push(strong);
             state.sinks.push(sink);
         }
         delivery.complete()
+    }
+}
+
+impl MembershipSource for ServiceRegistry {
+    fn membership(&self, service: &str) -> Option<(u64, DataArc<[Endpoint]>)> {
+        let mut state = self.state.lock();
+        let record = state.services.get_mut(service)?;
+        Some((record.version, record.snapshot()))
     }
 }
 

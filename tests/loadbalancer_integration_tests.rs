@@ -765,3 +765,52 @@ async fn per_service_strategy_override() {
     assert_eq!(m.service("a").unwrap().strategy, LoadBalancingStrategy::Random);
     assert_eq!(m.service("b").unwrap().strategy, LoadBalancingStrategy::Weighted);
 }
+
+#[tokio::test]
+async fn bursts_are_coalesced_into_few_rebuilds() {
+    // A large service, so one rebuild takes longer than queueing the whole burst.
+    let (registry, lb) = setup(
+        LoadBalancingStrategy::RoundRobin,
+        (10_000..20_000).map(ep).collect(),
+    )
+    .await;
+    lb.start().await.unwrap();
+    let before = lb.metrics().services[0].table_version;
+    // 500 writers at once: the first poll of every call queues its change (in a tight loop,
+    // before any acknowledgement is awaited), while the control thread takes whatever is
+    // queued as one batch.
+    let mut calls: Vec<_> = (1..=500)
+        .map(|i| Some(Box::pin(registry.register("svc", ep(i)))))
+        .collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for slot in &mut calls {
+            if let Some(call) = slot {
+                match call.as_mut().poll(cx) {
+                    std::task::Poll::Ready(result) => {
+                        result.unwrap();
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    let after = lb.metrics().services[0].table_version;
+    assert_eq!(
+        lb.service("svc").unwrap().endpoints().len(),
+        10_500,
+        "every change applied"
+    );
+    assert!(
+        after - before <= 20,
+        "500 changes took {} rebuilds",
+        after - before
+    );
+}

@@ -1,9 +1,11 @@
 //! The control plane: consumes membership changes, rebuilds routing tables, publishes them.
 //!
-//! This module owns the *write path*. Writers never touch a table: they push a [`Command`]
-//! onto the [`queue`] and await its acknowledgement. The control plane takes commands in
-//! batches (coalescing a burst into one rebuild per touched service), builds new immutable
-//! tables with [`crate::table::build`], stores each with one `store`, republishes the service
+//! This module owns the *write path*. Writers never touch a table: a registry change pushes a
+//! [`Command`] naming the changed service onto the [`queue`] and awaits its acknowledgement.
+//! The control plane takes commands in batches, reads each touched service's *current*
+//! membership from the registry once (so a burst of k changes to one service costs one
+//! membership copy and one rebuild, not k), builds new immutable tables with
+//! [`crate::table::build`], stores each with one `store`, republishes the service
 //! [`Directory`] when services appear or disappear, and only then acknowledges the batch.
 //!
 //! Two executors run the same [`ControlPlane::process`] step:
@@ -15,9 +17,13 @@
 //!
 //! # Invariants
 //!
-//! * Commands are taken from the queue while the state lock is held, so they are applied in
-//!   push order even when the thread and helpers race.
-//! * Per service, membership versions only move forward; an older update is ignored.
+//! * Commands are taken from the queue while the state lock is held, and the membership they
+//!   announce is read from the registry after they were taken, so what is published is at
+//!   least as new as every change acknowledged with it (read-your-writes), even when the
+//!   thread and helpers race.
+//! * Per service, membership versions only move forward; an older one is ignored.
+//! * Lock order: control state, then registry, then queue. The registry never takes the
+//!   control state lock.
 //! * Endpoint states are kept per address across rebuilds (counters survive republication).
 //!   A metadata change starts a new generation of the state; a removed endpoint's state, or
 //!   a replaced generation, retires: its counters stay in the endpoint's (or, once the address
@@ -43,19 +49,19 @@ use queue::{Ack, Envelope, Queue};
 /// A change for the control plane.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// The full membership of a service at a registry version (`None`: service removed).
-    Membership(MembershipUpdate),
+    /// The membership of this service changed in the registry (or it was created or removed):
+    /// read it again.
+    Changed(DataArc<str>),
     /// A hash-keyed pick found no ring on this service's table: build rings for it.
     WantRing(DataArc<str>),
 }
 
-/// A service's membership as published by the registry.
-#[derive(Clone, Debug)]
-pub(crate) struct MembershipUpdate {
-    pub(crate) service: DataArc<str>,
-    pub(crate) version: u64,
-    /// Sorted by address; `None` when the service was removed.
-    pub(crate) endpoints: Option<DataArc<[Endpoint]>>,
+/// Where the control plane reads memberships from (the registry; a trait so the control
+/// plane does not depend on the registry's internals).
+pub(crate) trait MembershipSource {
+    /// The current membership of `service` (sorted by address) and its version, `None` if
+    /// the service does not exist.
+    fn membership(&self, service: &str) -> Option<(u64, DataArc<[Endpoint]>)>;
 }
 
 // ===== impl ServiceControl =====
@@ -236,6 +242,7 @@ impl ControlState {
     fn step(
         &mut self,
         cfg: &Settings,
+        source: &dyn MembershipSource,
         directory: &SnapshotCell<Directory>,
         batch: impl Iterator<Item = Command>,
     ) {
@@ -243,39 +250,12 @@ impl ControlState {
             return;
         }
         let mut dirty: Vec<DataArc<str>> = Vec::new();
-        let mut directory_changed = false;
+        let mut changed: Vec<DataArc<str>> = Vec::new();
         for command in batch {
             match command {
-                Command::Membership(update) => {
-                    let strategy = cfg.strategy_for(&update.service);
-                    match (update.endpoints, self.services.get_mut(&update.service)) {
-                        (Some(endpoints), Some(sc)) => {
-                            if update.version > sc.membership_version {
-                                sc.membership_version = update.version;
-                                sc.endpoints = endpoints;
-                                if !sc.dirty {
-                                    sc.dirty = true;
-                                    dirty.push(sc.name.clone());
-                                }
-                            }
-                        }
-                        (Some(endpoints), None) => {
-                            let mut sc =
-                                ServiceControl::new(update.service.clone(), strategy, cfg.hash_slots);
-                            sc.membership_version = update.version;
-                            sc.endpoints = endpoints;
-                            dirty.push(sc.name.clone());
-                            self.services.insert(update.service, sc);
-                            directory_changed = true;
-                        }
-                        (None, Some(sc)) if update.version > sc.membership_version => {
-                            if let Some(mut sc) = self.services.remove(&update.service) {
-                                sc.bury(Miss::Removed, strategy, cfg.hash_slots);
-                                tracing::debug!(service = %sc.name, "service removed");
-                            }
-                            directory_changed = true;
-                        }
-                        (None, _) => {}
+                Command::Changed(service) => {
+                    if !changed.contains(&service) {
+                        changed.push(service);
                     }
                 }
                 Command::WantRing(service) => {
@@ -286,6 +266,38 @@ impl ControlState {
                         }
                     }
                 }
+            }
+        }
+        let mut directory_changed = false;
+        for service in changed {
+            let strategy = cfg.strategy_for(&service);
+            match (source.membership(&service), self.services.get_mut(&service)) {
+                (Some((version, endpoints)), Some(sc)) => {
+                    if version > sc.membership_version {
+                        sc.membership_version = version;
+                        sc.endpoints = endpoints;
+                        if !sc.dirty {
+                            sc.dirty = true;
+                            dirty.push(sc.name.clone());
+                        }
+                    }
+                }
+                (Some((version, endpoints)), None) => {
+                    let mut sc = ServiceControl::new(service.clone(), strategy, cfg.hash_slots);
+                    sc.membership_version = version;
+                    sc.endpoints = endpoints;
+                    dirty.push(sc.name.clone());
+                    self.services.insert(service, sc);
+                    directory_changed = true;
+                }
+                (None, Some(_)) => {
+                    if let Some(mut sc) = self.services.remove(&service) {
+                        sc.bury(Miss::Removed, strategy, cfg.hash_slots);
+                        tracing::debug!(service = %sc.name, "service removed");
+                    }
+                    directory_changed = true;
+                }
+                (None, None) => {}
             }
         }
         for name in dirty {
@@ -387,15 +399,15 @@ impl ControlPlane {
     }
 
     /// Applies queued commands on the caller's thread unless the control-plane thread runs.
-    pub(crate) fn help(&self, directory: &SnapshotCell<Directory>) {
+    pub(crate) fn help(&self, source: &dyn MembershipSource, directory: &SnapshotCell<Directory>) {
         if !self.is_running() {
-            while self.process(directory) {}
+            while self.process(source, directory) {}
         }
     }
 
     /// Takes one batch (in push order, under the state lock), applies and publishes it, then
     /// resolves its acks. Returns whether anything was taken.
-    pub(crate) fn process(&self, directory: &SnapshotCell<Directory>) -> bool {
+    pub(crate) fn process(&self, source: &dyn MembershipSource, directory: &SnapshotCell<Directory>) -> bool {
         let acks: Vec<_> = {
             let mut state = self.state.lock();
             let batch: Vec<Envelope<Command>> = self.queue.take(self.settings.config.control_plane.max_batch);
@@ -407,7 +419,7 @@ impl ControlPlane {
                 acks.push(e.ack);
                 e.command
             });
-            state.step(&self.settings, directory, commands);
+            state.step(&self.settings, source, directory, commands);
             acks
         };
         drop(acks); // resolves every ack of the batch, after publication
@@ -436,17 +448,21 @@ impl ControlPlane {
     }
 
     /// The thread's loop: wait for commands, process them, until shut down.
-    pub(crate) fn run(&self, directory: &SnapshotCell<Directory>) {
+    pub(crate) fn run(&self, source: &dyn MembershipSource, directory: &SnapshotCell<Directory>) {
         tracing::debug!("control plane thread started");
         while self.queue.wait_pending() {
-            self.process(directory);
+            self.process(source, directory);
         }
         tracing::debug!("control plane thread stopped");
     }
 
     /// Stops the thread (joining it), applies what was queued, then publishes stopped
     /// tombstones for every service. Idempotent. Returns whether this call stopped it.
-    pub(crate) fn shutdown(&self, directory: &SnapshotCell<Directory>) -> bool {
+    pub(crate) fn shutdown(
+        &self,
+        source: &dyn MembershipSource,
+        directory: &SnapshotCell<Directory>,
+    ) -> bool {
         self.queue.close();
         let handle = self.thread.lock().take();
         if let Some(handle) = handle {
@@ -455,7 +471,7 @@ impl ControlPlane {
             }
         }
         self.running.store(false, Ordering::Release);
-        while self.process(directory) {}
+        while self.process(source, directory) {}
         let mut state = self.state.lock();
         if state.stopped {
             return false;
