@@ -119,6 +119,18 @@ fn floors(c: &mut Criterion) {
             black_box(table[fastrand::usize(..table.len())])
         })
     });
+    // The machine's own two-thread ceiling for read-mostly work, in the same run: a snapshot
+    // load plus a random index on two threads (nothing shared is written).
+    group.bench_function("two_threads/fastrand_load", |b| {
+        b.iter_custom(|iters| {
+            on_threads(2, iters, |iters| {
+                for _ in 0..iters {
+                    let table = cell.load();
+                    black_box(table[fastrand::usize(..table.len())]);
+                }
+            })
+        })
+    });
     let shared = Arc::new(0u64);
     group.bench_function("arc_clone_drop", |b| b.iter(|| black_box(Arc::clone(&shared))));
     let mut k = 0u64;

@@ -814,3 +814,16 @@ async fn bursts_are_coalesced_into_few_rebuilds() {
         after - before
     );
 }
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<ServiceRegistry>();
+    check::<IntegratedLoadBalancer>();
+    check::<tai_loadbalancer::ServiceHandle>();
+    check::<tai_loadbalancer::Pick>();
+    check::<Endpoint>();
+    check::<Error>();
+    check::<LoadBalancerConfig>();
+    check::<tai_loadbalancer::LoadBalancerMetrics>();
+}

@@ -161,7 +161,26 @@ fn ringless_owner(table: &ServiceTable, h: u64) -> Option<usize> {
 /// [`success`](Pick::success)/[`failure`](Pick::failure)); a guard dropped without a report
 /// counts as neither.
 ///
-/// A `Pick` does not borrow the routing table: hold it across I/O freely.
+/// A `Pick` does not borrow the routing table: hold it across I/O freely. It is `Send`, so
+/// it can move between threads with its task.
+///
+/// A pick cannot be duplicated: each one accounts for exactly one request. `clone()` on a
+/// pick reaches its [`Endpoint`] (through `Deref`), never a second guard:
+///
+/// ```compile_fail,E0308
+/// # #[allow(dead_code)]
+/// # fn f(pick: tai_loadbalancer::Pick) {
+/// let second: tai_loadbalancer::Pick = pick.clone(); // error: expected `Pick`, found `Endpoint`
+/// # }
+/// ```
+///
+/// ```
+/// # #[allow(dead_code)]
+/// # fn f(pick: tai_loadbalancer::Pick) {
+/// let endpoint: tai_loadbalancer::Endpoint = pick.clone(); // the endpoint, not a guard
+/// # let _ = endpoint;
+/// # }
+/// ```
 ///
 /// # Examples
 ///

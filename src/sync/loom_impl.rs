@@ -8,7 +8,7 @@ pub(crate) use loom::sync::Arc;
 
 /// Atomics, re-exported from loom.
 pub(crate) mod atomic {
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 }
 
 /// Poison-tolerant mutex over `loom::sync::Mutex`.

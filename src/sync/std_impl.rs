@@ -8,7 +8,7 @@ pub(crate) use std::sync::Arc;
 
 /// Atomics, re-exported from `std`.
 pub(crate) mod atomic {
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 }
 
 /// A mutex whose `lock` ignores poisoning.

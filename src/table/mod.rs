@@ -45,7 +45,7 @@ use crate::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
 use crate::pick::consistent::HashRing;
 use crate::pick::weighted::Schedule;
-use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::sync::{Arc, CachePadded, DataArc, SnapshotCell};
 
 // ===== impl Pin =====
@@ -238,9 +238,17 @@ impl EndpointState {
     }
 
     /// Whether anything besides the control plane (a table, a guard) still refers to this
-    /// generation.
+    /// generation. When it returns `false`, nothing can reach the state any more, and every
+    /// counter update made through a dropped table or guard is visible to the caller.
     pub(crate) fn is_referenced(this: &Arc<EndpointState>) -> bool {
-        Arc::strong_count(this) > 1 || this.pins.iter().any(|p| Arc::strong_count(p) > 1)
+        if Arc::strong_count(this) > 1 || this.pins.iter().any(|p| Arc::strong_count(p) > 1) {
+            return true;
+        }
+        // Acquire fence, as in `Arc::drop`: the counts were read `Relaxed`; this orders the
+        // `Release` decrements of the dropped tables and guards (and so every counter update
+        // made before them) before our reads of the counters.
+        fence(Ordering::Acquire);
+        false
     }
 }
 
