@@ -271,14 +271,15 @@ mod tests {
 
     #[test]
     fn ack_wakes_a_waiting_task() {
-        let q = std::sync::Arc::new(Queue::<u32>::new());
+        let q = crate::sync::Arc::new(Queue::<u32>::new());
         let ack = q.push(7);
         let q2 = q.clone();
-        let t = std::thread::spawn(move || {
+        let t = crate::sync::thread::spawn("ack-test".into(), move || {
             assert!(q2.wait_pending());
             std::thread::sleep(std::time::Duration::from_millis(20));
             drop(q2.take(1));
-        });
+        })
+        .unwrap();
         block_on(ack);
         t.join().unwrap();
     }
