@@ -22,15 +22,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::control::queue::Ack;
-use crate::control::{Command, ControlPlane, Settings};
+use crate::control::{Command, ControlPlane, Settings, Sources};
 use crate::endpoint::Endpoint;
 use crate::pick::consistent::hash_key;
 use crate::pick::{Outcome, Pick, choose};
 use crate::registry::{MembershipSink, ServiceRegistry};
-use crate::stats::LoadBalancerMetrics;
+#[cfg(feature = "runtime")]
+use crate::health::HealthCheckManager;
+use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
-use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell};
-use crate::table::{Directory, Miss, Pin, ServiceSlot, ServiceTable};
+use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc};
+use crate::table::{Directory, Miss, OutlierSink, Pin, ServiceSlot, ServiceTable};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
@@ -41,6 +43,9 @@ pub(crate) struct Shared {
     pub(crate) control: ControlPlane,
     /// Where memberships are read from. The registry holds only a `Weak` to this.
     pub(crate) registry: DataArc<ServiceRegistry>,
+    /// This balancer's active health checker.
+    #[cfg(feature = "runtime")]
+    pub(crate) health: HealthCheckManager,
 }
 
 impl MembershipSink for Shared {
@@ -49,7 +54,7 @@ impl MembershipSink for Shared {
     }
 
     fn help(&self) {
-        self.control.help(&*self.registry, &self.directory);
+        self.control.help(&self.sources(), &self.directory);
     }
 
     fn is_closed(&self) -> bool {
@@ -57,21 +62,66 @@ impl MembershipSink for Shared {
     }
 }
 
+impl OutlierSink for Shared {
+    fn consecutive_failures(&self, service: &DataArc<str>, address: SocketAddr) {
+        self.control.submit_unacked(Command::Outlier {
+            service: service.clone(),
+            address,
+        });
+    }
+}
+
+#[cfg(feature = "runtime")]
+impl crate::health::HealthSink for Shared {
+    fn health_changed(&self, service: &DataArc<str>) {
+        self.control.submit_unacked(Command::HealthChanged(service.clone()));
+    }
+}
+
 impl Shared {
+    /// Builds the shared state; the control plane reports failure runs back to it through a
+    /// `Weak`, so it is built cyclically.
     pub(crate) fn new(
         registry: DataArc<ServiceRegistry>,
         config: LoadBalancerConfig,
         strategy: LoadBalancingStrategy,
-    ) -> Self {
-        Self {
-            directory: SnapshotCell::new(Arc::new(Directory::empty())),
-            control: ControlPlane::new(Settings::new(config, strategy)),
-            registry,
+    ) -> DataArc<Self> {
+        DataArc::new_cyclic(|me: &DataWeak<Shared>| {
+            let outlier_sink: DataWeak<dyn OutlierSink> = me.clone();
+            #[cfg(feature = "runtime")]
+            let health = HealthCheckManager::create(registry.clone(), config.health_check.clone());
+            Self {
+                directory: SnapshotCell::new(Arc::new(Directory::empty())),
+                control: ControlPlane::new(Settings::new(config, strategy, outlier_sink)),
+                registry,
+                #[cfg(feature = "runtime")]
+                health,
+            }
+        })
+    }
+
+    /// What the control plane reads from.
+    pub(crate) fn sources(&self) -> Sources<'_> {
+        #[cfg(feature = "runtime")]
+        let health = self
+            .control
+            .settings()
+            .config
+            .health_check
+            .enabled
+            .then(|| self.health.source());
+        #[cfg(not(feature = "runtime"))]
+        let health = None;
+        Sources {
+            membership: &*self.registry,
+            health,
         }
     }
 
     fn shutdown(&self) -> bool {
-        self.control.shutdown(&*self.registry, &self.directory)
+        #[cfg(feature = "runtime")]
+        self.health.stop_now();
+        self.control.shutdown(&self.sources(), &self.directory)
     }
 
     #[inline]
@@ -238,7 +288,17 @@ impl IntegratedLoadBalancer {
         config: LoadBalancerConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
-        let shared = DataArc::new(Shared::new(registry.clone(), config, strategy));
+        let shared = Shared::new(registry.clone(), config, strategy);
+        #[cfg(feature = "runtime")]
+        if shared.control.settings().config.health_check.enabled {
+            // The checker learns the endpoints first, so the balancer's first tables can read
+            // their (initial, healthy) status. A balancer without checks does not attach it:
+            // following the registry would cost every registry write a membership copy.
+            shared.health.attach().await;
+            let sink: DataWeak<dyn crate::health::HealthSink> =
+                DataArc::downgrade(&shared) as DataWeak<dyn crate::health::HealthSink>;
+            shared.health.subscribe(sink);
+        }
         let sink: DataWeak<dyn MembershipSink> = DataArc::downgrade(&shared) as DataWeak<dyn MembershipSink>;
         registry.attach(sink).await;
         Ok(Self { shared, strategy })
@@ -257,12 +317,17 @@ impl IntegratedLoadBalancer {
         let shared = self.shared.clone();
         self.shared
             .control
-            .start(move || shared.control.run(&*shared.registry, &shared.directory))
+            .start(move || shared.control.run(&shared.sources(), &shared.directory))?;
+        #[cfg(feature = "runtime")]
+        if self.shared.control.settings().config.health_check.enabled {
+            self.shared.health.start_now()?;
+        }
+        Ok(())
     }
 
-    /// Stops the balancer: joins the control-plane thread, detaches from the registry, and
-    /// makes every later pick fail with [`Error::Stopped`]. Requests in flight keep their
-    /// picks. Idempotent; also done on drop.
+    /// Stops the balancer: stops its health checks, joins the control-plane thread, detaches
+    /// from the registry, and makes every later pick fail with [`Error::Stopped`]. Requests
+    /// in flight keep their picks. Idempotent; also done on drop.
     pub async fn stop(&self) -> Result<(), Error> {
         if self.shared.shutdown() {
             tracing::debug!("load balancer stopped");
@@ -404,7 +469,34 @@ impl IntegratedLoadBalancer {
 
     /// A snapshot of the request counters (see [`LoadBalancerMetrics`] for their meaning).
     pub fn metrics(&self) -> LoadBalancerMetrics {
-        LoadBalancerMetrics::from_counters(self.shared.control.counters())
+        LoadBalancerMetrics::from_counters(self.shared.control.counters(&self.shared.sources()))
+    }
+
+    /// Whether `service` is in panic mode: fewer than `panic_threshold_percent` of its
+    /// endpoints are healthy, so picks go to all of them regardless of health.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`], [`Error::Stopped`].
+    pub fn is_in_panic(&self, service: &str) -> Result<bool, Error> {
+        let directory = self.shared.directory.load();
+        let slot = Shared::slot_by_name(&directory, service)?;
+        let table = slot.table.load();
+        Ok(table.panic)
+    }
+
+    /// Every routing-table publication from now on, for every service: what changed
+    /// membership, health and panic state, version by version. Subscribers that fall behind
+    /// queue without bound; drop the receiver to unsubscribe.
+    pub fn routing_updates(&self) -> RoutingUpdates {
+        RoutingUpdates(self.shared.control.watch())
+    }
+
+    /// This balancer's active health checker (started by [`start`](Self::start) when
+    /// `health_check.enabled`).
+    #[cfg(feature = "runtime")]
+    pub fn health_checks(&self) -> &HealthCheckManager {
+        &self.shared.health
     }
 
     /// The balancer's default strategy.
@@ -436,6 +528,30 @@ impl fmt::Debug for IntegratedLoadBalancer {
             .field("directory", &*self.shared.directory.load())
             .field("control", &self.shared.control)
             .finish()
+    }
+}
+
+// ===== impl RoutingUpdates =====
+
+/// A subscription to routing-table publications (see
+/// [`IntegratedLoadBalancer::routing_updates`]).
+#[derive(Debug)]
+pub struct RoutingUpdates(mpsc::Receiver<RoutingUpdate>);
+
+impl RoutingUpdates {
+    /// The next update if one is waiting.
+    pub fn try_next(&self) -> Option<RoutingUpdate> {
+        self.0.try_recv().ok()
+    }
+
+    /// Waits up to `timeout` for the next update (blocking the thread).
+    pub fn next_timeout(&self, timeout: Duration) -> Option<RoutingUpdate> {
+        self.0.recv_timeout(timeout).ok()
+    }
+
+    /// Every update waiting now.
+    pub fn drain(&self) -> Vec<RoutingUpdate> {
+        self.0.try_iter().collect()
     }
 }
 

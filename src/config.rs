@@ -13,6 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::config::{HealthCheckConfig, OutlierDetectionConfig, SlowStartConfig};
 use crate::registry::validate_service_name;
 use crate::{Error, LoadBalancingStrategy};
 
@@ -39,9 +40,19 @@ use crate::{Error, LoadBalancingStrategy};
 /// let err = LoadBalancerConfig::from_toml_str("[consistent_hash]\nslots = 1000\n").unwrap_err();
 /// assert!(err.to_string().contains("consistent_hash.slots"));
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoadBalancerConfig {
+    /// Active health checks (off by default).
+    pub health_check: HealthCheckConfig,
+    /// Passive health: ejection after consecutive reported failures (off by default).
+    pub outlier_detection: OutlierDetectionConfig,
+    /// Traffic ramp for endpoints that join or recover (off by default).
+    pub slow_start: SlowStartConfig,
+    /// When fewer than this percentage of a service's endpoints are healthy, picks go to all
+    /// of them regardless of health (Envoy's panic mode; default 50, 0 disables it: then a
+    /// service with no healthy endpoint answers [`Error::NoHealthyEndpoints`]).
+    pub panic_threshold_percent: u32,
     /// The consistent-hash ring (used by [`LoadBalancingStrategy::ConsistentHash`] and by
     /// every `*_with_hash` call).
     pub consistent_hash: ConsistentHashConfig,
@@ -49,6 +60,20 @@ pub struct LoadBalancerConfig {
     pub control_plane: ControlPlaneConfig,
     /// Per-service overrides, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
+}
+
+impl Default for LoadBalancerConfig {
+    fn default() -> Self {
+        Self {
+            health_check: HealthCheckConfig::default(),
+            outlier_detection: OutlierDetectionConfig::default(),
+            slow_start: SlowStartConfig::default(),
+            panic_threshold_percent: 50,
+            consistent_hash: ConsistentHashConfig::default(),
+            control_plane: ControlPlaneConfig::default(),
+            services: BTreeMap::new(),
+        }
+    }
 }
 
 /// Settings of the consistent-hash ring.
@@ -108,6 +133,19 @@ pub const MAX_HASH_SLOTS: u32 = 1 << 24;
 impl LoadBalancerConfig {
     /// Checks every field; the error names the first offending one by its dotted path.
     pub fn validate(&self) -> Result<(), Error> {
+        self.health_check.validate()?;
+        #[cfg(not(feature = "grpc"))]
+        if matches!(self.health_check.check, crate::HealthCheckKind::Grpc { .. }) {
+            return Err(Error::invalid_config(
+                "health_check.check.kind",
+                "gRPC health checks need the `grpc` cargo feature",
+            ));
+        }
+        self.outlier_detection.validate()?;
+        self.slow_start.validate()?;
+        if self.panic_threshold_percent > 100 {
+            return Err(Error::invalid_config("panic_threshold_percent", "must be at most 100"));
+        }
         let slots = self.consistent_hash.slots;
         if !slots.is_power_of_two() || !(MIN_HASH_SLOTS..=MAX_HASH_SLOTS).contains(&slots) {
             return Err(Error::invalid_config(

@@ -151,6 +151,13 @@ pub enum Error {
     #[error("the load balancer is stopped")]
     Stopped,
 
+    /// A call that needs a tokio runtime (starting health checks) was made outside one.
+    #[error("no tokio runtime to run on: {message}")]
+    Runtime {
+        /// Why the runtime could not be found.
+        message: String,
+    },
+
     /// The control-plane thread could not be started.
     #[error("cannot start the control-plane thread: {message}")]
     ControlPlane {

@@ -23,24 +23,31 @@ mod control;
 pub mod docs;
 mod endpoint;
 mod error;
+mod health;
 mod pick;
 mod registry;
 mod stats;
 mod sync;
 mod table;
 
-pub use balancer::{IntegratedLoadBalancer, ServiceHandle};
+pub use balancer::{IntegratedLoadBalancer, RoutingUpdates, ServiceHandle};
 pub use config::{
     ConsistentHashConfig, ControlPlaneConfig, LoadBalancerConfig, MAX_HASH_SLOTS, MIN_HASH_SLOTS,
     ServiceConfig,
 };
 pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
 pub use error::Error;
+pub use health::config::{
+    HealthCheckConfig, HealthCheckKind, OutlierDetectionConfig, SlowStartConfig, StatusRange,
+};
+#[cfg(feature = "runtime")]
+pub use health::HealthCheckManager;
+pub use health::{HealthCheck, HealthState, HealthStatus};
 pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;
 pub use pick::{LoadBalancingStrategy, Outcome, Pick};
 pub use registry::{MAX_SERVICE_NAME_LEN, ServiceRegistry};
-pub use stats::{EndpointMetrics, LoadBalancerMetrics, ServiceMetrics};
+pub use stats::{EndpointHealth, EndpointMetrics, LoadBalancerMetrics, RoutingUpdate, ServiceMetrics};
 
 /// Internal hooks for `loom-tests/`. Not public API: absent from normal builds, outside
 /// semver.

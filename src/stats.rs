@@ -23,9 +23,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::LoadBalancingStrategy;
-use crate::control::ServiceCounters;
-use crate::table::CounterValues;
+use crate::control::{EndpointCounters, ServiceCounters};
+use crate::table::MemberHealth;
+use crate::{HealthStatus, LoadBalancingStrategy};
 
 /// A snapshot of the balancer's request counters.
 ///
@@ -70,6 +70,9 @@ pub struct ServiceMetrics {
     pub endpoints_total: usize,
     /// Endpoints picks can currently go to.
     pub endpoints_routable: usize,
+    /// Too few endpoints are healthy (below `panic_threshold_percent`): picks go to all of
+    /// them regardless of health, rather than overload the few healthy ones.
+    pub panic: bool,
     /// Selections handed out (including to endpoints since removed).
     pub total_requests: u64,
     /// Outcomes reported as success.
@@ -87,10 +90,22 @@ pub struct ServiceMetrics {
 pub struct EndpointMetrics {
     /// The endpoint.
     pub address: SocketAddr,
-    /// Its weight.
+    /// Its registered weight.
     pub weight: u32,
+    /// The weight the weighted and least-connections strategies use now, relative to the
+    /// other endpoints' (lower than `weight` during slow start; scaled by 100 when slow
+    /// start is configured).
+    pub effective_weight: u32,
     /// Whether picks can currently go to it.
     pub routable: bool,
+    /// Its health.
+    pub health: EndpointHealth,
+    /// How many times outlier detection ejected it (decays while it behaves).
+    pub ejections: u32,
+    /// Failures reported in a row (outlier detection's counter; 0 when it is off).
+    pub consecutive_failures: u64,
+    /// Active health-check status, when checks run.
+    pub health_check: Option<HealthStatus>,
     /// Selections handed out.
     pub selections: u64,
     /// Outcomes reported as success.
@@ -125,15 +140,10 @@ impl LoadBalancerMetrics {
             let mut totals = sc.removed;
             let mut endpoints = Vec::with_capacity(sc.endpoints.len());
             let mut routable = 0;
-            for (endpoint, is_routable, c) in &sc.endpoints {
-                totals.add(c);
-                routable += usize::from(*is_routable);
-                endpoints.push(EndpointMetrics::new(
-                    endpoint.address,
-                    endpoint.weight(),
-                    *is_routable,
-                    c,
-                ));
+            for e in sc.endpoints {
+                totals.add(&e.counters);
+                routable += usize::from(e.routable);
+                endpoints.push(EndpointMetrics::new(e));
             }
             let service = ServiceMetrics {
                 service: sc.name.to_string(),
@@ -142,6 +152,7 @@ impl LoadBalancerMetrics {
                 registry_version: sc.membership_version,
                 endpoints_total: endpoints.len(),
                 endpoints_routable: routable,
+                panic: sc.panic,
                 total_requests: totals.selections,
                 successful_requests: totals.successes,
                 failed_requests: totals.failures,
@@ -171,11 +182,17 @@ impl ServiceMetrics {
 }
 
 impl EndpointMetrics {
-    fn new(address: SocketAddr, weight: u32, routable: bool, c: &CounterValues) -> Self {
+    fn new(e: EndpointCounters) -> Self {
+        let c = &e.counters;
         Self {
-            address,
-            weight,
-            routable,
+            address: e.endpoint.address,
+            weight: e.endpoint.weight(),
+            effective_weight: e.effective_weight,
+            routable: e.routable,
+            health: e.health,
+            ejections: e.ejections,
+            consecutive_failures: e.consecutive_failures,
+            health_check: e.check,
             selections: c.selections,
             successes: c.successes,
             failures: c.failures,
@@ -189,4 +206,43 @@ impl EndpointMetrics {
     pub fn success_rate(&self) -> Option<f64> {
         rate(self.successes, self.failures)
     }
+}
+
+/// The health of an endpoint as the balancer routes by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndpointHealth {
+    /// Passing its checks (or unchecked) and not ejected.
+    Healthy,
+    /// Failing its active health checks.
+    Unhealthy,
+    /// Ejected by outlier detection after consecutive failures; back when the ejection ends.
+    Ejected,
+}
+
+impl From<MemberHealth> for EndpointHealth {
+    fn from(h: MemberHealth) -> Self {
+        match h {
+            MemberHealth::Healthy => Self::Healthy,
+            MemberHealth::Unhealthy => Self::Unhealthy,
+            MemberHealth::Ejected => Self::Ejected,
+        }
+    }
+}
+
+/// One routing-table publication, as delivered to
+/// [`IntegratedLoadBalancer::routing_updates`](crate::IntegratedLoadBalancer::routing_updates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingUpdate {
+    /// The service.
+    pub service: String,
+    /// The table's version (increases by one per publication of this service).
+    pub version: u64,
+    /// Every member with its health, in address order.
+    pub endpoints: Vec<(SocketAddr, EndpointHealth)>,
+    /// The members picks can go to in this version, in address order.
+    pub routable: Vec<SocketAddr>,
+    /// Whether the service is in panic mode in this version.
+    pub panic: bool,
+    /// The service was removed (or the balancer stopped): nothing is routable any more.
+    pub removed: bool,
 }

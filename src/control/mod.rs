@@ -29,9 +29,12 @@
 //!   a replaced generation, retires: its counters stay in the endpoint's (or, once the address
 //!   is gone, the service's) totals, and it is dropped once no table or guard refers to it.
 //! * After [`ControlPlane::shutdown`] no table is published except the stopped tombstones.
+//! * Timers (ejection expiry, slow-start ramps) run on the control-plane thread only: a
+//!   balancer that was never started applies changes but does not run timers.
 #![deny(unsafe_code)]
 
 pub(crate) mod queue;
+mod service;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,12 +42,14 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::endpoint::Endpoint;
+use crate::stats::RoutingUpdate;
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{Arc, DataArc, Mutex, SnapshotCell, thread};
-use crate::table::build::{RingCache, TableInput, build};
-use crate::table::{CounterValues, Directory, EndpointState, Member, Miss, ServiceSlot, ServiceTable};
-use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
+use crate::sync::{Arc, DataArc, DataWeak, Mutex, SnapshotCell, mpsc, thread};
+use crate::table::{Directory, Miss, OutlierSink};
+use crate::{Error, HealthStatus, LoadBalancerConfig, LoadBalancingStrategy};
 use queue::{Ack, Envelope, Queue};
+use service::ServiceControl;
+pub(crate) use service::{EndpointCounters, ServiceCounters};
 
 /// A change for the control plane.
 #[derive(Debug)]
@@ -54,6 +59,13 @@ pub(crate) enum Command {
     Changed(DataArc<str>),
     /// A hash-keyed pick found no ring on this service's table: build rings for it.
     WantRing(DataArc<str>),
+    /// The active health of an endpoint of this service changed: read it again.
+    HealthChanged(DataArc<str>),
+    /// An endpoint reached its consecutive-failure threshold (outlier detection).
+    Outlier {
+        service: DataArc<str>,
+        address: SocketAddr,
+    },
 }
 
 /// Where the control plane reads memberships from (the registry; a trait so the control
@@ -64,169 +76,19 @@ pub(crate) trait MembershipSource {
     fn membership(&self, service: &str) -> Option<(u64, DataArc<[Endpoint]>)>;
 }
 
-// ===== impl ServiceControl =====
-
-/// Control-plane bookkeeping of one service.
-struct ServiceControl {
-    name: DataArc<str>,
-    slot: DataArc<ServiceSlot>,
-    membership_version: u64,
-    endpoints: DataArc<[Endpoint]>,
-    /// Current members' states, in address order.
-    states: Vec<Arc<EndpointState>>,
-    ring: RingCache,
-    table_version: u64,
-    /// Retired generations still referenced by an old table or a guard.
-    retiring: Vec<Arc<EndpointState>>,
-    /// Final counters of dropped generations whose address is still a member.
-    retired_members: HashMap<SocketAddr, CounterValues, ahash::RandomState>,
-    /// Final counters of dropped generations of addresses no longer members.
-    retired: CounterValues,
-    dirty: bool,
+/// Where the control plane reads active health from (the health checker).
+pub(crate) trait HealthSource: Send + Sync {
+    /// Members of `service` currently failing their checks.
+    fn unhealthy(&self, service: &str) -> Vec<SocketAddr>;
+    /// The check status of one endpoint, for metrics.
+    fn status(&self, service: &str, address: SocketAddr) -> Option<HealthStatus>;
 }
 
-impl ServiceControl {
-    fn new(name: DataArc<str>, strategy: LoadBalancingStrategy, hash_slots: u32) -> Self {
-        let table = ServiceTable::empty(name.clone(), 0, strategy, hash_slots, None);
-        let slot = DataArc::new(ServiceSlot::new(
-            table,
-            strategy == LoadBalancingStrategy::ConsistentHash,
-        ));
-        Self {
-            name,
-            slot,
-            membership_version: 0,
-            endpoints: DataArc::from(Vec::new()),
-            states: Vec::new(),
-            ring: RingCache::default(),
-            table_version: 0,
-            retiring: Vec::new(),
-            retired_members: HashMap::default(),
-            retired: CounterValues::default(),
-            dirty: true,
-        }
-    }
-
-    /// Rebuilds and publishes this service's table from `self.endpoints`.
-    fn rebuild(&mut self, strategy: LoadBalancingStrategy, hash_slots: u32) {
-        let started = Instant::now();
-        let shards = crate::sync::shard_count();
-        // Merge the sorted previous states with the sorted new membership: keep the state of
-        // every endpoint that stays as it was, start a generation for new or changed ones,
-        // retire the rest.
-        let previous = std::mem::take(&mut self.states);
-        let mut previous = previous.into_iter().peekable();
-        let mut states = Vec::with_capacity(self.endpoints.len());
-        let mut members = Vec::with_capacity(self.endpoints.len());
-        let endpoints = self.endpoints.clone();
-        for endpoint in endpoints.iter() {
-            while let Some(old) = previous.next_if(|s| s.address() < endpoint.address) {
-                self.retire(old, false);
-            }
-            let state = match previous.next_if(|s| s.address() == endpoint.address) {
-                Some(old) if old.endpoint() == endpoint => old,
-                Some(old) => {
-                    self.retire(old, true);
-                    Arc::new(EndpointState::new(endpoint.clone(), shards))
-                }
-                None => Arc::new(EndpointState::new(endpoint.clone(), shards)),
-            };
-            members.push(Member {
-                state: state.clone(),
-                weight: endpoint.weight(),
-                routable: true,
-            });
-            states.push(state);
-        }
-        for old in previous {
-            self.retire(old, false);
-        }
-        self.states = states;
-
-        let wants_ring = strategy == LoadBalancingStrategy::ConsistentHash
-            || self.slot.hash_wanted.load(Ordering::Relaxed);
-        let ring = wants_ring.then(|| self.ring.ring_for(&members, hash_slots));
-        self.table_version += 1;
-        let table = build(TableInput {
-            service: self.name.clone(),
-            version: self.table_version,
-            membership_version: self.membership_version,
-            strategy,
-            members,
-            hash_slots,
-            ring,
-            shards,
-        });
-        let (total, routable) = (table.members.len(), table.routable_len());
-        self.slot.table.store(Arc::new(table));
-        self.dirty = false;
-        tracing::debug!(
-            service = %self.name,
-            version = self.table_version,
-            membership_version = self.membership_version,
-            endpoints = total,
-            routable,
-            %strategy,
-            ring = wants_ring,
-            build_us = started.elapsed().as_micros() as u64,
-            "published routing table"
-        );
-    }
-
-    /// Retires a generation. `stays` tells whether its address remains a member.
-    fn retire(&mut self, state: Arc<EndpointState>, stays: bool) {
-        if !stays {
-            if let Some(c) = self.retired_members.remove(&state.address()) {
-                self.retired.add(&c);
-            }
-        }
-        self.retiring.push(state);
-    }
-
-    /// Folds retired generations that nothing refers to any more into the retired totals.
-    fn sweep(&mut self) {
-        let members = &self.states;
-        let retired_members = &mut self.retired_members;
-        let retired = &mut self.retired;
-        self.retiring.retain(|s| {
-            if EndpointState::is_referenced(s) {
-                return true;
-            }
-            let counters = s.counters();
-            let address = s.address();
-            if members.binary_search_by(|m| m.address().cmp(&address)).is_ok() {
-                retired_members.entry(address).or_default().add(&counters);
-            } else {
-                retired.add(&counters);
-            }
-            false
-        });
-    }
-
-    /// Publishes a tombstone table.
-    fn bury(&mut self, miss: Miss, strategy: LoadBalancingStrategy, hash_slots: u32) {
-        self.table_version += 1;
-        let table = ServiceTable::empty(
-            self.name.clone(),
-            self.table_version,
-            strategy,
-            hash_slots,
-            Some(miss),
-        );
-        self.slot.table.store(Arc::new(table));
-    }
-}
-
-/// Counters of one service, read under the control lock.
-#[derive(Debug)]
-pub(crate) struct ServiceCounters {
-    pub(crate) name: DataArc<str>,
-    pub(crate) strategy: LoadBalancingStrategy,
-    pub(crate) table_version: u64,
-    pub(crate) membership_version: u64,
-    pub(crate) endpoints: Vec<(Endpoint, bool, CounterValues)>,
-    /// Removed endpoints (retiring and retired) together.
-    pub(crate) removed: CounterValues,
+/// What a control step reads from.
+#[derive(Clone, Copy)]
+pub(crate) struct Sources<'a> {
+    pub(crate) membership: &'a dyn MembershipSource,
+    pub(crate) health: Option<&'a dyn HealthSource>,
 }
 
 // ===== impl ControlState =====
@@ -234,6 +96,7 @@ pub(crate) struct ServiceCounters {
 /// Everything the control plane knows; guarded by [`ControlPlane`]'s state lock.
 struct ControlState {
     services: HashMap<DataArc<str>, ServiceControl, ahash::RandomState>,
+    watchers: Vec<mpsc::Sender<RoutingUpdate>>,
     stopped: bool,
 }
 
@@ -242,13 +105,14 @@ impl ControlState {
     fn step(
         &mut self,
         cfg: &Settings,
-        source: &dyn MembershipSource,
+        sources: &Sources<'_>,
         directory: &SnapshotCell<Directory>,
         batch: impl Iterator<Item = Command>,
     ) {
         if self.stopped {
             return;
         }
+        let now = Instant::now();
         let mut dirty: Vec<DataArc<str>> = Vec::new();
         let mut changed: Vec<DataArc<str>> = Vec::new();
         for command in batch {
@@ -258,10 +122,16 @@ impl ControlState {
                         changed.push(service);
                     }
                 }
-                Command::WantRing(service) => {
+                Command::WantRing(service) | Command::HealthChanged(service) => {
                     if let Some(sc) = self.services.get_mut(&service) {
-                        if !sc.dirty {
-                            sc.dirty = true;
+                        if sc.mark() {
+                            dirty.push(sc.name.clone());
+                        }
+                    }
+                }
+                Command::Outlier { service, address } => {
+                    if let Some(sc) = self.services.get_mut(&service) {
+                        if sc.eject(address, cfg, now) && sc.mark() {
                             dirty.push(sc.name.clone());
                         }
                     }
@@ -270,20 +140,18 @@ impl ControlState {
         }
         let mut directory_changed = false;
         for service in changed {
-            let strategy = cfg.strategy_for(&service);
-            match (source.membership(&service), self.services.get_mut(&service)) {
+            match (sources.membership.membership(&service), self.services.get_mut(&service)) {
                 (Some((version, endpoints)), Some(sc)) => {
                     if version > sc.membership_version {
                         sc.membership_version = version;
                         sc.endpoints = endpoints;
-                        if !sc.dirty {
-                            sc.dirty = true;
+                        if sc.mark() {
                             dirty.push(sc.name.clone());
                         }
                     }
                 }
                 (Some((version, endpoints)), None) => {
-                    let mut sc = ServiceControl::new(service.clone(), strategy, cfg.hash_slots);
+                    let mut sc = ServiceControl::new(service.clone(), cfg.strategy_for(&service), cfg.hash_slots);
                     sc.membership_version = version;
                     sc.endpoints = endpoints;
                     dirty.push(sc.name.clone());
@@ -292,7 +160,8 @@ impl ControlState {
                 }
                 (None, Some(_)) => {
                     if let Some(mut sc) = self.services.remove(&service) {
-                        sc.bury(Miss::Removed, strategy, cfg.hash_slots);
+                        let update = sc.bury(Miss::Removed, cfg.strategy_for(&service), cfg.hash_slots);
+                        self.announce(update);
                         tracing::debug!(service = %sc.name, "service removed");
                     }
                     directory_changed = true;
@@ -300,10 +169,19 @@ impl ControlState {
                 (None, None) => {}
             }
         }
+        self.rebuild(dirty, cfg, sources, now);
+        if directory_changed {
+            self.publish_directory(directory);
+        }
+    }
+
+    /// Rebuilds the named services that are still dirty, and sweeps retired generations.
+    fn rebuild(&mut self, dirty: Vec<DataArc<str>>, cfg: &Settings, sources: &Sources<'_>, now: Instant) {
         for name in dirty {
             if let Some(sc) = self.services.get_mut(&name) {
                 if sc.dirty {
-                    sc.rebuild(cfg.strategy_for(&name), cfg.hash_slots);
+                    let update = sc.rebuild(cfg, sources, now);
+                    self.announce(update);
                 }
             }
         }
@@ -312,9 +190,36 @@ impl ControlState {
                 sc.sweep();
             }
         }
-        if directory_changed {
-            self.publish_directory(directory);
+    }
+
+    /// Runs the timers that are due.
+    fn tick(&mut self, cfg: &Settings, sources: &Sources<'_>) {
+        if self.stopped {
+            return;
         }
+        let now = Instant::now();
+        let mut dirty = Vec::new();
+        for sc in self.services.values_mut() {
+            if sc.next_deadline().is_some_and(|d| d <= now) && sc.tick(cfg, now) && sc.mark() {
+                dirty.push(sc.name.clone());
+            }
+        }
+        self.rebuild(dirty, cfg, sources, now);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        if self.stopped {
+            return None;
+        }
+        self.services.values().filter_map(ServiceControl::next_deadline).min()
+    }
+
+    /// Sends a publication to every subscriber (dropping the ones that hung up).
+    fn announce(&mut self, update: RoutingUpdate) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        self.watchers.retain(|w| w.send(update.clone()).is_ok());
     }
 
     fn publish_directory(&self, directory: &SnapshotCell<Directory>) {
@@ -331,24 +236,39 @@ impl ControlState {
 }
 
 /// Immutable settings of one control plane.
-#[derive(Debug)]
 pub(crate) struct Settings {
     pub(crate) config: LoadBalancerConfig,
     pub(crate) default_strategy: LoadBalancingStrategy,
     pub(crate) hash_slots: u32,
+    /// Where data-plane failure runs are reported (the balancer itself).
+    pub(crate) outlier_sink: DataWeak<dyn OutlierSink>,
 }
 
 impl Settings {
-    pub(crate) fn new(config: LoadBalancerConfig, default_strategy: LoadBalancingStrategy) -> Self {
+    pub(crate) fn new(
+        config: LoadBalancerConfig,
+        default_strategy: LoadBalancingStrategy,
+        outlier_sink: DataWeak<dyn OutlierSink>,
+    ) -> Self {
         Self {
             hash_slots: config.consistent_hash.slots,
             config,
             default_strategy,
+            outlier_sink,
         }
     }
 
-    fn strategy_for(&self, service: &str) -> LoadBalancingStrategy {
+    pub(crate) fn strategy_for(&self, service: &str) -> LoadBalancingStrategy {
         self.config.strategy_for(service, self.default_strategy)
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("default_strategy", &self.default_strategy)
+            .field("hash_slots", &self.hash_slots)
+            .finish_non_exhaustive()
     }
 }
 
@@ -370,6 +290,7 @@ impl ControlPlane {
             queue: Queue::new(),
             state: Mutex::new(ControlState {
                 services: HashMap::default(),
+                watchers: Vec::new(),
                 stopped: false,
             }),
             thread: Mutex::new(None),
@@ -386,7 +307,8 @@ impl ControlPlane {
         self.queue.push(command)
     }
 
-    /// Queues a command nobody waits for (from the data plane: never blocks).
+    /// Queues a command nobody waits for (from the data plane or the health checker: never
+    /// blocks).
     pub(crate) fn submit_unacked(&self, command: Command) {
         self.queue.push_unacked(command);
     }
@@ -399,15 +321,15 @@ impl ControlPlane {
     }
 
     /// Applies queued commands on the caller's thread unless the control-plane thread runs.
-    pub(crate) fn help(&self, source: &dyn MembershipSource, directory: &SnapshotCell<Directory>) {
+    pub(crate) fn help(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) {
         if !self.is_running() {
-            while self.process(source, directory) {}
+            while self.process(sources, directory) {}
         }
     }
 
     /// Takes one batch (in push order, under the state lock), applies and publishes it, then
     /// resolves its acks. Returns whether anything was taken.
-    pub(crate) fn process(&self, source: &dyn MembershipSource, directory: &SnapshotCell<Directory>) -> bool {
+    pub(crate) fn process(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) -> bool {
         let acks: Vec<_> = {
             let mut state = self.state.lock();
             let batch: Vec<Envelope<Command>> = self.queue.take(self.settings.config.control_plane.max_batch);
@@ -419,7 +341,7 @@ impl ControlPlane {
                 acks.push(e.ack);
                 e.command
             });
-            state.step(&self.settings, source, directory, commands);
+            state.step(&self.settings, sources, directory, commands);
             acks
         };
         drop(acks); // resolves every ack of the batch, after publication
@@ -435,11 +357,9 @@ impl ControlPlane {
         if self.queue.is_closed() {
             return Err(Error::Stopped);
         }
-        let handle =
-            thread::spawn(self.settings.config.control_plane.thread_name.clone(), run).map_err(|e| {
-                Error::ControlPlane {
-                    message: e.to_string(),
-                }
+        let handle = thread::spawn(self.settings.config.control_plane.thread_name.clone(), run)
+            .map_err(|e| Error::ControlPlane {
+                message: e.to_string(),
             })?;
         *thread = Some(handle);
         // Release pairs with the Acquire in `is_running`.
@@ -447,22 +367,23 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The thread's loop: wait for commands, process them, until shut down.
-    pub(crate) fn run(&self, source: &dyn MembershipSource, directory: &SnapshotCell<Directory>) {
+    /// The thread's loop: wait for commands or the next timer, process, until shut down.
+    pub(crate) fn run(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) {
         tracing::debug!("control plane thread started");
-        while self.queue.wait_pending() {
-            self.process(source, directory);
+        loop {
+            let deadline = self.state.lock().next_deadline();
+            if !self.queue.wait_pending_until(deadline) {
+                break;
+            }
+            self.process(sources, directory);
+            self.state.lock().tick(&self.settings, sources);
         }
         tracing::debug!("control plane thread stopped");
     }
 
     /// Stops the thread (joining it), applies what was queued, then publishes stopped
     /// tombstones for every service. Idempotent. Returns whether this call stopped it.
-    pub(crate) fn shutdown(
-        &self,
-        source: &dyn MembershipSource,
-        directory: &SnapshotCell<Directory>,
-    ) -> bool {
+    pub(crate) fn shutdown(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) -> bool {
         self.queue.close();
         let handle = self.thread.lock().take();
         if let Some(handle) = handle {
@@ -471,16 +392,21 @@ impl ControlPlane {
             }
         }
         self.running.store(false, Ordering::Release);
-        while self.process(source, directory) {}
+        while self.process(sources, directory) {}
         let mut state = self.state.lock();
         if state.stopped {
             return false;
         }
         state.stopped = true;
+        let mut updates = Vec::new();
         for sc in state.services.values_mut() {
             let strategy = self.settings.strategy_for(&sc.name);
-            sc.bury(Miss::Stopped, strategy, self.settings.hash_slots);
+            updates.push(sc.bury(Miss::Stopped, strategy, self.settings.hash_slots));
         }
+        for update in updates {
+            state.announce(update);
+        }
+        state.watchers.clear();
         state.publish_directory(directory);
         true
     }
@@ -489,61 +415,22 @@ impl ControlPlane {
         self.queue.is_closed()
     }
 
-    /// Counters of every service (live endpoints, plus removed ones folded together).
-    pub(crate) fn counters(&self) -> Vec<ServiceCounters> {
+    /// Subscribes to table publications.
+    pub(crate) fn watch(&self) -> mpsc::Receiver<RoutingUpdate> {
+        let (tx, rx) = mpsc::channel();
         let mut state = self.state.lock();
-        let mut out: Vec<ServiceCounters> = state
-            .services
-            .values_mut()
-            .map(ServiceControl::counters)
-            .collect();
+        if !state.stopped {
+            state.watchers.push(tx);
+        }
+        rx
+    }
+
+    /// Counters of every service (live endpoints, plus removed ones folded together).
+    pub(crate) fn counters(&self, sources: &Sources<'_>) -> Vec<ServiceCounters> {
+        let mut state = self.state.lock();
+        let mut out: Vec<ServiceCounters> = state.services.values_mut().map(|sc| sc.counters(sources)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
-    }
-}
-
-impl ServiceControl {
-    fn counters(&mut self) -> ServiceCounters {
-        self.sweep();
-        let table = self.slot.table.load();
-        let mut removed = self.retired;
-        let mut earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState> =
-            self.retired_members.clone();
-        for s in &self.retiring {
-            let address = s.address();
-            if self
-                .states
-                .binary_search_by(|m| m.address().cmp(&address))
-                .is_ok()
-            {
-                earlier.entry(address).or_default().add(&s.counters());
-            } else {
-                removed.add(&s.counters());
-            }
-        }
-        // `states` and a live table's `members` are built in the same (address) order; a
-        // tombstone has no members, and nothing in it is routable.
-        let endpoints = self
-            .states
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let routable = table.members.get(i).is_some_and(|m| m.routable);
-                let mut counters = s.counters();
-                if let Some(c) = earlier.get(&s.address()) {
-                    counters.add(c);
-                }
-                (s.endpoint().clone(), routable, counters)
-            })
-            .collect();
-        ServiceCounters {
-            name: self.name.clone(),
-            strategy: table.strategy,
-            table_version: table.version,
-            membership_version: table.membership_version,
-            endpoints,
-            removed,
-        }
     }
 }
 

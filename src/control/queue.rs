@@ -189,6 +189,29 @@ impl<C> Queue<C> {
         }
     }
 
+    /// Like [`wait_pending`](Self::wait_pending), but also returns (with `true`) once
+    /// `deadline` has passed, so the caller can run its timers.
+    pub(crate) fn wait_pending_until(&self, deadline: Option<std::time::Instant>) -> bool {
+        let Some(deadline) = deadline else {
+            return self.wait_pending();
+        };
+        let mut state = self.state.lock();
+        loop {
+            if !state.pending.is_empty() {
+                return true;
+            }
+            if state.closed {
+                return false;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            let (guard, _timed_out) = self.wake.wait_timeout(state, deadline - now);
+            state = guard;
+        }
+    }
+
     /// Takes up to `max` pending commands, oldest first, without blocking.
     pub(crate) fn take(&self, max: usize) -> Vec<Envelope<C>> {
         let mut state = self.state.lock();

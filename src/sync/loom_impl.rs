@@ -60,6 +60,16 @@ impl Condvar {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Loom has no time: a timed wait is a plain wait that may also wake spuriously, which
+    /// the callers handle (they re-check their condition).
+    pub(crate) fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        _timeout: std::time::Duration,
+    ) -> (MutexGuard<'a, T>, bool) {
+        (self.wait(guard), false)
+    }
+
     pub(crate) fn notify_one(&self) {
         self.0.notify_one();
     }
@@ -120,6 +130,11 @@ impl<T> fmt::Debug for Snap<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Snap(..)")
     }
+}
+
+/// Unbounded channels, from std (event subscriptions are not part of the models).
+pub(crate) mod mpsc {
+    pub(crate) use std::sync::mpsc::{Receiver, Sender, channel};
 }
 
 /// Threads for the control plane, from loom.

@@ -54,6 +54,19 @@ impl Condvar {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Waits until notified or `timeout` elapses; returns the guard and whether it timed out.
+    pub(crate) fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: std::time::Duration,
+    ) -> (MutexGuard<'a, T>, bool) {
+        let (guard, result) = self
+            .0
+            .wait_timeout(guard, timeout)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (guard, result.timed_out())
+    }
+
     pub(crate) fn notify_one(&self) {
         self.0.notify_one();
     }
@@ -113,6 +126,11 @@ impl<T: fmt::Debug> fmt::Debug for Snap<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         (**self).fmt(f)
     }
+}
+
+/// Unbounded channels (event subscriptions): sending never blocks the control plane.
+pub(crate) mod mpsc {
+    pub(crate) use std::sync::mpsc::{Receiver, Sender, channel};
 }
 
 /// Threads for the control plane.

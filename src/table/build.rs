@@ -28,6 +28,8 @@ pub(crate) struct TableInput {
     pub(crate) ring: Option<DataArc<HashRing>>,
     /// Number of counter shards (a power of two; every member's state has that many pins).
     pub(crate) shards: usize,
+    /// Whether `members` were made all routable because too few are healthy.
+    pub(crate) panic: bool,
 }
 
 /// Builds the table: routable subset, weights, and the weighted schedule when the strategy
@@ -48,7 +50,7 @@ pub(crate) fn build(input: TableInput) -> ServiceTable {
         .members
         .iter()
         .filter(|m| m.routable)
-        .map(|m| m.weight)
+        .map(|m| m.effective_weight)
         .collect();
     let uniform = weights.windows(2).all(|w| w[0] == w[1]);
     let schedule = match input.strategy {
@@ -67,6 +69,7 @@ pub(crate) fn build(input: TableInput) -> ServiceTable {
         ring: input.ring,
         hash_slots: input.hash_slots,
         miss: None,
+        panic: input.panic,
     }
 }
 

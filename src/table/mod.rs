@@ -46,7 +46,7 @@ use crate::endpoint::Endpoint;
 use crate::pick::consistent::HashRing;
 use crate::pick::weighted::Schedule;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
-use crate::sync::{Arc, CachePadded, DataArc, SnapshotCell};
+use crate::sync::{Arc, CachePadded, DataArc, DataWeak, SnapshotCell};
 
 // ===== impl Pin =====
 
@@ -73,7 +73,75 @@ pub(crate) struct Pin {
     /// This shard's copy of the endpoint: its metadata `Arc` is not shared with other shards,
     /// so cloning the endpoint on the pick path writes no line another shard writes.
     endpoint: Endpoint,
+    /// The generation's passive-health bookkeeping (shared by all its pins; read on success,
+    /// written only on failure).
+    failures: Arc<Failures>,
     outcomes: Outcomes,
+}
+
+// ===== impl Failures =====
+
+/// Where a run of consecutive failures is reported (the balancer's control plane).
+pub(crate) trait OutlierSink: Send + Sync {
+    /// `address` of `service` reached its consecutive-failure threshold.
+    fn consecutive_failures(&self, service: &DataArc<str>, address: SocketAddr);
+}
+
+/// Whom to tell when the threshold is reached.
+pub(crate) struct OutlierReport {
+    pub(crate) sink: DataWeak<dyn OutlierSink>,
+    pub(crate) service: DataArc<str>,
+    pub(crate) threshold: u64,
+}
+
+/// Consecutive reported failures of one endpoint generation, for outlier detection.
+///
+/// Shared by the generation's pins on its own cache line. A success only *reads* it (and
+/// writes only when it was non-zero), so in the healthy steady state no core writes it;
+/// failures are the exception and may share the line.
+pub(crate) struct Failures {
+    consecutive: CachePadded<AtomicU64>,
+    reported: AtomicBool,
+    report: Option<OutlierReport>,
+}
+
+impl Failures {
+    pub(crate) fn new(report: Option<OutlierReport>) -> Self {
+        Self {
+            consecutive: CachePadded::new(AtomicU64::new(0)),
+            reported: AtomicBool::new(false),
+            report,
+        }
+    }
+
+    /// Counts an outcome; reports the endpoint once when failures reach the threshold.
+    /// `Relaxed` throughout: a heuristic counter, re-armed by [`Failures::reset`].
+    #[inline]
+    fn note(&self, success: bool, address: SocketAddr) {
+        let Some(report) = &self.report else { return };
+        if success {
+            if self.consecutive.load(Ordering::Relaxed) != 0 {
+                self.consecutive.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= report.threshold && !self.reported.swap(true, Ordering::Relaxed) {
+            if let Some(sink) = report.sink.upgrade() {
+                sink.consecutive_failures(&report.service, address);
+            }
+        }
+    }
+
+    /// Starts a new run (after an ejection, or a refused one).
+    pub(crate) fn reset(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        self.reported.store(false, Ordering::Relaxed);
+    }
+
+    pub(crate) fn consecutive(&self) -> u64 {
+        self.consecutive.load(Ordering::Relaxed)
+    }
 }
 
 /// A point-in-time sum of counters.
@@ -99,11 +167,12 @@ impl CounterValues {
 }
 
 impl Pin {
-    fn new(endpoint: Endpoint) -> Self {
+    fn new(endpoint: Endpoint, failures: Arc<Failures>) -> Self {
         Self {
             in_flight: AtomicU64::new(0),
             selections: AtomicU64::new(0),
             endpoint,
+            failures,
             outcomes: Outcomes::default(),
         }
     }
@@ -161,6 +230,7 @@ impl Pin {
             o.latency_sum_us.fetch_add(us, Ordering::Relaxed);
             o.latency_count.fetch_add(1, Ordering::Relaxed);
         }
+        self.failures.note(success, self.endpoint.address);
     }
 
     fn counters(&self) -> CounterValues {
@@ -193,15 +263,26 @@ impl fmt::Debug for Pin {
 pub(crate) struct EndpointState {
     endpoint: Endpoint,
     pins: Box<[Arc<Pin>]>,
+    failures: Arc<Failures>,
 }
 
 impl EndpointState {
     /// A state with `shards` pins, each with its own copy of the endpoint's metadata.
-    pub(crate) fn new(endpoint: Endpoint, shards: usize) -> Self {
+    pub(crate) fn new(endpoint: Endpoint, shards: usize, report: Option<OutlierReport>) -> Self {
+        let failures = Arc::new(Failures::new(report));
         let pins = (0..shards.max(1))
-            .map(|_| Arc::new(Pin::new(endpoint.detached())))
+            .map(|_| Arc::new(Pin::new(endpoint.detached(), failures.clone())))
             .collect();
-        Self { endpoint, pins }
+        Self {
+            endpoint,
+            pins,
+            failures,
+        }
+    }
+
+    /// The generation's consecutive-failure tracking.
+    pub(crate) fn failures(&self) -> &Failures {
+        &self.failures
     }
 
     #[inline]
@@ -267,8 +348,23 @@ impl fmt::Debug for EndpointState {
 #[derive(Debug)]
 pub(crate) struct Member {
     pub(crate) state: Arc<EndpointState>,
+    /// Registered weight (what the consistent-hash ring is built from).
     pub(crate) weight: u32,
+    /// Weight the weighted and least-connections strategies use (slow start ramps it).
+    pub(crate) effective_weight: u32,
+    pub(crate) health: MemberHealth,
+    /// Picks may return it: healthy, or every member while the service is in panic.
     pub(crate) routable: bool,
+}
+
+/// Why a member is or is not healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MemberHealth {
+    Healthy,
+    /// Failed its active health checks.
+    Unhealthy,
+    /// Ejected by outlier detection until the given time.
+    Ejected,
 }
 
 impl Member {
@@ -313,6 +409,8 @@ pub(crate) struct ServiceTable {
     pub(crate) hash_slots: u32,
     /// Set when the table is a tombstone (stopped balancer or removed service).
     pub(crate) miss: Option<Miss>,
+    /// Too few members are healthy: picks go to all members regardless of health.
+    pub(crate) panic: bool,
 }
 
 /// One shard's view of a table: the pins its threads touch.
@@ -357,6 +455,7 @@ impl ServiceTable {
             ring: None,
             hash_slots,
             miss,
+            panic: false,
         }
     }
 
