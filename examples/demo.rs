@@ -34,9 +34,18 @@ const WEIGHTS: [u32; 4] = [5, 3, 1, 1];
 /// A backend: answers every line with its name (after a short, name-dependent delay so the
 /// least-connections strategy has something to see).
 async fn backend(name: &'static str, delay: Duration) -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    Ok(serve(name, delay, "127.0.0.1:0".parse()?).await?.0)
+}
+
+/// Serves `name` on `addr`; aborting the returned task closes the listening socket.
+async fn serve(
+    name: &'static str,
+    delay: Duration,
+    addr: SocketAddr,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), BoxError> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
@@ -53,7 +62,7 @@ async fn backend(name: &'static str, delay: Duration) -> Result<SocketAddr, BoxE
             });
         }
     });
-    Ok(addr)
+    Ok((addr, task))
 }
 
 /// One request over a fresh connection; returns the name that answered.
@@ -293,6 +302,11 @@ async fn main() -> Result<(), BoxError> {
     );
     assert_eq!(after_removal.load(Ordering::SeqCst), 0);
 
+    lb.stop().await?;
+
+    // Health checks: a backend dies, is excluded, comes back on the same port, returns.
+    health_demo(&registry).await?;
+
     let metrics = lb.metrics();
     println!(
         "\nconsistent-hash balancer metrics: {} requests, {} succeeded, success rate {:.1}%, {} in flight",
@@ -301,6 +315,76 @@ async fn main() -> Result<(), BoxError> {
         100.0 * metrics.success_rate().unwrap_or(0.0),
         metrics.in_flight
     );
+    Ok(())
+}
+
+/// A fifth backend, "epsilon", joins under active TCP health checks (every 100 ms, out after 2
+/// failures, back after 2 successes); it is killed, excluded, restarted on the same port and
+/// let back in, while picks continue.
+async fn health_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
+    use tai_loadbalancer::{HealthCheckConfig, HealthCheckKind};
+
+    let (addr, task) = serve("epsilon", Duration::ZERO, "127.0.0.1:0".parse()?).await?;
+    registry.register("checked", Endpoint::new(addr, None)).await?;
+    let (other, _other_task) = serve("zeta", Duration::ZERO, "127.0.0.1:0".parse()?).await?;
+    registry.register("checked", Endpoint::new(other, None)).await?;
+    let config = LoadBalancerConfig {
+        health_check: HealthCheckConfig {
+            enabled: true,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(50),
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+            grace_period: Duration::ZERO,
+            jitter: Duration::from_millis(10),
+            check: HealthCheckKind::Tcp,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let lb = IntegratedLoadBalancer::new(registry.clone(), LoadBalancingStrategy::RoundRobin, config).await?;
+    lb.start().await?;
+    let routable = |lb: &IntegratedLoadBalancer| {
+        lb.service("checked")
+            .map(|s| s.endpoints().iter().any(|(e, r)| e.address == addr && *r))
+            .unwrap_or(false)
+    };
+    let wait = |want: bool| {
+        let lb = &lb;
+        async move {
+            let start = Instant::now();
+            while routable(lb) != want && start.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            start.elapsed()
+        }
+    };
+    println!("\nhealth checks (TCP every 100 ms, out after 2 failures, back after 2 successes):");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    task.abort();
+    let _ = task.await;
+    let out = wait(false).await;
+    let picks_to_dead = (0..100)
+        .filter(|_| lb.pick("checked").map(|p| p.address() == addr).unwrap_or(false))
+        .count();
+    println!(
+        "  epsilon killed: out of routing after {out:?}; {picks_to_dead} of 100 picks went to it afterwards"
+    );
+    let (_, revived) = serve("epsilon", Duration::ZERO, addr).await?;
+    let back = wait(true).await;
+    println!("  epsilon restarted on {addr}: back in routing after {back:?}");
+    let status = lb
+        .health_checks()
+        .get_health_status("checked", &Endpoint::new(addr, None))
+        .await?;
+    println!(
+        "  its status: {:?}, {} checks, {} failed, last error: {}",
+        status.state,
+        status.checks,
+        status.failed_checks,
+        status.last_error.as_deref().unwrap_or("-")
+    );
+    revived.abort();
     lb.stop().await?;
     Ok(())
 }

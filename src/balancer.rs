@@ -24,11 +24,11 @@ use std::time::Duration;
 use crate::control::queue::Ack;
 use crate::control::{Command, ControlPlane, Settings, Sources};
 use crate::endpoint::Endpoint;
+#[cfg(feature = "runtime")]
+use crate::health::HealthCheckManager;
 use crate::pick::consistent::hash_key;
 use crate::pick::{Outcome, Pick, choose};
 use crate::registry::{MembershipSink, ServiceRegistry};
-#[cfg(feature = "runtime")]
-use crate::health::HealthCheckManager;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc};
@@ -74,7 +74,8 @@ impl OutlierSink for Shared {
 #[cfg(feature = "runtime")]
 impl crate::health::HealthSink for Shared {
     fn health_changed(&self, service: &DataArc<str>) {
-        self.control.submit_unacked(Command::HealthChanged(service.clone()));
+        self.control
+            .submit_unacked(Command::HealthChanged(service.clone()));
     }
 }
 
@@ -137,7 +138,7 @@ impl Shared {
     pub(crate) fn pick(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Pick, Error> {
         let table = slot.table.load();
         let pin = self.choose(&table, slot, hash)?;
-        Ok(Pick::new(pin))
+        Ok(Pick::new(pin, table.version))
     }
 
     /// An unguarded selection from `slot`.
@@ -470,6 +471,46 @@ impl IntegratedLoadBalancer {
     /// A snapshot of the request counters (see [`LoadBalancerMetrics`] for their meaning).
     pub fn metrics(&self) -> LoadBalancerMetrics {
         LoadBalancerMetrics::from_counters(self.shared.control.counters(&self.shared.sources()))
+    }
+
+    /// Takes `endpoint` of `service` out of routing (for maintenance), whatever its health
+    /// checks say, until [`mark_up`](Self::mark_up). Requests in flight continue. Returns
+    /// once no new pick can return it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`], [`Error::Stopped`].
+    pub async fn mark_down(&self, service: &str, endpoint: &Endpoint) -> Result<(), Error> {
+        self.set_down(service, endpoint, true).await
+    }
+
+    /// Undoes [`mark_down`](Self::mark_down): the endpoint routes again by its health.
+    ///
+    /// # Errors
+    ///
+    /// As [`mark_down`](Self::mark_down).
+    pub async fn mark_up(&self, service: &str, endpoint: &Endpoint) -> Result<(), Error> {
+        self.set_down(service, endpoint, false).await
+    }
+
+    async fn set_down(&self, service: &str, endpoint: &Endpoint, down: bool) -> Result<(), Error> {
+        let name = {
+            let directory = self.shared.directory.load();
+            let slot = Shared::slot_by_name(&directory, service)?;
+            Shared::member(slot, endpoint.address)?;
+            let table = slot.table.load();
+            table.service.clone()
+        };
+        let ack = self.shared.control.submit(Command::MarkDown {
+            service: name,
+            address: endpoint.address,
+            down,
+        });
+        self.shared
+            .control
+            .help(&self.shared.sources(), &self.shared.directory);
+        ack.await;
+        Ok(())
     }
 
     /// Whether `service` is in panic mode: fewer than `panic_threshold_percent` of its

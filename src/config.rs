@@ -144,7 +144,10 @@ impl LoadBalancerConfig {
         self.outlier_detection.validate()?;
         self.slow_start.validate()?;
         if self.panic_threshold_percent > 100 {
-            return Err(Error::invalid_config("panic_threshold_percent", "must be at most 100"));
+            return Err(Error::invalid_config(
+                "panic_threshold_percent",
+                "must be at most 100",
+            ));
         }
         let slots = self.consistent_hash.slots;
         if !slots.is_power_of_two() || !(MIN_HASH_SLOTS..=MAX_HASH_SLOTS).contains(&slots) {

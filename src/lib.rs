@@ -37,11 +37,11 @@ pub use config::{
 };
 pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
 pub use error::Error;
+#[cfg(feature = "runtime")]
+pub use health::HealthCheckManager;
 pub use health::config::{
     HealthCheckConfig, HealthCheckKind, OutlierDetectionConfig, SlowStartConfig, StatusRange,
 };
-#[cfg(feature = "runtime")]
-pub use health::HealthCheckManager;
 pub use health::{HealthCheck, HealthState, HealthStatus};
 pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;

@@ -217,6 +217,8 @@ pub enum EndpointHealth {
     Unhealthy,
     /// Ejected by outlier detection after consecutive failures; back when the ejection ends.
     Ejected,
+    /// Marked down by an operator ([`IntegratedLoadBalancer::mark_down`](crate::IntegratedLoadBalancer::mark_down)).
+    Down,
 }
 
 impl From<MemberHealth> for EndpointHealth {
@@ -225,6 +227,7 @@ impl From<MemberHealth> for EndpointHealth {
             MemberHealth::Healthy => Self::Healthy,
             MemberHealth::Unhealthy => Self::Unhealthy,
             MemberHealth::Ejected => Self::Ejected,
+            MemberHealth::Down => Self::Down,
         }
     }
 }

@@ -164,3 +164,179 @@ fn churn_consistent_hash() {
 fn churn_hash_keys_on_a_round_robin_balancer() {
     churn(LoadBalancingStrategy::RoundRobin, true);
 }
+
+// ===== health flapping =====
+
+/// A check whose verdicts a flapper thread flips every 50 ms.
+#[cfg(feature = "runtime")]
+struct Flapping(Arc<std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>>);
+
+#[cfg(feature = "runtime")]
+#[async_trait::async_trait]
+impl tai_loadbalancer::HealthCheck for Flapping {
+    async fn check(&self, endpoint: &tai_loadbalancer::Endpoint) -> Result<(), String> {
+        if self.0.lock().unwrap().contains(&endpoint.address) {
+            Err("flapping down".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(feature = "runtime")]
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+/// Two threads pick while backends flap every 50 ms for three seconds: every pick's endpoint
+/// was routable in the very table version the pick used, in-flight counts return to 0, no
+/// panic, and memory stays bounded.
+#[cfg(feature = "runtime")]
+#[test]
+fn picks_while_backends_flap() {
+    use tai_loadbalancer::{HealthCheckConfig, HealthCheckKind};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let down = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let config = LoadBalancerConfig {
+        health_check: HealthCheckConfig {
+            enabled: true,
+            interval: std::time::Duration::from_millis(10),
+            timeout: std::time::Duration::from_millis(5),
+            unhealthy_threshold: 1,
+            healthy_threshold: 1,
+            grace_period: std::time::Duration::ZERO,
+            jitter: std::time::Duration::from_millis(2),
+            max_concurrent: 16,
+            check: HealthCheckKind::custom(Flapping(down.clone())),
+        },
+        panic_threshold_percent: 0, // unhealthy means unroutable, so the check below is exact
+        ..Default::default()
+    };
+    let registry = Arc::new(ServiceRegistry::new());
+    rt.block_on(registry.register_batch("svc", (0..8).map(ep).collect()))
+        .unwrap();
+    let lb = rt
+        .block_on(IntegratedLoadBalancer::new(
+            registry.clone(),
+            LoadBalancingStrategy::LeastConnections,
+            config,
+        ))
+        .unwrap();
+    let updates = lb.routing_updates();
+    // The table published at construction, before the subscription.
+    let initial = lb.metrics().services.remove(0);
+    let initial_routable: Vec<std::net::SocketAddr> = initial
+        .endpoints
+        .iter()
+        .filter(|e| e.routable)
+        .map(|e| e.address)
+        .collect();
+    rt.block_on(lb.start()).unwrap();
+    let stop = AtomicBool::new(false);
+    let flips = AtomicUsize::new(0);
+    let rss_start = resident_bytes();
+    let samples: Vec<Vec<(u64, std::net::SocketAddr)>> = std::thread::scope(|s| {
+        let pickers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut samples = Vec::with_capacity(200_000);
+                    let mut held: VecDeque<Pick> = VecDeque::new();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        match lb.pick("svc") {
+                            Ok(pick) => {
+                                if n % 8 == 0 && samples.len() < samples.capacity() {
+                                    samples.push((pick.table_version(), pick.address()));
+                                }
+                                held.push_back(pick);
+                                if held.len() > 8 {
+                                    held.pop_front();
+                                }
+                            }
+                            Err(Error::NoHealthyEndpoints { .. }) => {}
+                            Err(e) => panic!("unexpected pick error: {e}"),
+                        }
+                        if n % 256 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                    samples
+                })
+            })
+            .collect();
+        let flapper = s.spawn(|| {
+            let mut round = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                {
+                    let mut d = down.lock().unwrap();
+                    d.clear();
+                    for i in 0..8 {
+                        if (i + round) % 3 == 0 {
+                            d.insert(addr(i));
+                        }
+                    }
+                }
+                flips.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        stop.store(true, Ordering::SeqCst);
+        flapper.join().unwrap();
+        pickers
+            .into_iter()
+            .map(|p| p.join().expect("picker panicked"))
+            .collect()
+    });
+    rt.block_on(lb.stop()).unwrap();
+    let rss_end = resident_bytes();
+
+    // Every sampled pick's endpoint was routable in the table version it was made from.
+    let mut routable_by_version = std::collections::HashMap::new();
+    routable_by_version.insert(initial.table_version, initial_routable);
+    for update in updates.drain() {
+        if update.service == "svc" {
+            routable_by_version.insert(update.version, update.routable);
+        }
+    }
+    let mut checked = 0;
+    for (version, address) in samples.iter().flatten() {
+        let routable = routable_by_version
+            .get(version)
+            .unwrap_or_else(|| panic!("pick used version {version}, never published"));
+        assert!(
+            routable.contains(address),
+            "{address} picked from version {version}, where it was not routable"
+        );
+        checked += 1;
+    }
+    let versions = routable_by_version.len();
+    println!(
+        "flapping: {} flips, {versions} tables, {checked} sampled picks checked, rss {} -> {} MiB",
+        flips.load(Ordering::Relaxed),
+        rss_start >> 20,
+        rss_end >> 20
+    );
+    assert!(flips.load(Ordering::Relaxed) >= 40, "the flapper barely ran");
+    assert!(versions >= 20, "only {versions} tables published while flapping");
+    assert!(checked > 1_000, "only {checked} picks sampled");
+    let metrics = lb.metrics();
+    assert_eq!(metrics.in_flight, 0);
+    assert!(
+        rss_end.saturating_sub(rss_start) < 64 << 20,
+        "resident memory grew by {} MiB",
+        (rss_end - rss_start) >> 20
+    );
+}

@@ -60,11 +60,18 @@ pub(crate) enum Command {
     /// A hash-keyed pick found no ring on this service's table: build rings for it.
     WantRing(DataArc<str>),
     /// The active health of an endpoint of this service changed: read it again.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     HealthChanged(DataArc<str>),
     /// An endpoint reached its consecutive-failure threshold (outlier detection).
     Outlier {
         service: DataArc<str>,
         address: SocketAddr,
+    },
+    /// An operator marked an endpoint down (`true`) or up again (`false`).
+    MarkDown {
+        service: DataArc<str>,
+        address: SocketAddr,
+        down: bool,
     },
 }
 
@@ -136,11 +143,25 @@ impl ControlState {
                         }
                     }
                 }
+                Command::MarkDown {
+                    service,
+                    address,
+                    down,
+                } => {
+                    if let Some(sc) = self.services.get_mut(&service) {
+                        if sc.mark_down(address, down) && sc.mark() {
+                            dirty.push(sc.name.clone());
+                        }
+                    }
+                }
             }
         }
         let mut directory_changed = false;
         for service in changed {
-            match (sources.membership.membership(&service), self.services.get_mut(&service)) {
+            match (
+                sources.membership.membership(&service),
+                self.services.get_mut(&service),
+            ) {
                 (Some((version, endpoints)), Some(sc)) => {
                     if version > sc.membership_version {
                         sc.membership_version = version;
@@ -151,7 +172,8 @@ impl ControlState {
                     }
                 }
                 (Some((version, endpoints)), None) => {
-                    let mut sc = ServiceControl::new(service.clone(), cfg.strategy_for(&service), cfg.hash_slots);
+                    let mut sc =
+                        ServiceControl::new(service.clone(), cfg.strategy_for(&service), cfg.hash_slots);
                     sc.membership_version = version;
                     sc.endpoints = endpoints;
                     dirty.push(sc.name.clone());
@@ -211,7 +233,10 @@ impl ControlState {
         if self.stopped {
             return None;
         }
-        self.services.values().filter_map(ServiceControl::next_deadline).min()
+        self.services
+            .values()
+            .filter_map(ServiceControl::next_deadline)
+            .min()
     }
 
     /// Sends a publication to every subscriber (dropping the ones that hung up).
@@ -357,9 +382,11 @@ impl ControlPlane {
         if self.queue.is_closed() {
             return Err(Error::Stopped);
         }
-        let handle = thread::spawn(self.settings.config.control_plane.thread_name.clone(), run)
-            .map_err(|e| Error::ControlPlane {
-                message: e.to_string(),
+        let handle =
+            thread::spawn(self.settings.config.control_plane.thread_name.clone(), run).map_err(|e| {
+                Error::ControlPlane {
+                    message: e.to_string(),
+                }
             })?;
         *thread = Some(handle);
         // Release pairs with the Acquire in `is_running`.
@@ -428,7 +455,11 @@ impl ControlPlane {
     /// Counters of every service (live endpoints, plus removed ones folded together).
     pub(crate) fn counters(&self, sources: &Sources<'_>) -> Vec<ServiceCounters> {
         let mut state = self.state.lock();
-        let mut out: Vec<ServiceCounters> = state.services.values_mut().map(|sc| sc.counters(sources)).collect();
+        let mut out: Vec<ServiceCounters> = state
+            .services
+            .values_mut()
+            .map(|sc| sc.counters(sources))
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }

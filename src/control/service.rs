@@ -82,6 +82,8 @@ pub(super) struct ServiceControl {
     retired: CounterValues,
     /// Members failing their active checks (as of the last rebuild).
     unhealthy: HashSet<SocketAddr, ahash::RandomState>,
+    /// Members an operator marked down.
+    down: HashSet<SocketAddr, ahash::RandomState>,
     ejections: HashMap<SocketAddr, Ejection, ahash::RandomState>,
     /// Members in their slow-start ramp, with its start.
     ramps: HashMap<SocketAddr, Instant, ahash::RandomState>,
@@ -97,7 +99,10 @@ pub(super) struct ServiceControl {
 impl ServiceControl {
     pub(super) fn new(name: DataArc<str>, strategy: LoadBalancingStrategy, hash_slots: u32) -> Self {
         let table = ServiceTable::empty(name.clone(), 0, strategy, hash_slots, None);
-        let slot = DataArc::new(ServiceSlot::new(table, strategy == LoadBalancingStrategy::ConsistentHash));
+        let slot = DataArc::new(ServiceSlot::new(
+            table,
+            strategy == LoadBalancingStrategy::ConsistentHash,
+        ));
         Self {
             name,
             slot,
@@ -110,6 +115,7 @@ impl ServiceControl {
             retired_members: HashMap::default(),
             retired: CounterValues::default(),
             unhealthy: HashSet::default(),
+            down: HashSet::default(),
             ejections: HashMap::default(),
             ramps: HashMap::default(),
             ramp_tick: None,
@@ -125,7 +131,12 @@ impl ServiceControl {
     }
 
     /// Rebuilds and publishes this service's table.
-    pub(super) fn rebuild(&mut self, settings: &Settings, sources: &Sources<'_>, now: Instant) -> RoutingUpdate {
+    pub(super) fn rebuild(
+        &mut self,
+        settings: &Settings,
+        sources: &Sources<'_>,
+        now: Instant,
+    ) -> RoutingUpdate {
         let started = Instant::now();
         let strategy = settings.strategy_for(&self.name);
         let shards = crate::sync::shard_count();
@@ -147,13 +158,21 @@ impl ServiceControl {
                 Some(old) if old.endpoint() == endpoint => old,
                 Some(old) => {
                     self.retire(old, true);
-                    Arc::new(EndpointState::new(endpoint.clone(), shards, self.report(settings)))
+                    Arc::new(EndpointState::new(
+                        endpoint.clone(),
+                        shards,
+                        self.report(settings),
+                    ))
                 }
                 None => {
                     if self.built && !slow_start.window.is_zero() {
                         self.ramps.insert(endpoint.address, now);
                     }
-                    Arc::new(EndpointState::new(endpoint.clone(), shards, self.report(settings)))
+                    Arc::new(EndpointState::new(
+                        endpoint.clone(),
+                        shards,
+                        self.report(settings),
+                    ))
                 }
             };
             states.push(state);
@@ -172,7 +191,9 @@ impl ServiceControl {
             .iter()
             .map(|state| {
                 let address = state.address();
-                let health = if self.unhealthy.contains(&address) {
+                let health = if self.down.contains(&address) {
+                    MemberHealth::Down
+                } else if self.unhealthy.contains(&address) {
                     MemberHealth::Unhealthy
                 } else if self.ejections.get(&address).is_some_and(|e| e.until.is_some()) {
                     MemberHealth::Ejected
@@ -180,10 +201,9 @@ impl ServiceControl {
                     MemberHealth::Healthy
                 };
                 let weight = state.endpoint().weight();
-                let factor = self
-                    .ramps
-                    .get(&address)
-                    .map_or(1.0, |start| slow_start.factor(now.saturating_duration_since(*start)));
+                let factor = self.ramps.get(&address).map_or(1.0, |start| {
+                    slow_start.factor(now.saturating_duration_since(*start))
+                });
                 let effective = (f64::from(weight) * f64::from(scale) * factor).round().max(1.0) as u32;
                 Member {
                     state: state.clone(),
@@ -211,14 +231,22 @@ impl ServiceControl {
         }
         self.panic = panic;
 
-        let wants_ring = strategy == LoadBalancingStrategy::ConsistentHash || self.slot.hash_wanted.load(Ordering::Relaxed);
+        let wants_ring = strategy == LoadBalancingStrategy::ConsistentHash
+            || self.slot.hash_wanted.load(Ordering::Relaxed);
         let ring = wants_ring.then(|| self.ring.ring_for(&members, settings.hash_slots));
         self.table_version += 1;
         let update = RoutingUpdate {
             service: self.name.to_string(),
             version: self.table_version,
-            endpoints: members.iter().map(|m| (m.state.address(), m.health.into())).collect(),
-            routable: members.iter().filter(|m| m.routable).map(|m| m.state.address()).collect(),
+            endpoints: members
+                .iter()
+                .map(|m| (m.state.address(), m.health.into()))
+                .collect(),
+            routable: members
+                .iter()
+                .filter(|m| m.routable)
+                .map(|m| m.state.address())
+                .collect(),
             panic,
             removed: false,
         };
@@ -265,7 +293,8 @@ impl ServiceControl {
     /// slow-start ramp.
     fn refresh_health(&mut self, sources: &Sources<'_>, now: Instant, ramp: bool) {
         let Some(health) = sources.health else { return };
-        let unhealthy: HashSet<SocketAddr, ahash::RandomState> = health.unhealthy(&self.name).into_iter().collect();
+        let unhealthy: HashSet<SocketAddr, ahash::RandomState> =
+            health.unhealthy(&self.name).into_iter().collect();
         for recovered in self.unhealthy.difference(&unhealthy) {
             tracing::info!(service = %self.name, endpoint = %recovered, "endpoint healthy again");
             if ramp {
@@ -283,7 +312,8 @@ impl ServiceControl {
         if self.ramps.is_empty() {
             self.ramp_tick = None;
         } else if self.ramp_tick.is_none() {
-            let step = (settings.config.slow_start.window / 20).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            let step = (settings.config.slow_start.window / 20)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
             self.ramp_tick = Some(now + step);
         }
     }
@@ -295,6 +325,27 @@ impl ServiceControl {
         self.ejections.retain(|a, _| is_member(a));
         self.ramps.retain(|a, _| is_member(a));
         self.unhealthy.retain(|a| is_member(a));
+        self.down.retain(|a| is_member(a));
+    }
+
+    /// Marks `address` down (or up again). Returns whether anything changed.
+    pub(super) fn mark_down(&mut self, address: SocketAddr, down: bool) -> bool {
+        if self
+            .states
+            .binary_search_by(|s| s.address().cmp(&address))
+            .is_err()
+        {
+            return false;
+        }
+        let changed = if down {
+            self.down.insert(address)
+        } else {
+            self.down.remove(&address)
+        };
+        if changed {
+            tracing::info!(service = %self.name, endpoint = %address, down, "endpoint marked by operator");
+        }
+        changed
     }
 
     /// Ejects `address` after a run of failures, unless the ejection cap is reached. Returns
@@ -330,9 +381,13 @@ impl ServiceControl {
             changed: now,
         });
         let idle = now.saturating_duration_since(e.changed);
-        let decay = (idle.as_nanos() / od.base_ejection_time.as_nanos().max(1)).min(u128::from(u32::MAX)) as u32;
+        let decay =
+            (idle.as_nanos() / od.base_ejection_time.as_nanos().max(1)).min(u128::from(u32::MAX)) as u32;
         e.count = e.count.saturating_sub(decay) + 1;
-        let duration = od.base_ejection_time.saturating_mul(e.count).min(od.max_ejection_time);
+        let duration = od
+            .base_ejection_time
+            .saturating_mul(e.count)
+            .min(od.max_ejection_time);
         e.until = Some(now + duration);
         e.changed = now;
         tracing::warn!(
@@ -367,7 +422,8 @@ impl ServiceControl {
         }
         if self.ramp_tick.is_some_and(|t| t <= now) {
             let window = settings.config.slow_start.window;
-            self.ramps.retain(|_, start| now.saturating_duration_since(*start) < window);
+            self.ramps
+                .retain(|_, start| now.saturating_duration_since(*start) < window);
             self.ramp_tick = None;
             changed = true; // weights moved (or a ramp ended)
         }
@@ -415,9 +471,20 @@ impl ServiceControl {
     }
 
     /// Publishes a tombstone table.
-    pub(super) fn bury(&mut self, miss: Miss, strategy: LoadBalancingStrategy, hash_slots: u32) -> RoutingUpdate {
+    pub(super) fn bury(
+        &mut self,
+        miss: Miss,
+        strategy: LoadBalancingStrategy,
+        hash_slots: u32,
+    ) -> RoutingUpdate {
         self.table_version += 1;
-        let table = ServiceTable::empty(self.name.clone(), self.table_version, strategy, hash_slots, Some(miss));
+        let table = ServiceTable::empty(
+            self.name.clone(),
+            self.table_version,
+            strategy,
+            hash_slots,
+            Some(miss),
+        );
         self.slot.table.store(Arc::new(table));
         RoutingUpdate {
             service: self.name.to_string(),
@@ -434,10 +501,15 @@ impl ServiceControl {
         self.sweep();
         let table = self.slot.table.load();
         let mut removed = self.retired;
-        let mut earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState> = self.retired_members.clone();
+        let mut earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState> =
+            self.retired_members.clone();
         for s in &self.retiring {
             let address = s.address();
-            if self.states.binary_search_by(|m| m.address().cmp(&address)).is_ok() {
+            if self
+                .states
+                .binary_search_by(|m| m.address().cmp(&address))
+                .is_ok()
+            {
                 earlier.entry(address).or_default().add(&s.counters());
             } else {
                 removed.add(&s.counters());

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::HealthCheck;
-use crate::sync::DataArc;
 use crate::Error;
+use crate::sync::DataArc;
 
 // ===== active checks =====
 
@@ -351,7 +351,10 @@ impl HealthCheckConfig {
             ));
         }
         if self.jitter >= self.interval {
-            return Err(bad("health_check.jitter", "must be shorter than health_check.interval"));
+            return Err(bad(
+                "health_check.jitter",
+                "must be shorter than health_check.interval",
+            ));
         }
         if self.unhealthy_threshold == 0 {
             return Err(bad("health_check.unhealthy_threshold", "must be at least 1"));
@@ -375,7 +378,10 @@ impl HealthCheckConfig {
                     ));
                 }
                 if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(bad("health_check.check.path", "must not contain whitespace or control characters"));
+                    return Err(bad(
+                        "health_check.check.path",
+                        "must not contain whitespace or control characters",
+                    ));
                 }
                 if path.parse::<http_path::Path>().is_err() {
                     return Err(bad("health_check.check.path", "is not a valid request target"));
@@ -397,7 +403,10 @@ impl HealthCheckConfig {
             }
             HealthCheckKind::Grpc { service } => {
                 if service.chars().any(char::is_control) {
-                    return Err(bad("health_check.check.service", "must not contain control characters"));
+                    return Err(bad(
+                        "health_check.check.service",
+                        "must not contain control characters",
+                    ));
                 }
             }
             HealthCheckKind::Tcp | HealthCheckKind::Custom(_) => {}
@@ -427,10 +436,16 @@ impl OutlierDetectionConfig {
     /// Checks every field (prefix `outlier_detection.`).
     pub fn validate(&self) -> Result<(), Error> {
         if self.consecutive_failures == 0 {
-            return Err(bad("outlier_detection.consecutive_failures", "must be at least 1"));
+            return Err(bad(
+                "outlier_detection.consecutive_failures",
+                "must be at least 1",
+            ));
         }
         if self.base_ejection_time.is_zero() {
-            return Err(bad("outlier_detection.base_ejection_time", "must be greater than zero"));
+            return Err(bad(
+                "outlier_detection.base_ejection_time",
+                "must be greater than zero",
+            ));
         }
         if self.max_ejection_time < self.base_ejection_time {
             return Err(bad(
@@ -439,7 +454,10 @@ impl OutlierDetectionConfig {
             ));
         }
         if self.max_ejection_percent > 100 {
-            return Err(bad("outlier_detection.max_ejection_percent", "must be at most 100"));
+            return Err(bad(
+                "outlier_detection.max_ejection_percent",
+                "must be at most 100",
+            ));
         }
         Ok(())
     }
@@ -485,12 +503,21 @@ mod tests {
         assert_eq!(hc(|c| c.interval = Duration::ZERO), "health_check.interval");
         assert_eq!(hc(|c| c.timeout = c.interval), "health_check.timeout");
         assert_eq!(hc(|c| c.timeout = Duration::ZERO), "health_check.timeout");
-        assert_eq!(hc(|c| c.unhealthy_threshold = 0), "health_check.unhealthy_threshold");
+        assert_eq!(
+            hc(|c| c.unhealthy_threshold = 0),
+            "health_check.unhealthy_threshold"
+        );
         assert_eq!(hc(|c| c.healthy_threshold = 0), "health_check.healthy_threshold");
         assert_eq!(hc(|c| c.jitter = c.interval), "health_check.jitter");
         assert_eq!(hc(|c| c.max_concurrent = 0), "health_check.max_concurrent");
-        assert_eq!(hc(|c| c.check = HealthCheckKind::http("healthz")), "health_check.check.path");
-        assert_eq!(hc(|c| c.check = HealthCheckKind::http("/a b")), "health_check.check.path");
+        assert_eq!(
+            hc(|c| c.check = HealthCheckKind::http("healthz")),
+            "health_check.check.path"
+        );
+        assert_eq!(
+            hc(|c| c.check = HealthCheckKind::http("/a b")),
+            "health_check.check.path"
+        );
         assert_eq!(
             hc(|c| c.check = HealthCheckKind::Http {
                 path: "/".into(),
@@ -503,12 +530,22 @@ mod tests {
             consecutive_failures: 0,
             ..Default::default()
         };
-        assert!(o.validate().unwrap_err().to_string().contains("outlier_detection.consecutive_failures"));
+        assert!(
+            o.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("outlier_detection.consecutive_failures")
+        );
         let s = SlowStartConfig {
             aggression: 0.0,
             ..Default::default()
         };
-        assert!(s.validate().unwrap_err().to_string().contains("slow_start.aggression"));
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("slow_start.aggression")
+        );
     }
 
     #[test]
@@ -521,7 +558,10 @@ mod tests {
         assert_eq!(s.factor(Duration::ZERO), 0.1);
         assert!((s.factor(Duration::from_secs(5)) - 0.5).abs() < 1e-9);
         assert_eq!(s.factor(Duration::from_secs(10)), 1.0);
-        let fast = SlowStartConfig { aggression: 2.0, ..s.clone() };
+        let fast = SlowStartConfig {
+            aggression: 2.0,
+            ..s.clone()
+        };
         assert!(fast.factor(Duration::from_secs(5)) > 0.7);
         assert_eq!(SlowStartConfig::default().factor(Duration::ZERO), 1.0);
     }

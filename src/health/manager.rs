@@ -134,7 +134,8 @@ impl HealthCheckManager {
 
     /// Follows the registry from now on (learning every endpoint it holds).
     pub(crate) fn attach(&self) -> impl Future<Output = ()> + use<> {
-        let sink: DataWeak<dyn MembershipSink> = DataArc::downgrade(&self.inner) as DataWeak<dyn MembershipSink>;
+        let sink: DataWeak<dyn MembershipSink> =
+            DataArc::downgrade(&self.inner) as DataWeak<dyn MembershipSink>;
         self.inner.registry.attach(sink)
     }
 
@@ -204,7 +205,9 @@ impl HealthCheckManager {
     ///
     /// [`Error::UnknownService`], [`Error::UnknownEndpoint`].
     pub async fn is_healthy(&self, service: &str, endpoint: &Endpoint) -> Result<bool, Error> {
-        self.get_health_status(service, endpoint).await.map(|s| s.is_healthy())
+        self.get_health_status(service, endpoint)
+            .await
+            .map(|s| s.is_healthy())
     }
 
     /// The check status of `endpoint` of `service`.
@@ -214,7 +217,14 @@ impl HealthCheckManager {
     /// [`Error::UnknownService`], [`Error::UnknownEndpoint`].
     pub async fn get_health_status(&self, service: &str, endpoint: &Endpoint) -> Result<HealthStatus, Error> {
         self.inner.reconcile();
-        if let Some(target) = self.inner.state.lock().services.get(service).and_then(|t| t.get(&endpoint.address)) {
+        if let Some(target) = self
+            .inner
+            .state
+            .lock()
+            .services
+            .get(service)
+            .and_then(|t| t.get(&endpoint.address))
+        {
             return Ok(self.inner.status_of(target, Instant::now()));
         }
         // Not tracked (checks disabled, so the manager does not follow the registry): a
@@ -224,7 +234,10 @@ impl HealthCheckManager {
             .registry
             .membership(service)
             .ok_or_else(|| Error::unknown_service(service))?;
-        if endpoints.binary_search_by(|e| e.address.cmp(&endpoint.address)).is_err() {
+        if endpoints
+            .binary_search_by(|e| e.address.cmp(&endpoint.address))
+            .is_err()
+        {
             return Err(Error::UnknownEndpoint {
                 service: DataArc::from(crate::error::truncate(service)),
                 address: endpoint.address,
@@ -260,7 +273,8 @@ impl fmt::Debug for HealthCheckManager {
 impl Inner {
     fn status_of(&self, target: &Target, now: Instant) -> HealthStatus {
         let mut status = target.status.clone();
-        status.in_grace_period = now.saturating_duration_since(target.registered_at) < self.config.grace_period;
+        status.in_grace_period =
+            now.saturating_duration_since(target.registered_at) < self.config.grace_period;
         status
     }
 
@@ -284,14 +298,17 @@ impl Inner {
             let membership = self.registry.membership(&service);
             let now = Instant::now();
             let mut state = self.state.lock();
-            let State { services, next_id, .. } = &mut *state;
+            let State {
+                services, next_id, ..
+            } = &mut *state;
             match membership {
                 None => {
                     services.remove(&service);
                 }
                 Some((_, endpoints)) => {
                     let targets = services.entry(service.clone()).or_default();
-                    targets.retain(|address, _| endpoints.binary_search_by(|e| e.address.cmp(address)).is_ok());
+                    targets
+                        .retain(|address, _| endpoints.binary_search_by(|e| e.address.cmp(address)).is_ok());
                     for endpoint in endpoints.iter() {
                         match targets.get_mut(&endpoint.address) {
                             Some(target) => target.endpoint = endpoint.clone(),
@@ -351,17 +368,21 @@ impl Inner {
             let (due, next) = inner.take_due(Instant::now());
             for due in due {
                 let (inner, permits) = (inner.clone(), permits.clone());
-                let span = tracing::debug_span!("health_check", service = %due.service, endpoint = %due.endpoint);
+                let span =
+                    tracing::debug_span!("health_check", service = %due.service, endpoint = %due.endpoint);
                 probes.spawn(
                     async move {
-                        let Ok(_permit) = permits.acquire_owned().await else { return };
+                        let Ok(_permit) = permits.acquire_owned().await else {
+                            return;
+                        };
                         inner.probe(due).await;
                     }
                     .instrument(span),
                 );
             }
             while probes.try_join_next().is_some() {}
-            let sleep = tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + inner.config.interval));
+            let sleep =
+                tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + inner.config.interval));
             tokio::select! {
                 () = sleep => {}
                 () = inner.wake.notified() => {}
@@ -413,7 +434,9 @@ impl Inner {
             Ok(()) => {
                 status.consecutive_successes = status.consecutive_successes.saturating_add(1);
                 status.consecutive_failures = 0;
-                if status.state == HealthState::Unhealthy && status.consecutive_successes >= config.healthy_threshold {
+                if status.state == HealthState::Unhealthy
+                    && status.consecutive_successes >= config.healthy_threshold
+                {
                     status.state = HealthState::Healthy;
                 }
             }
@@ -423,7 +446,9 @@ impl Inner {
                 status.consecutive_successes = 0;
                 if !in_grace {
                     status.consecutive_failures = status.consecutive_failures.saturating_add(1);
-                    if status.state == HealthState::Healthy && status.consecutive_failures >= config.unhealthy_threshold {
+                    if status.state == HealthState::Healthy
+                        && status.consecutive_failures >= config.unhealthy_threshold
+                    {
                         status.state = HealthState::Unhealthy;
                     }
                 }

@@ -97,6 +97,7 @@ pub struct HealthStatus {
 }
 
 impl HealthStatus {
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     pub(crate) fn new() -> Self {
         Self {
             state: HealthState::Healthy,

@@ -18,7 +18,9 @@ pub(super) enum Probe {
         host: Option<String>,
     },
     #[cfg(feature = "grpc")]
-    Grpc { service: String },
+    Grpc {
+        service: String,
+    },
     Custom(DataArc<dyn HealthCheck>),
 }
 
@@ -66,7 +68,12 @@ impl Probe {
 }
 
 /// `GET path` over a fresh HTTP/1.1 connection (hyper's client connection API).
-async fn http(endpoint: &Endpoint, path: &str, expected: StatusRange, host: Option<&str>) -> Result<(), String> {
+async fn http(
+    endpoint: &Endpoint,
+    path: &str,
+    expected: StatusRange,
+    host: Option<&str>,
+) -> Result<(), String> {
     use http_body_util::Empty;
     use hyper::body::Bytes;
     use hyper_util::rt::TokioIo;

@@ -202,14 +202,24 @@ fn ringless_owner(table: &ServiceTable, h: u64) -> Option<usize> {
 #[must_use = "dropping a Pick ends the request it accounts for"]
 pub struct Pick {
     pin: Arc<Pin>,
+    version: u64,
 }
 
 impl Pick {
-    /// Takes a guarded pick of `pin`.
+    /// Takes a guarded pick of `pin` from table `version`.
     #[inline]
-    pub(crate) fn new(pin: &Arc<Pin>) -> Pick {
+    pub(crate) fn new(pin: &Arc<Pin>, version: u64) -> Pick {
         pin.acquire();
-        Pick { pin: pin.clone() }
+        Pick {
+            pin: pin.clone(),
+            version,
+        }
+    }
+
+    /// The version of the service's routing table this pick was made from (see
+    /// [`RoutingUpdate::version`](crate::RoutingUpdate::version)).
+    pub fn table_version(&self) -> u64 {
+        self.version
     }
 
     /// The endpoint's address.

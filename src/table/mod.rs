@@ -365,6 +365,8 @@ pub(crate) enum MemberHealth {
     Unhealthy,
     /// Ejected by outlier detection until the given time.
     Ejected,
+    /// Marked down by an operator.
+    Down,
 }
 
 impl Member {
