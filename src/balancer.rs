@@ -21,6 +21,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::affinity::{AffinityManager, AffinityRequest, validate_key};
 use crate::control::queue::Ack;
 use crate::control::{Command, ControlPlane, Settings, Sources};
 use crate::endpoint::Endpoint;
@@ -29,10 +30,11 @@ use crate::health::HealthCheckManager;
 use crate::pick::consistent::hash_key;
 use crate::pick::{Outcome, Pick, choose};
 use crate::registry::{MembershipSink, ServiceRegistry};
+use crate::stats::EndpointHealth;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc};
-use crate::table::{Directory, Miss, OutlierSink, Pin, ServiceSlot, ServiceTable};
+use crate::table::{Directory, MemberHealth, Miss, OutlierSink, Pin, ServiceSlot, ServiceTable};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
@@ -46,6 +48,11 @@ pub(crate) struct Shared {
     /// This balancer's active health checker.
     #[cfg(feature = "runtime")]
     pub(crate) health: HealthCheckManager,
+    /// Session-affinity bindings.
+    pub(crate) affinity: AffinityManager,
+    /// Topology events and key moves.
+    #[cfg(feature = "runtime")]
+    pub(crate) rebalancer: crate::rebalance::RebalanceManager,
 }
 
 impl MembershipSink for Shared {
@@ -86,8 +93,9 @@ impl Shared {
         registry: DataArc<ServiceRegistry>,
         config: LoadBalancerConfig,
         strategy: LoadBalancingStrategy,
-    ) -> DataArc<Self> {
-        DataArc::new_cyclic(|me: &DataWeak<Shared>| {
+    ) -> Result<DataArc<Self>, Error> {
+        let affinity = AffinityManager::new(config.affinity.clone())?;
+        Ok(DataArc::new_cyclic(|me: &DataWeak<Shared>| {
             let outlier_sink: DataWeak<dyn OutlierSink> = me.clone();
             #[cfg(feature = "runtime")]
             let health = HealthCheckManager::create(registry.clone(), config.health_check.clone());
@@ -97,8 +105,69 @@ impl Shared {
                 registry,
                 #[cfg(feature = "runtime")]
                 health,
+                affinity,
+                #[cfg(feature = "runtime")]
+                rebalancer: crate::rebalance::RebalanceManager::new(me.clone()),
             }
-        })
+        }))
+    }
+
+    /// The routable members of `service` now (healthy, not draining), with the table version.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn routable_set(
+        &self,
+        service: &str,
+    ) -> Result<(u64, std::collections::HashSet<SocketAddr>), Error> {
+        let directory = self.directory.load();
+        let slot = Self::slot_by_name(&directory, service)?;
+        let table = slot.table.load();
+        if let Some(miss) = table.miss {
+            return Err(miss_error(&table, miss));
+        }
+        let set = table
+            .members
+            .iter()
+            .filter(|m| {
+                m.health == MemberHealth::Healthy || (m.routable && m.health != MemberHealth::Draining)
+            })
+            .map(|m| m.state.address())
+            .collect();
+        Ok((table.version, set))
+    }
+
+    /// The endpoint `key` is bound to if that endpoint is still routable; otherwise the key's
+    /// consistent-hash owner, which becomes the new binding. Returns the chosen pin.
+    #[inline]
+    fn choose_with_affinity<'t>(
+        &self,
+        table: &'t ServiceTable,
+        slot: &ServiceSlot,
+        key: &str,
+    ) -> Result<&'t Arc<Pin>, Error> {
+        if let Some(bound) = self.affinity.lookup(&table.service, key) {
+            if let Ok(i) = table
+                .members
+                .binary_search_by(|m| m.state.address().cmp(&bound.address))
+            {
+                let member = &table.members[i];
+                // A draining endpoint keeps its sticky keys unless the strategy moves them at
+                // once (they then move in batches or on `rebalance_service`).
+                let sticky_draining = member.health == MemberHealth::Draining
+                    && self
+                        .control
+                        .settings()
+                        .config
+                        .rebalance
+                        .strategy
+                        .sticky_while_draining();
+                if member.routable || sticky_draining {
+                    return Ok(&table.local().members[i]);
+                }
+            }
+        }
+        let pin = self.choose(table, slot, Some(hash_key(key)))?;
+        self.affinity.insert(&table.service, key, pin.endpoint().clone());
+        Ok(pin)
     }
 
     /// What the control plane reads from.
@@ -289,7 +358,7 @@ impl IntegratedLoadBalancer {
         config: LoadBalancerConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
-        let shared = Shared::new(registry.clone(), config, strategy);
+        let shared = Shared::new(registry.clone(), config, strategy)?;
         #[cfg(feature = "runtime")]
         if shared.control.settings().config.health_check.enabled {
             // The checker learns the endpoints first, so the balancer's first tables can read
@@ -368,6 +437,71 @@ impl IntegratedLoadBalancer {
         key: impl AsRef<[u8]>,
     ) -> Result<Endpoint, Error> {
         self.select_with_hash(service, key)
+    }
+
+    /// The endpoint for session `key` of `service` (the seed API): the endpoint the key is
+    /// bound to while it stays routable; otherwise the key's consistent-hash owner, which then
+    /// becomes the binding (so balancers of a fleet agree on new keys without sharing state).
+    /// Bindings expire after `affinity.ttl` without use and are bounded by
+    /// `affinity.max_entries`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAffinityKey`] for an empty or over-long key; otherwise as
+    /// [`next_endpoint`](Self::next_endpoint).
+    pub async fn next_endpoint_with_affinity(&self, service: &str, key: &str) -> Result<Endpoint, Error> {
+        self.select_with_affinity(service, key)
+    }
+
+    /// As [`next_endpoint_with_affinity`](Self::next_endpoint_with_affinity), deriving the key
+    /// from `request` with the configured [`AffinityStrategy`](crate::AffinityStrategy).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAffinityKey`] when the request lacks what the strategy needs.
+    pub async fn next_endpoint_for_request(
+        &self,
+        service: &str,
+        request: &AffinityRequest<'_>,
+    ) -> Result<Endpoint, Error> {
+        let key = self.shared.affinity.config().strategy.key(request)?;
+        self.select_with_affinity(service, &key)
+    }
+
+    /// The synchronous, unguarded form of
+    /// [`next_endpoint_with_affinity`](Self::next_endpoint_with_affinity).
+    ///
+    /// # Errors
+    ///
+    /// As [`next_endpoint_with_affinity`](Self::next_endpoint_with_affinity).
+    pub fn select_with_affinity(&self, service: &str, key: &str) -> Result<Endpoint, Error> {
+        validate_key(key)?;
+        let directory = self.shared.directory.load();
+        let slot = Shared::slot_by_name(&directory, service)?;
+        let table = slot.table.load();
+        let pin = self.shared.choose_with_affinity(&table, slot, key)?;
+        pin.note_selection();
+        Ok(pin.endpoint().clone())
+    }
+
+    /// A guarded pick by session affinity (see
+    /// [`next_endpoint_with_affinity`](Self::next_endpoint_with_affinity)).
+    ///
+    /// # Errors
+    ///
+    /// As [`next_endpoint_with_affinity`](Self::next_endpoint_with_affinity).
+    pub fn pick_with_affinity(&self, service: &str, key: &str) -> Result<Pick, Error> {
+        validate_key(key)?;
+        let directory = self.shared.directory.load();
+        let slot = Shared::slot_by_name(&directory, service)?;
+        let table = slot.table.load();
+        let pin = self.shared.choose_with_affinity(&table, slot, key)?;
+        Ok(Pick::new(pin, table.version))
+    }
+
+    /// This balancer's session-affinity table.
+    pub fn affinity(&self) -> &AffinityManager {
+        &self.shared.affinity
     }
 
     /// A guarded pick: the endpoint with one request in flight until the [`Pick`] is dropped.
@@ -511,6 +645,206 @@ impl IntegratedLoadBalancer {
             .help(&self.shared.sources(), &self.shared.directory);
         ack.await;
         Ok(())
+    }
+
+    /// Routes `service` by a primary/backup order: every pick (without a hash key) goes to
+    /// the first healthy endpoint of `primary, backups...`, so the primary takes all traffic
+    /// until it fails, then the first healthy backup, and the primary again once it recovers.
+    /// Endpoints of the group that are not registered are skipped. Returns once picks follow
+    /// the group.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidFailoverGroup`] (a backup equal to the primary, or repeated),
+    /// [`Error::UnknownService`], [`Error::Stopped`].
+    pub async fn set_failover_group(
+        &self,
+        service: &str,
+        primary: Endpoint,
+        backups: Vec<Endpoint>,
+    ) -> Result<(), Error> {
+        let chain = crate::failover::failover_chain(primary, backups)?;
+        let order = chain.iter().map(|e| e.address).collect();
+        self.command_for(service, |service| Command::Failover {
+            service,
+            order: Some(order),
+        })
+        .await
+    }
+
+    /// Removes the failover group of `service`: picks follow the strategy again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`], [`Error::Stopped`].
+    pub async fn clear_failover_group(&self, service: &str) -> Result<(), Error> {
+        self.command_for(service, |service| Command::Failover { service, order: None })
+            .await
+    }
+
+    /// How `address` of `service` is routed now (`None` if it is not a member).
+    pub fn endpoint_health(&self, service: &str, address: SocketAddr) -> Option<EndpointHealth> {
+        let directory = self.shared.directory.load();
+        let slot = Shared::slot_by_name(&directory, service).ok()?;
+        let table = slot.table.load();
+        let i = table
+            .members
+            .binary_search_by(|m| m.state.address().cmp(&address))
+            .ok()?;
+        Some(table.members[i].health.into())
+    }
+
+    /// Drains `endpoint` of `service` (for a rolling deploy): it gets no new picks from the
+    /// moment this is called (read-your-writes), requests in flight complete, and its
+    /// affinity keys move off by the rebalance strategy. Returns once its in-flight count is
+    /// 0 or the strategy's drain timeout expired. The endpoint stays registered and draining
+    /// (deregister it, or [`undrain`](Self::undrain) it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`], [`Error::Stopped`].
+    #[cfg(feature = "runtime")]
+    pub async fn drain(&self, service: &str, endpoint: &Endpoint) -> Result<crate::DrainReport, Error> {
+        use crate::rebalance::{RebalanceEvent, RebalanceStrategy, RebalanceTrigger, ReleasedEndpoint};
+
+        let started = tokio::time::Instant::now();
+        let address = endpoint.address;
+        let name = self.member_name(service, address)?;
+        let in_flight_at_start = self.in_flight_of(&name, address);
+        self.set_draining(service, endpoint, true).await?;
+        let strategy = self.shared.control.settings().config.rebalance.strategy.clone();
+        let timeout = strategy.drain_timeout();
+        let mut moved = match strategy {
+            RebalanceStrategy::Immediate => self.shared.affinity.unbind(&name, address, usize::MAX),
+            _ => 0,
+        };
+        let mut next_batch = started;
+        loop {
+            let now = tokio::time::Instant::now();
+            if let RebalanceStrategy::Gradual {
+                batch_size,
+                batch_interval,
+                ..
+            } = &strategy
+            {
+                if now >= next_batch {
+                    let batch = self.shared.affinity.unbind(&name, address, *batch_size);
+                    moved += batch;
+                    next_batch = now + *batch_interval;
+                    if batch > 0 {
+                        let mut event = RebalanceEvent::new(&*name, RebalanceTrigger::Drain, 0);
+                        event.affinity_keys_moved = batch;
+                        event.affinity_keys_pending = self.shared.affinity.count_bound(&name, address);
+                        self.shared.rebalancer.publish(&event);
+                    }
+                }
+            }
+            let in_flight = self.in_flight_of(&name, address);
+            let keys_left = matches!(strategy, RebalanceStrategy::Gradual { .. })
+                && self.shared.affinity.count_bound(&name, address) > 0;
+            let timed_out = now.duration_since(started) >= timeout;
+            if (in_flight == 0 && !keys_left) || timed_out {
+                let report = crate::DrainReport {
+                    address,
+                    in_flight_at_start,
+                    in_flight_at_end: in_flight,
+                    timed_out: timed_out && (in_flight > 0 || keys_left),
+                    affinity_keys_moved: moved,
+                    elapsed: now.duration_since(started),
+                };
+                let mut event = RebalanceEvent::new(&*name, RebalanceTrigger::Drain, 0);
+                event.released.push(ReleasedEndpoint {
+                    address,
+                    in_flight_abandoned: in_flight,
+                    timed_out: report.timed_out,
+                });
+                event.affinity_keys_moved = moved;
+                self.shared.rebalancer.publish(&event);
+                tracing::info!(
+                    service,
+                    endpoint = %address,
+                    in_flight_at_start,
+                    in_flight_at_end = in_flight,
+                    timed_out = report.timed_out,
+                    keys_moved = moved,
+                    "drain finished"
+                );
+                return Ok(report);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Ends a drain: the endpoint routes by its health again.
+    ///
+    /// # Errors
+    ///
+    /// As [`drain`](Self::drain).
+    pub async fn undrain(&self, service: &str, endpoint: &Endpoint) -> Result<(), Error> {
+        self.set_draining(service, endpoint, false).await
+    }
+
+    async fn set_draining(&self, service: &str, endpoint: &Endpoint, draining: bool) -> Result<(), Error> {
+        let address = endpoint.address;
+        self.member_name(service, address)?;
+        self.command_for(service, |service| Command::Drain {
+            service,
+            address,
+            draining,
+        })
+        .await
+    }
+
+    /// The service's interned name, checking `address` is a member.
+    fn member_name(&self, service: &str, address: SocketAddr) -> Result<DataArc<str>, Error> {
+        let directory = self.shared.directory.load();
+        let slot = Shared::slot_by_name(&directory, service)?;
+        Shared::member(slot, address)?;
+        Ok(slot.table.load().service.clone())
+    }
+
+    #[cfg(feature = "runtime")]
+    fn in_flight_of(&self, service: &str, address: SocketAddr) -> u64 {
+        self.in_flight(service, address).unwrap_or(0)
+    }
+
+    /// Requests in flight on `address` of `service` now, over all threads (`None` if it is
+    /// not a member). Read with `Acquire`: when it returns 0, everything those requests
+    /// recorded (outcomes, latencies) is visible.
+    pub fn in_flight(&self, service: &str, address: SocketAddr) -> Option<u64> {
+        let directory = self.shared.directory.load();
+        let slot = Shared::slot_by_name(&directory, service).ok()?;
+        let table = slot.table.load();
+        let i = table
+            .members
+            .binary_search_by(|m| m.state.address().cmp(&address))
+            .ok()?;
+        Some(table.members[i].state.counters().in_flight)
+    }
+
+    /// Queues a command for `service` and waits until it is published.
+    async fn command_for(
+        &self,
+        service: &str,
+        make: impl FnOnce(DataArc<str>) -> Command,
+    ) -> Result<(), Error> {
+        let name = {
+            let directory = self.shared.directory.load();
+            let slot = Shared::slot_by_name(&directory, service)?;
+            slot.table.load().service.clone()
+        };
+        let ack = self.shared.control.submit(make(name));
+        self.shared
+            .control
+            .help(&self.shared.sources(), &self.shared.directory);
+        ack.await;
+        Ok(())
+    }
+
+    /// This balancer's rebalancer: topology events, key moves, `rebalance_service`.
+    #[cfg(feature = "runtime")]
+    pub fn rebalancer(&self) -> &crate::RebalanceManager {
+        &self.shared.rebalancer
     }
 
     /// Whether `service` is in panic mode: fewer than `panic_threshold_percent` of its

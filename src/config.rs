@@ -13,7 +13,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::affinity::AffinityConfig;
 use crate::health::config::{HealthCheckConfig, OutlierDetectionConfig, SlowStartConfig};
+use crate::rebalance::RebalanceConfig;
 use crate::registry::validate_service_name;
 use crate::{Error, LoadBalancingStrategy};
 
@@ -49,6 +51,10 @@ pub struct LoadBalancerConfig {
     pub outlier_detection: OutlierDetectionConfig,
     /// Traffic ramp for endpoints that join or recover (off by default).
     pub slow_start: SlowStartConfig,
+    /// Session affinity for `next_endpoint_with_affinity` (TTL and size of the table).
+    pub affinity: AffinityConfig,
+    /// How affinity keys move on topology changes and how long drains wait.
+    pub rebalance: RebalanceConfig,
     /// When fewer than this percentage of a service's endpoints are healthy, picks go to all
     /// of them regardless of health (Envoy's panic mode; default 50, 0 disables it: then a
     /// service with no healthy endpoint answers [`Error::NoHealthyEndpoints`]).
@@ -68,6 +74,8 @@ impl Default for LoadBalancerConfig {
             health_check: HealthCheckConfig::default(),
             outlier_detection: OutlierDetectionConfig::default(),
             slow_start: SlowStartConfig::default(),
+            affinity: AffinityConfig::default(),
+            rebalance: RebalanceConfig::default(),
             panic_threshold_percent: 50,
             consistent_hash: ConsistentHashConfig::default(),
             control_plane: ControlPlaneConfig::default(),
@@ -143,6 +151,8 @@ impl LoadBalancerConfig {
         }
         self.outlier_detection.validate()?;
         self.slow_start.validate()?;
+        self.affinity.validate()?;
+        self.rebalance.validate()?;
         if self.panic_threshold_percent > 100 {
             return Err(Error::invalid_config(
                 "panic_threshold_percent",

@@ -118,6 +118,37 @@ pub enum Error {
         address: SocketAddr,
     },
 
+    /// A session-affinity key is missing, empty or too long.
+    #[error("invalid affinity key: {reason}")]
+    InvalidAffinityKey {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A failover group is malformed (a backup equal to the primary, a repeated backup, ...).
+    #[error("invalid failover group: {reason}")]
+    InvalidFailoverGroup {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// `failover` was called while failover is disabled (`FailoverConfig::enabled` is off).
+    #[error("failover is disabled (service `{service}`)")]
+    FailoverDisabled {
+        /// The group's service.
+        service: DataArc<str>,
+    },
+
+    /// No failover is left: `max_attempts` were used since the last reset, or no healthy
+    /// backup remains after the failed endpoint.
+    #[error("failover exhausted for service `{service}` after {attempts} attempts")]
+    FailoverExhausted {
+        /// The group's service.
+        service: DataArc<str>,
+        /// Failovers used since the last reset.
+        attempts: u32,
+    },
+
     /// A configuration value is out of range or inconsistent.
     #[error("invalid configuration: `{field}`: {reason}")]
     InvalidConfig {

@@ -17,19 +17,26 @@
 #[cfg(all(tai_loadbalancer_loom, not(feature = "loom")))]
 compile_error!("`--cfg tai_loadbalancer_loom` needs `--features loom` (see loom-tests/README.md)");
 
+mod affinity;
 mod balancer;
 mod config;
 mod control;
 pub mod docs;
 mod endpoint;
 mod error;
+mod failover;
 mod health;
 mod pick;
+mod rebalance;
 mod registry;
 mod stats;
 mod sync;
 mod table;
 
+pub use affinity::{
+    AffinityConfig, AffinityManager, AffinityRequest, AffinityStats, AffinityStrategy, MAX_AFFINITY_ENTRIES,
+    MAX_AFFINITY_KEY_LEN, cookie_value,
+};
 pub use balancer::{IntegratedLoadBalancer, RoutingUpdates, ServiceHandle};
 pub use config::{
     ConsistentHashConfig, ControlPlaneConfig, LoadBalancerConfig, MAX_HASH_SLOTS, MIN_HASH_SLOTS,
@@ -37,6 +44,7 @@ pub use config::{
 };
 pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
 pub use error::Error;
+pub use failover::{FailoverConfig, FailoverManager, FailoverStats};
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;
 pub use health::config::{
@@ -46,6 +54,12 @@ pub use health::{HealthCheck, HealthState, HealthStatus};
 pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;
 pub use pick::{LoadBalancingStrategy, Outcome, Pick};
+pub use rebalance::{
+    DEFAULT_DRAIN_TIMEOUT, DrainReport, RebalanceConfig, RebalanceEvent, RebalanceStrategy, RebalanceTrigger,
+    ReleasedEndpoint,
+};
+#[cfg(feature = "runtime")]
+pub use rebalance::{RebalanceEvents, RebalanceManager};
 pub use registry::{MAX_SERVICE_NAME_LEN, ServiceRegistry};
 pub use stats::{EndpointHealth, EndpointMetrics, LoadBalancerMetrics, RoutingUpdate, ServiceMetrics};
 
@@ -64,5 +78,6 @@ mod loom_hooks;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod __fuzz {
+    pub use crate::affinity::FuzzAffinity as Affinity;
     pub use crate::pick::consistent::FuzzRing as Ring;
 }

@@ -219,6 +219,9 @@ pub enum EndpointHealth {
     Ejected,
     /// Marked down by an operator ([`IntegratedLoadBalancer::mark_down`](crate::IntegratedLoadBalancer::mark_down)).
     Down,
+    /// Being drained ([`IntegratedLoadBalancer::drain`](crate::IntegratedLoadBalancer::drain)):
+    /// no new picks, requests in flight finish.
+    Draining,
 }
 
 impl From<MemberHealth> for EndpointHealth {
@@ -228,6 +231,7 @@ impl From<MemberHealth> for EndpointHealth {
             MemberHealth::Unhealthy => Self::Unhealthy,
             MemberHealth::Ejected => Self::Ejected,
             MemberHealth::Down => Self::Down,
+            MemberHealth::Draining => Self::Draining,
         }
     }
 }

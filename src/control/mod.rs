@@ -73,6 +73,17 @@ pub(crate) enum Command {
         address: SocketAddr,
         down: bool,
     },
+    /// Start (`true`) or stop draining an endpoint: no new picks, requests in flight finish.
+    Drain {
+        service: DataArc<str>,
+        address: SocketAddr,
+        draining: bool,
+    },
+    /// Route the service to the first healthy endpoint of this order (`None`: by strategy).
+    Failover {
+        service: DataArc<str>,
+        order: Option<Vec<SocketAddr>>,
+    },
 }
 
 /// Where the control plane reads memberships from (the registry; a trait so the control
@@ -91,6 +102,23 @@ pub(crate) trait HealthSource: Send + Sync {
     fn status(&self, service: &str, address: SocketAddr) -> Option<HealthStatus>;
 }
 
+/// What the control plane tells its subscribers.
+#[derive(Clone, Debug)]
+pub(crate) enum ControlEvent {
+    /// A table was published.
+    Published(RoutingUpdate),
+    /// A removed endpoint's requests are finished (or abandoned at the drain timeout).
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    Released {
+        service: String,
+        released: crate::rebalance::ReleasedEndpoint,
+    },
+}
+
+/// A subscriber: called for each event on the control plane's thread; must not block.
+/// Returns `false` to unsubscribe.
+pub(crate) type Watcher = Box<dyn FnMut(&ControlEvent) -> bool + Send>;
+
 /// What a control step reads from.
 #[derive(Clone, Copy)]
 pub(crate) struct Sources<'a> {
@@ -103,7 +131,7 @@ pub(crate) struct Sources<'a> {
 /// Everything the control plane knows; guarded by [`ControlPlane`]'s state lock.
 struct ControlState {
     services: HashMap<DataArc<str>, ServiceControl, ahash::RandomState>,
-    watchers: Vec<mpsc::Sender<RoutingUpdate>>,
+    watchers: Vec<Watcher>,
     stopped: bool,
 }
 
@@ -150,6 +178,25 @@ impl ControlState {
                 } => {
                     if let Some(sc) = self.services.get_mut(&service) {
                         if sc.mark_down(address, down) && sc.mark() {
+                            dirty.push(sc.name.clone());
+                        }
+                    }
+                }
+                Command::Drain {
+                    service,
+                    address,
+                    draining,
+                } => {
+                    if let Some(sc) = self.services.get_mut(&service) {
+                        if sc.set_draining(address, draining) && sc.mark() {
+                            dirty.push(sc.name.clone());
+                        }
+                    }
+                }
+                Command::Failover { service, order } => {
+                    if let Some(sc) = self.services.get_mut(&service) {
+                        sc.failover_order = order;
+                        if sc.mark() {
                             dirty.push(sc.name.clone());
                         }
                     }
@@ -207,10 +254,17 @@ impl ControlState {
                 }
             }
         }
+        let drain_timeout = cfg.config.rebalance.strategy.drain_timeout();
+        let mut released = Vec::new();
         for sc in self.services.values_mut() {
             if !sc.retiring.is_empty() {
-                sc.sweep();
+                for r in sc.sweep(now, drain_timeout) {
+                    released.push((sc.name.to_string(), r));
+                }
             }
+        }
+        for (service, released) in released {
+            self.tell(ControlEvent::Released { service, released });
         }
     }
 
@@ -220,31 +274,37 @@ impl ControlState {
             return;
         }
         let now = Instant::now();
+        let drain_timeout = cfg.config.rebalance.strategy.drain_timeout();
         let mut dirty = Vec::new();
         for sc in self.services.values_mut() {
-            if sc.next_deadline().is_some_and(|d| d <= now) && sc.tick(cfg, now) && sc.mark() {
+            if sc.next_deadline(drain_timeout).is_some_and(|d| d <= now) && sc.tick(cfg, now) && sc.mark() {
                 dirty.push(sc.name.clone());
             }
         }
+        // Rebuilding also sweeps retired generations (and releases timed-out drains).
         self.rebuild(dirty, cfg, sources, now);
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self, cfg: &Settings) -> Option<Instant> {
         if self.stopped {
             return None;
         }
+        let drain_timeout = cfg.config.rebalance.strategy.drain_timeout();
         self.services
             .values()
-            .filter_map(ServiceControl::next_deadline)
+            .filter_map(|sc| sc.next_deadline(drain_timeout))
             .min()
     }
 
     /// Sends a publication to every subscriber (dropping the ones that hung up).
     fn announce(&mut self, update: RoutingUpdate) {
-        if self.watchers.is_empty() {
-            return;
+        self.tell(ControlEvent::Published(update));
+    }
+
+    fn tell(&mut self, event: ControlEvent) {
+        if !self.watchers.is_empty() {
+            self.watchers.retain_mut(|w| w(&event));
         }
-        self.watchers.retain(|w| w.send(update.clone()).is_ok());
     }
 
     fn publish_directory(&self, directory: &SnapshotCell<Directory>) {
@@ -398,7 +458,7 @@ impl ControlPlane {
     pub(crate) fn run(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) {
         tracing::debug!("control plane thread started");
         loop {
-            let deadline = self.state.lock().next_deadline();
+            let deadline = self.state.lock().next_deadline(&self.settings);
             if !self.queue.wait_pending_until(deadline) {
                 break;
             }
@@ -445,11 +505,19 @@ impl ControlPlane {
     /// Subscribes to table publications.
     pub(crate) fn watch(&self) -> mpsc::Receiver<RoutingUpdate> {
         let (tx, rx) = mpsc::channel();
+        self.subscribe(Box::new(move |event: &ControlEvent| match event {
+            ControlEvent::Published(update) => tx.send(update.clone()).is_ok(),
+            ControlEvent::Released { .. } => true,
+        }));
+        rx
+    }
+
+    /// Calls `watcher` for every event from now on (on the control plane's thread).
+    pub(crate) fn subscribe(&self, watcher: Watcher) {
         let mut state = self.state.lock();
         if !state.stopped {
-            state.watchers.push(tx);
+            state.watchers.push(watcher);
         }
-        rx
     }
 
     /// Counters of every service (live endpoints, plus removed ones folded together).

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::{Settings, Sources};
 use crate::endpoint::Endpoint;
+use crate::rebalance::ReleasedEndpoint;
 use crate::stats::{EndpointHealth, RoutingUpdate};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
@@ -27,6 +28,14 @@ use crate::table::{
     CounterValues, EndpointState, Member, MemberHealth, Miss, OutlierReport, ServiceSlot, ServiceTable,
 };
 use crate::{HealthStatus, LoadBalancingStrategy};
+
+/// A retired endpoint generation waiting for its guards.
+pub(super) struct Retiring {
+    state: Arc<EndpointState>,
+    since: Instant,
+    /// The address left the service (not just a metadata change): its release is reported.
+    departed: bool,
+}
 
 /// Outlier-detection history of one address.
 #[derive(Clone, Copy, Debug)]
@@ -74,8 +83,9 @@ pub(super) struct ServiceControl {
     states: Vec<Arc<EndpointState>>,
     ring: RingCache,
     table_version: u64,
-    /// Retired generations still referenced by an old table or a guard.
-    pub(super) retiring: Vec<Arc<EndpointState>>,
+    /// Retired generations still referenced by an old table or a guard, with when they
+    /// retired and whether their address left the service.
+    pub(super) retiring: Vec<Retiring>,
     /// Final counters of dropped generations whose address is still a member.
     retired_members: HashMap<SocketAddr, CounterValues, ahash::RandomState>,
     /// Final counters of dropped generations of addresses no longer members.
@@ -84,6 +94,10 @@ pub(super) struct ServiceControl {
     unhealthy: HashSet<SocketAddr, ahash::RandomState>,
     /// Members an operator marked down.
     down: HashSet<SocketAddr, ahash::RandomState>,
+    /// Members being drained.
+    draining: HashSet<SocketAddr, ahash::RandomState>,
+    /// Primary/backup order routing the service, if set.
+    pub(super) failover_order: Option<Vec<SocketAddr>>,
     ejections: HashMap<SocketAddr, Ejection, ahash::RandomState>,
     /// Members in their slow-start ramp, with its start.
     ramps: HashMap<SocketAddr, Instant, ahash::RandomState>,
@@ -116,6 +130,8 @@ impl ServiceControl {
             retired: CounterValues::default(),
             unhealthy: HashSet::default(),
             down: HashSet::default(),
+            draining: HashSet::default(),
+            failover_order: None,
             ejections: HashMap::default(),
             ramps: HashMap::default(),
             ramp_tick: None,
@@ -191,7 +207,9 @@ impl ServiceControl {
             .iter()
             .map(|state| {
                 let address = state.address();
-                let health = if self.down.contains(&address) {
+                let health = if self.draining.contains(&address) {
+                    MemberHealth::Draining
+                } else if self.down.contains(&address) {
                     MemberHealth::Down
                 } else if self.unhealthy.contains(&address) {
                     MemberHealth::Unhealthy
@@ -250,6 +268,13 @@ impl ServiceControl {
             panic,
             removed: false,
         };
+        let failover = self.failover_order.as_ref().map(|order| {
+            order
+                .iter()
+                .filter_map(|a| members.binary_search_by(|m| m.state.address().cmp(a)).ok())
+                .map(|i| i as u32)
+                .collect()
+        });
         let table = build(TableInput {
             service: self.name.clone(),
             version: self.table_version,
@@ -260,6 +285,7 @@ impl ServiceControl {
             ring,
             shards,
             panic,
+            failover,
         });
         let (total, routable) = (table.members.len(), table.routable_len());
         self.slot.table.store(Arc::new(table));
@@ -326,6 +352,27 @@ impl ServiceControl {
         self.ramps.retain(|a, _| is_member(a));
         self.unhealthy.retain(|a| is_member(a));
         self.down.retain(|a| is_member(a));
+        self.draining.retain(|a| is_member(a));
+    }
+
+    /// Starts or stops draining `address`. Returns whether anything changed.
+    pub(super) fn set_draining(&mut self, address: SocketAddr, draining: bool) -> bool {
+        if self
+            .states
+            .binary_search_by(|s| s.address().cmp(&address))
+            .is_err()
+        {
+            return false;
+        }
+        let changed = if draining {
+            self.draining.insert(address)
+        } else {
+            self.draining.remove(&address)
+        };
+        if changed {
+            tracing::info!(service = %self.name, endpoint = %address, draining, "endpoint drain");
+        }
+        changed
     }
 
     /// Marks `address` down (or up again). Returns whether anything changed.
@@ -404,7 +451,12 @@ impl ServiceControl {
     /// Runs the timers due at `now`: ends ejections and advances ramps. Returns whether the
     /// table must be rebuilt.
     pub(super) fn tick(&mut self, settings: &Settings, now: Instant) -> bool {
-        let mut changed = false;
+        let drain_timeout = settings.config.rebalance.strategy.drain_timeout();
+        // A departed endpoint past its drain timeout is released by the sweep a rebuild runs.
+        let mut changed = self
+            .retiring
+            .iter()
+            .any(|r| r.departed && now.saturating_duration_since(r.since) >= drain_timeout);
         let ramp = !settings.config.slow_start.window.is_zero();
         for (address, e) in &mut self.ejections {
             if e.until.is_some_and(|until| until <= now) {
@@ -431,13 +483,17 @@ impl ServiceControl {
         changed
     }
 
-    /// When this service next needs [`tick`](Self::tick).
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
+    /// When this service next needs [`tick`](Self::tick) (or a sweep, for departed
+    /// endpoints still in use, given `drain_timeout`).
+    pub(super) fn next_deadline(&self, drain_timeout: Duration) -> Option<Instant> {
         let ejection = self.ejections.values().filter_map(|e| e.until).min();
-        match (ejection, self.ramp_tick) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let release = self
+            .retiring
+            .iter()
+            .filter(|r| r.departed)
+            .filter_map(|r| r.since.checked_add(drain_timeout))
+            .min();
+        [ejection, self.ramp_tick, release].into_iter().flatten().min()
     }
 
     /// Retires a generation. `stays` tells whether its address remains a member.
@@ -447,27 +503,45 @@ impl ServiceControl {
                 self.retired.add(&c);
             }
         }
-        self.retiring.push(state);
+        self.retiring.push(Retiring {
+            state,
+            since: Instant::now(),
+            departed: !stays,
+        });
     }
 
-    /// Folds retired generations that nothing refers to any more into the retired totals.
-    pub(super) fn sweep(&mut self) {
+    /// Folds retired generations that nothing refers to any more into the retired totals,
+    /// and releases departed ones still in use after `drain_timeout` (their late counter
+    /// updates are then lost). Returns the releases of departed endpoints.
+    pub(super) fn sweep(&mut self, now: Instant, drain_timeout: Duration) -> Vec<ReleasedEndpoint> {
         let members = &self.states;
         let retired_members = &mut self.retired_members;
         let retired = &mut self.retired;
-        self.retiring.retain(|s| {
-            if EndpointState::is_referenced(s) {
+        let mut released = Vec::new();
+        self.retiring.retain(|r| {
+            let referenced = EndpointState::is_referenced(&r.state);
+            let timed_out =
+                referenced && r.departed && now.saturating_duration_since(r.since) >= drain_timeout;
+            if referenced && !timed_out {
                 return true;
             }
-            let counters = s.counters();
-            let address = s.address();
+            let counters = r.state.counters();
+            let address = r.state.address();
             if members.binary_search_by(|m| m.address().cmp(&address)).is_ok() {
                 retired_members.entry(address).or_default().add(&counters);
             } else {
                 retired.add(&counters);
             }
+            if r.departed {
+                released.push(ReleasedEndpoint {
+                    address,
+                    in_flight_abandoned: if timed_out { counters.in_flight } else { 0 },
+                    timed_out,
+                });
+            }
             false
         });
+        released
     }
 
     /// Publishes a tombstone table.
@@ -498,21 +572,20 @@ impl ServiceControl {
 
     /// Counters of the service (live endpoints one by one, removed ones folded together).
     pub(super) fn counters(&mut self, sources: &Sources<'_>) -> ServiceCounters {
-        self.sweep();
         let table = self.slot.table.load();
         let mut removed = self.retired;
         let mut earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState> =
             self.retired_members.clone();
-        for s in &self.retiring {
-            let address = s.address();
+        for r in &self.retiring {
+            let address = r.state.address();
             if self
                 .states
                 .binary_search_by(|m| m.address().cmp(&address))
                 .is_ok()
             {
-                earlier.entry(address).or_default().add(&s.counters());
+                earlier.entry(address).or_default().add(&r.state.counters());
             } else {
-                removed.add(&s.counters());
+                removed.add(&r.state.counters());
             }
         }
         // `states` and a live table's `members` are built in the same (address) order; a

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoint::Endpoint;
 use crate::sync::Arc;
-use crate::table::{Member, Miss, Pin, ServiceSlot, ServiceTable};
+use crate::table::{Member, MemberHealth, Miss, Pin, ServiceSlot, ServiceTable};
 use consistent::{FALLBACK_PROBES, owner_without_ring, probe_hash, reduce};
 
 /// How a service's requests are spread over its endpoints.
@@ -107,6 +107,11 @@ pub(crate) fn choose<'t>(
     if let Some(h) = hash {
         return Ok(by_hash(table, h));
     }
+    if let Some(order) = &table.failover {
+        if let Some(pin) = by_order(table, order) {
+            return Ok(pin);
+        }
+    }
     let index = match table.strategy {
         LoadBalancingStrategy::RoundRobin => round_robin::index(slot.next_ticket(), n),
         LoadBalancingStrategy::Weighted => match &table.schedule {
@@ -117,6 +122,18 @@ pub(crate) fn choose<'t>(
         LoadBalancingStrategy::LeastConnections => p2c::index(routable, table.routable_weights.as_deref()),
     };
     Ok(&routable[index])
+}
+
+/// Primary/backup pick: the first healthy member of `order`; if none is healthy (panic), the
+/// first routable one; `None` if the order holds no routable member.
+#[inline]
+fn by_order<'t>(table: &'t ServiceTable, order: &[u32]) -> Option<&'t Arc<Pin>> {
+    let members = &table.members;
+    let view = table.local();
+    let first = |ok: &dyn Fn(&Member) -> bool| order.iter().map(|&i| i as usize).find(|&i| ok(&members[i]));
+    first(&|m| m.health == MemberHealth::Healthy)
+        .or_else(|| first(&|m| m.routable))
+        .map(|i| &view.members[i])
 }
 
 /// Consistent-hash pick with the deterministic health fallback (see

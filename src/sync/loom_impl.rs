@@ -134,7 +134,7 @@ impl<T> fmt::Debug for Snap<T> {
 
 /// Unbounded channels, from std (event subscriptions are not part of the models).
 pub(crate) mod mpsc {
-    pub(crate) use std::sync::mpsc::{Receiver, Sender, channel};
+    pub(crate) use std::sync::mpsc::{Receiver, channel};
 }
 
 /// Threads for the control plane, from loom.

@@ -39,4 +39,55 @@ mod loom_impl;
 pub(crate) use loom_impl::*;
 
 pub(crate) use crossbeam_utils::CachePadded;
+
+/// Time for expiring things (affinity entries): milliseconds on a monotonic clock.
+pub(crate) mod clock {
+    use super::DataArc;
+    use super::atomic::{AtomicU64, Ordering};
+
+    /// A millisecond clock: the system's monotonic clock, or a manual one (fuzzing, tests).
+    #[derive(Clone, Debug)]
+    pub(crate) enum Clock {
+        System,
+        Manual(DataArc<AtomicU64>),
+    }
+
+    impl Clock {
+        pub(crate) fn system() -> Self {
+            Clock::System
+        }
+
+        #[cfg_attr(not(any(test, fuzzing)), allow(dead_code))]
+        pub(crate) fn manual(now: DataArc<AtomicU64>) -> Self {
+            Clock::Manual(now)
+        }
+
+        /// Milliseconds since an arbitrary, fixed point.
+        #[inline]
+        pub(crate) fn now_ms(&self) -> u64 {
+            match self {
+                Clock::System => system_ms(),
+                Clock::Manual(now) => now.load(Ordering::Relaxed),
+            }
+        }
+    }
+
+    /// The system clock. With a tokio runtime this is tokio's clock, so tests that pause
+    /// time (`tokio::time::pause`) control expiry.
+    #[cfg(all(feature = "runtime", not(tai_loadbalancer_loom)))]
+    fn system_ms() -> u64 {
+        static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+        let base = *BASE.get_or_init(tokio::time::Instant::now);
+        tokio::time::Instant::now()
+            .saturating_duration_since(base)
+            .as_millis() as u64
+    }
+
+    #[cfg(not(all(feature = "runtime", not(tai_loadbalancer_loom))))]
+    fn system_ms() -> u64 {
+        static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let base = *BASE.get_or_init(std::time::Instant::now);
+        base.elapsed().as_millis() as u64
+    }
+}
 pub(crate) use std::sync::{Arc as DataArc, Weak as DataWeak};

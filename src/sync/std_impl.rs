@@ -130,7 +130,7 @@ impl<T: fmt::Debug> fmt::Debug for Snap<T> {
 
 /// Unbounded channels (event subscriptions): sending never blocks the control plane.
 pub(crate) mod mpsc {
-    pub(crate) use std::sync::mpsc::{Receiver, Sender, channel};
+    pub(crate) use std::sync::mpsc::{Receiver, channel};
 }
 
 /// Threads for the control plane.

@@ -30,6 +30,8 @@ pub(crate) struct TableInput {
     pub(crate) shards: usize,
     /// Whether `members` were made all routable because too few are healthy.
     pub(crate) panic: bool,
+    /// Member indices of a primary/backup order, if the service is routed by one.
+    pub(crate) failover: Option<Box<[u32]>>,
 }
 
 /// Builds the table: routable subset, weights, and the weighted schedule when the strategy
@@ -70,6 +72,7 @@ pub(crate) fn build(input: TableInput) -> ServiceTable {
         hash_slots: input.hash_slots,
         miss: None,
         panic: input.panic,
+        failover: input.failover,
     }
 }
 

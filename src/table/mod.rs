@@ -367,6 +367,8 @@ pub(crate) enum MemberHealth {
     Ejected,
     /// Marked down by an operator.
     Down,
+    /// Being drained: no new picks; sticky sessions may finish moving off.
+    Draining,
 }
 
 impl Member {
@@ -413,6 +415,8 @@ pub(crate) struct ServiceTable {
     pub(crate) miss: Option<Miss>,
     /// Too few members are healthy: picks go to all members regardless of health.
     pub(crate) panic: bool,
+    /// Primary/backup order (member indices): picks go to the first healthy one.
+    pub(crate) failover: Option<Box<[u32]>>,
 }
 
 /// One shard's view of a table: the pins its threads touch.
@@ -458,6 +462,7 @@ impl ServiceTable {
             hash_slots,
             miss,
             panic: false,
+            failover: None,
         }
     }
 

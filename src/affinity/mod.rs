@@ -1,0 +1,691 @@
+//! Session affinity: a bounded, expiring table from (service, session key) to endpoint.
+//!
+//! This module owns [`AffinityConfig`], [`AffinityStrategy`] (how a key is derived from a
+//! request), [`AffinityRequest`] and [`AffinityManager`] (the table). The balancer uses the
+//! table in [`IntegratedLoadBalancer::next_endpoint_with_affinity`](crate::IntegratedLoadBalancer::next_endpoint_with_affinity):
+//! the first request for a key goes to the key's consistent-hash owner (so every balancer of
+//! a fleet agrees on a fresh key without sharing state), later requests stick to that
+//! endpoint while it stays routable.
+//!
+//! # The table
+//!
+//! A [`quick_cache`] sharded concurrent cache (a lookup takes one shard's read lock, never a
+//! global one) bounded to `max_entries` items. When full, quick_cache evicts by its
+//! CLOCK-Pro/S3-FIFO policy: entries used once go first, entries used again survive, which
+//! approximates LRU while resisting scans, the same trade HAProxy's stick tables make with
+//! their expire-and-evict-oldest policy. An entry expires after `ttl` without use: each hit
+//! records its time, and an expired entry is dropped when next touched (or by
+//! [`AffinityManager::purge_expired`]).
+//!
+//! Memory per entry: the key's two strings (service name and session key, with their heap
+//! headers) plus about 120 bytes (the endpoint value, its last-use cell, quick_cache's slot and
+//! index overhead); `AffinityManager::memory_used` reports the cache's own figure.
+//!
+//! # Invariants
+//!
+//! * The table never holds more than `max_entries` entries.
+//! * An entry not used for `ttl` is never returned.
+#![deny(unsafe_code)]
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use quick_cache::sync::Cache;
+use quick_cache::{Equivalent, Lifecycle, OptionsBuilder, UnitWeighter};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::endpoint::Endpoint;
+use crate::error::truncate;
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{DataArc, clock};
+
+/// Longest accepted session key, in bytes.
+pub const MAX_AFFINITY_KEY_LEN: usize = 4096;
+
+// ===== config =====
+
+/// Session-affinity settings (exactly the seed's three fields).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tai_loadbalancer::{AffinityConfig, AffinityStrategy};
+///
+/// let affinity_config = AffinityConfig {
+///     strategy: AffinityStrategy::CustomKey,
+///     ttl: Duration::from_secs(3600),
+///     max_entries: 100_000,
+/// };
+/// affinity_config.validate().unwrap();
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// Where the session key comes from.
+    pub strategy: AffinityStrategy,
+    /// An entry unused for this long expires (default 1 h).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Most entries kept (default 100,000); beyond it the coldest are evicted.
+    pub max_entries: usize,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        Self {
+            strategy: AffinityStrategy::CustomKey,
+            ttl: Duration::from_secs(3600),
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Largest accepted `max_entries`.
+pub const MAX_AFFINITY_ENTRIES: usize = 50_000_000;
+
+impl AffinityConfig {
+    /// Checks every field (prefix `affinity.`).
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.ttl.is_zero() {
+            return Err(Error::invalid_config("affinity.ttl", "must be greater than zero"));
+        }
+        if self.max_entries == 0 {
+            return Err(Error::invalid_config(
+                "affinity.max_entries",
+                "must be at least 1",
+            ));
+        }
+        if self.max_entries > MAX_AFFINITY_ENTRIES {
+            return Err(Error::invalid_config(
+                "affinity.max_entries",
+                format!("must be at most {MAX_AFFINITY_ENTRIES}"),
+            ));
+        }
+        if let AffinityStrategy::Cookie { name } = &self.strategy {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+            {
+                return Err(Error::invalid_config(
+                    "affinity.strategy.name",
+                    format!("{:?} is not a cookie name (RFC 6265 token)", truncate(name)),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a request's session key comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AffinityStrategy {
+    /// The client's IP address (not its port).
+    SourceIp,
+    /// The authenticated user id.
+    UserId,
+    /// The value of the named cookie in the request's `Cookie` header.
+    Cookie {
+        /// Cookie name, e.g. `"SESSIONID"`.
+        name: String,
+    },
+    /// A key the caller supplies.
+    #[default]
+    CustomKey,
+}
+
+/// What a request offers for deriving its session key. Fill in what you have.
+///
+/// ```
+/// use tai_loadbalancer::{AffinityRequest, AffinityStrategy};
+///
+/// let cookie = AffinityStrategy::Cookie { name: "SESSIONID".into() };
+/// let request = AffinityRequest::new().cookie_header("theme=dark; SESSIONID=abc123");
+/// assert_eq!(cookie.key(&request).unwrap(), "abc123");
+///
+/// let by_ip = AffinityRequest::new().source("127.0.0.1:40000".parse().unwrap());
+/// assert_eq!(AffinityStrategy::SourceIp.key(&by_ip).unwrap(), "127.0.0.1");
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AffinityRequest<'a> {
+    source: Option<SocketAddr>,
+    user_id: Option<&'a str>,
+    cookie_header: Option<&'a str>,
+    custom_key: Option<&'a str>,
+}
+
+impl<'a> AffinityRequest<'a> {
+    /// A request offering nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The client's address.
+    pub fn source(mut self, source: SocketAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// The authenticated user id.
+    pub fn user_id(mut self, user_id: &'a str) -> Self {
+        self.user_id = Some(user_id);
+        self
+    }
+
+    /// The raw `Cookie` header value (`name=value; name2=value2`).
+    pub fn cookie_header(mut self, header: &'a str) -> Self {
+        self.cookie_header = Some(header);
+        self
+    }
+
+    /// A key of the caller's choosing.
+    pub fn custom_key(mut self, key: &'a str) -> Self {
+        self.custom_key = Some(key);
+        self
+    }
+}
+
+/// The value of cookie `name` in a `Cookie` header (`a=1; b="2"`), quotes removed.
+pub fn cookie_value<'h>(header: &'h str, name: &str) -> Option<&'h str> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k.trim() == name).then(|| {
+            let v = v.trim();
+            v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v)
+        })
+    })
+}
+
+impl AffinityStrategy {
+    /// The session key of `request` under this strategy.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAffinityKey`] when the request lacks what the strategy needs (no source
+    /// address, no user id, no such cookie, no custom key) or the key is empty or too long.
+    pub fn key(&self, request: &AffinityRequest<'_>) -> Result<String, Error> {
+        let missing = |what: &'static str| Error::InvalidAffinityKey { reason: what };
+        let key = match self {
+            AffinityStrategy::SourceIp => match request
+                .source
+                .ok_or_else(|| missing("the request has no source address"))?
+                .ip()
+            {
+                IpAddr::V4(ip) => ip.to_string(),
+                IpAddr::V6(ip) => ip.to_canonical().to_string(),
+            },
+            AffinityStrategy::UserId => request
+                .user_id
+                .ok_or_else(|| missing("the request has no user id"))?
+                .to_owned(),
+            AffinityStrategy::Cookie { name } => {
+                let header = request
+                    .cookie_header
+                    .ok_or_else(|| missing("the request has no Cookie header"))?;
+                cookie_value(header, name)
+                    .ok_or_else(|| missing("the Cookie header does not carry the affinity cookie"))?
+                    .to_owned()
+            }
+            AffinityStrategy::CustomKey => request
+                .custom_key
+                .ok_or_else(|| missing("no custom key was given"))?
+                .to_owned(),
+        };
+        validate_key(&key)?;
+        Ok(key)
+    }
+}
+
+/// Checks a session key: non-empty and at most [`MAX_AFFINITY_KEY_LEN`] bytes.
+pub(crate) fn validate_key(key: &str) -> Result<(), Error> {
+    if key.is_empty() {
+        return Err(Error::InvalidAffinityKey {
+            reason: "the key is empty",
+        });
+    }
+    if key.len() > MAX_AFFINITY_KEY_LEN {
+        return Err(Error::InvalidAffinityKey {
+            reason: "the key is longer than 4096 bytes",
+        });
+    }
+    Ok(())
+}
+
+// ===== the table =====
+
+/// Owned key of an entry.
+#[derive(Clone, PartialEq, Eq)]
+struct OwnedKey {
+    service: Box<str>,
+    key: Box<str>,
+}
+
+/// Borrowed form, for lookups without allocating.
+struct KeyRef<'a> {
+    service: &'a str,
+    key: &'a str,
+}
+
+impl Hash for OwnedKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.service.hash(state);
+        self.key.hash(state);
+    }
+}
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.service.hash(state);
+        self.key.hash(state);
+    }
+}
+
+impl Equivalent<OwnedKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &OwnedKey) -> bool {
+        *key.service == *self.service && *key.key == *self.key
+    }
+}
+
+/// An entry: the endpoint and the time of its last use (shared, so a hit records its use
+/// without rewriting the entry).
+#[derive(Clone)]
+struct Entry {
+    endpoint: Endpoint,
+    last_used: DataArc<AtomicU64>,
+}
+
+/// Counts evictions (quick_cache calls it when the capacity bound removes an entry).
+#[derive(Clone, Default)]
+struct CountEvictions(DataArc<AtomicU64>);
+
+impl Lifecycle<OwnedKey, Entry> for CountEvictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), _key: OwnedKey, _val: Entry) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Hit, miss, insert, eviction and expiry counts of an [`AffinityManager`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityStats {
+    /// Lookups that found a live entry.
+    pub hits: u64,
+    /// Lookups that found nothing (or an expired entry).
+    pub misses: u64,
+    /// Entries dropped because they expired.
+    pub expirations: u64,
+    /// Entries dropped to stay within `max_entries`.
+    pub evictions: u64,
+    /// Entries currently held.
+    pub entries: usize,
+}
+
+/// The session-affinity table.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::{AffinityConfig, AffinityManager, Endpoint};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tai_loadbalancer::Error> {
+/// let manager = AffinityManager::new(AffinityConfig::default())?;
+/// let endpoint = Endpoint::new("127.0.0.1:5001".parse().unwrap(), None);
+/// // Store affinity
+/// manager.set_affinity("service", "session-key", endpoint.clone()).await?;
+/// // Retrieve affinity
+/// if let Some(found) = manager.get_affinity("service", "session-key").await {
+///     assert_eq!(found, endpoint);
+/// }
+/// assert_eq!(manager.len(), 1);
+/// # Ok(())
+/// # }
+/// ```
+pub struct AffinityManager {
+    config: AffinityConfig,
+    cache: Cache<OwnedKey, Entry, UnitWeighter, ahash::RandomState, CountEvictions>,
+    evictions: DataArc<AtomicU64>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    expirations: AtomicU64,
+    clock: clock::Clock,
+}
+
+impl AffinityManager {
+    /// An empty table.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a zero `ttl` or `max_entries` (naming the field).
+    pub fn new(config: AffinityConfig) -> Result<Self, Error> {
+        Self::with_clock(config, clock::Clock::system())
+    }
+
+    pub(crate) fn with_clock(config: AffinityConfig, clock: clock::Clock) -> Result<Self, Error> {
+        config.validate()?;
+        let capacity = config.max_entries;
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(capacity)
+            .weight_capacity(capacity as u64)
+            .build()
+            .map_err(|e| Error::invalid_config("affinity.max_entries", e.to_string()))?;
+        let evictions = CountEvictions::default();
+        let counter = evictions.0.clone();
+        let cache = Cache::with_options(options, UnitWeighter, ahash::RandomState::new(), evictions);
+        Ok(Self {
+            config,
+            cache,
+            evictions: counter,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            expirations: AtomicU64::new(0),
+            clock,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AffinityConfig {
+        &self.config
+    }
+
+    /// Binds `key` of `service` to `endpoint` (replacing any previous binding).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidServiceName`], [`Error::InvalidAffinityKey`] (empty or too long).
+    pub async fn set_affinity(&self, service: &str, key: &str, endpoint: Endpoint) -> Result<(), Error> {
+        crate::registry::validate_service_name(service)?;
+        validate_key(key)?;
+        self.insert(service, key, endpoint);
+        Ok(())
+    }
+
+    /// The endpoint `key` of `service` is bound to, if the binding exists and has not
+    /// expired. Counts as a use (restarts the TTL).
+    pub async fn get_affinity(&self, service: &str, key: &str) -> Option<Endpoint> {
+        self.lookup(service, key)
+    }
+
+    /// Removes the binding of `key`; returns the endpoint it pointed to.
+    pub async fn remove_affinity(&self, service: &str, key: &str) -> Option<Endpoint> {
+        self.cache
+            .remove(&KeyRef { service, key })
+            .map(|(_, e)| e.endpoint)
+    }
+
+    /// Entries currently held (expired ones not yet dropped included).
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> AffinityStats {
+        AffinityStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            expirations: self.expirations.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            entries: self.cache.len(),
+        }
+    }
+
+    /// Bytes the table's cache structure uses (not counting the key strings).
+    pub fn memory_used(&self) -> usize {
+        let m = self.cache.memory_used();
+        m.entries + m.map
+    }
+
+    /// Drops every expired entry now; returns how many.
+    pub fn purge_expired(&self) -> usize {
+        let now = self.clock.now_ms();
+        let ttl = self.ttl_ms();
+        let before = self.cache.len();
+        self.cache
+            .retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < ttl);
+        let dropped = before.saturating_sub(self.cache.len());
+        self.expirations.fetch_add(dropped as u64, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Drops up to `limit` bindings of `service` to `address`; returns how many.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn unbind(&self, service: &str, address: SocketAddr, limit: usize) -> usize {
+        let removed = AtomicU64::new(0);
+        self.cache.retain(|k, e| {
+            if *k.service == *service
+                && e.endpoint.address == address
+                && removed.load(Ordering::Relaxed) < limit as u64
+            {
+                removed.fetch_add(1, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+        removed.load(Ordering::Relaxed) as usize
+    }
+
+    /// Drops every binding of `service` whose endpoint address matches `pred`; returns how many.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn unbind_where(&self, service: &str, pred: impl Fn(SocketAddr) -> bool) -> usize {
+        let removed = AtomicU64::new(0);
+        self.cache.retain(|k, e| {
+            let drop = *k.service == *service && pred(e.endpoint.address);
+            if drop {
+                removed.fetch_add(1, Ordering::Relaxed);
+            }
+            !drop
+        });
+        removed.load(Ordering::Relaxed) as usize
+    }
+
+    /// How many bindings of `service` point at `address`.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn count_bound(&self, service: &str, address: SocketAddr) -> usize {
+        self.cache
+            .iter()
+            .filter(|(k, e)| *k.service == *service && e.endpoint.address == address)
+            .count()
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A live binding, recording its use.
+    #[inline]
+    pub(crate) fn lookup(&self, service: &str, key: &str) -> Option<Endpoint> {
+        let probe = KeyRef { service, key };
+        let Some(entry) = self.cache.get(&probe) else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let now = self.clock.now_ms();
+        // Relaxed: a timestamp, only compared with the TTL.
+        if now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= self.ttl_ms() {
+            let ttl = self.ttl_ms();
+            if self
+                .cache
+                .remove_if(&probe, |e| {
+                    now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= ttl
+                })
+                .is_some()
+            {
+                self.expirations.fetch_add(1, Ordering::Relaxed);
+            }
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if entry.last_used.load(Ordering::Relaxed) != now {
+            entry.last_used.store(now, Ordering::Relaxed);
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(entry.endpoint)
+    }
+
+    /// Binds without validation (the balancer has validated already).
+    pub(crate) fn insert(&self, service: &str, key: &str, endpoint: Endpoint) {
+        let entry = Entry {
+            endpoint,
+            last_used: DataArc::new(AtomicU64::new(self.clock.now_ms())),
+        };
+        self.cache.insert(
+            OwnedKey {
+                service: service.into(),
+                key: key.into(),
+            },
+            entry,
+        );
+    }
+}
+
+impl fmt::Debug for AffinityManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AffinityManager")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Fuzzing access to an affinity table on a manual clock (built only under `cfg(fuzzing)`).
+#[cfg(fuzzing)]
+#[derive(Debug)]
+pub struct FuzzAffinity {
+    /// The table.
+    pub table: AffinityManager,
+    /// Its clock: milliseconds, advanced by the fuzzer.
+    pub now: DataArc<AtomicU64>,
+}
+
+#[cfg(fuzzing)]
+impl FuzzAffinity {
+    /// A table with a manual clock starting at 0.
+    pub fn new(config: AffinityConfig) -> Result<Self, Error> {
+        let now = DataArc::new(AtomicU64::new(0));
+        Ok(Self {
+            table: AffinityManager::with_clock(config, clock::Clock::manual(now.clone()))?,
+            now,
+        })
+    }
+
+    /// Looks up (synchronously).
+    pub fn get(&self, service: &str, key: &str) -> Option<Endpoint> {
+        self.table.lookup(service, key)
+    }
+
+    /// Binds (synchronously, validated).
+    pub fn set(&self, service: &str, key: &str, endpoint: Endpoint) -> Result<(), Error> {
+        crate::registry::validate_service_name(service)?;
+        validate_key(key)?;
+        self.table.insert(service, key, endpoint);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_parsing() {
+        assert_eq!(cookie_value("a=1; SESSIONID=abc; b=2", "SESSIONID"), Some("abc"));
+        assert_eq!(cookie_value("SESSIONID=\"q v\"", "SESSIONID"), Some("q v"));
+        assert_eq!(cookie_value("xSESSIONID=1", "SESSIONID"), None);
+        assert_eq!(cookie_value("", "a"), None);
+        assert_eq!(cookie_value("a", "a"), None);
+    }
+
+    #[test]
+    fn keys_by_strategy() {
+        let r = AffinityRequest::new()
+            .source("[::ffff:127.0.0.1]:9".parse().unwrap())
+            .user_id("u1")
+            .cookie_header("S=xyz")
+            .custom_key("k");
+        assert_eq!(AffinityStrategy::SourceIp.key(&r).unwrap(), "127.0.0.1");
+        assert_eq!(AffinityStrategy::UserId.key(&r).unwrap(), "u1");
+        assert_eq!(
+            AffinityStrategy::Cookie { name: "S".into() }.key(&r).unwrap(),
+            "xyz"
+        );
+        assert_eq!(AffinityStrategy::CustomKey.key(&r).unwrap(), "k");
+        let empty = AffinityRequest::new();
+        for s in [
+            AffinityStrategy::SourceIp,
+            AffinityStrategy::UserId,
+            AffinityStrategy::CustomKey,
+        ] {
+            assert!(matches!(s.key(&empty), Err(Error::InvalidAffinityKey { .. })));
+        }
+        assert!(matches!(
+            AffinityStrategy::CustomKey.key(&AffinityRequest::new().custom_key("")),
+            Err(Error::InvalidAffinityKey { .. })
+        ));
+    }
+
+    #[test]
+    fn config_validation_names_fields() {
+        let bad = |c: AffinityConfig| match c.validate() {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            bad(AffinityConfig {
+                ttl: Duration::ZERO,
+                ..Default::default()
+            }),
+            "affinity.ttl"
+        );
+        assert_eq!(
+            bad(AffinityConfig {
+                max_entries: 0,
+                ..Default::default()
+            }),
+            "affinity.max_entries"
+        );
+        assert_eq!(
+            bad(AffinityConfig {
+                strategy: AffinityStrategy::Cookie { name: "a b".into() },
+                ..Default::default()
+            }),
+            "affinity.strategy.name"
+        );
+    }
+
+    #[test]
+    fn bounded_and_expiring() {
+        let now = DataArc::new(AtomicU64::new(0));
+        let config = AffinityConfig {
+            strategy: AffinityStrategy::CustomKey,
+            ttl: Duration::from_millis(100),
+            max_entries: 50,
+        };
+        let m = AffinityManager::with_clock(config, clock::Clock::manual(now.clone())).unwrap();
+        let e = Endpoint::new("127.0.0.1:1".parse().unwrap(), None);
+        for i in 0..500 {
+            m.insert("s", &format!("k{i}"), e.clone());
+            assert!(m.len() <= 50);
+        }
+        assert!(m.stats().evictions >= 450);
+        m.insert("s", "live", e.clone());
+        now.store(60, Ordering::Relaxed);
+        assert!(m.lookup("s", "live").is_some()); // used at 60: lives until 160
+        now.store(150, Ordering::Relaxed);
+        assert!(m.lookup("s", "live").is_some());
+        now.store(251, Ordering::Relaxed);
+        assert!(m.lookup("s", "live").is_none(), "unused for 101 ms > ttl");
+        assert_eq!(m.stats().expirations, 1);
+    }
+}
