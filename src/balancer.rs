@@ -21,7 +21,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::affinity::{AffinityManager, AffinityRequest, validate_key};
+use crate::affinity::{AffinityManager, AffinityRequest, fingerprint, validate_key};
 use crate::control::queue::Ack;
 use crate::control::{Command, ControlPlane, Settings, Sources};
 use crate::endpoint::Endpoint;
@@ -144,29 +144,27 @@ impl Shared {
         slot: &ServiceSlot,
         key: &str,
     ) -> Result<&'t Arc<Pin>, Error> {
-        if let Some(bound) = self.affinity.lookup(&table.service, key) {
-            if let Ok(i) = table
-                .members
-                .binary_search_by(|m| m.state.address().cmp(&bound.address))
-            {
+        let fp = fingerprint(&table.service, key);
+        if let Some(binding) = self.affinity.lookup(fp) {
+            let address = binding.endpoint.address;
+            let index = binding.hint(table.version).or_else(|| {
+                let i = table.members.binary_search_by(|m| m.state.address().cmp(&address)).ok()?;
+                binding.set_hint(table.version, i);
+                Some(i)
+            });
+            if let Some(i) = index {
                 let member = &table.members[i];
                 // A draining endpoint keeps its sticky keys unless the strategy moves them at
                 // once (they then move in batches or on `rebalance_service`).
                 let sticky_draining = member.health == MemberHealth::Draining
-                    && self
-                        .control
-                        .settings()
-                        .config
-                        .rebalance
-                        .strategy
-                        .sticky_while_draining();
+                    && self.control.settings().config.rebalance.strategy.sticky_while_draining();
                 if member.routable || sticky_draining {
                     return Ok(&table.local().members[i]);
                 }
             }
         }
         let pin = self.choose(table, slot, Some(hash_key(key)))?;
-        self.affinity.insert(&table.service, key, pin.endpoint().clone());
+        self.affinity.insert(&table.service, fp, pin.endpoint().clone());
         Ok(pin)
     }
 

@@ -17,9 +17,11 @@
 //! records its time, and an expired entry is dropped when next touched (or by
 //! [`AffinityManager::purge_expired`]).
 //!
-//! Memory per entry: the key's two strings (service name and session key, with their heap
-//! headers) plus about 120 bytes (the endpoint value, its last-use cell, quick_cache's slot and
-//! index overhead); `AffinityManager::memory_used` reports the cache's own figure.
+//! Keys are stored as 128-bit fingerprints of (service, key), not as strings (see
+//! `fingerprint`). Memory per entry: about 150 bytes whatever the key's length: the
+//! binding (endpoint, service name handle, last use, routing hint: ~100 bytes with its `Arc`
+//! header) and quick_cache's slot and index (~50 bytes at the default load);
+//! `AffinityManager::memory_used` reports the cache's own part.
 //!
 //! # Invariants
 //!
@@ -33,14 +35,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use quick_cache::sync::Cache;
-use quick_cache::{Equivalent, Lifecycle, OptionsBuilder, UnitWeighter};
+use quick_cache::{Lifecycle, OptionsBuilder, UnitWeighter};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::endpoint::Endpoint;
 use crate::error::truncate;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::{DataArc, clock};
+use crate::sync::{CachePadded, DataArc, clock};
 
 /// Longest accepted session key, in bytes.
 pub const MAX_AFFINITY_KEY_LEN: usize = 4096;
@@ -258,57 +260,95 @@ pub(crate) fn validate_key(key: &str) -> Result<(), Error> {
 
 // ===== the table =====
 
-/// Owned key of an entry.
-#[derive(Clone, PartialEq, Eq)]
-struct OwnedKey {
-    service: Box<str>,
-    key: Box<str>,
+/// A 128-bit fingerprint of (service, key): XXH3-128 of the key, seeded with XXH3-64 of the
+/// service name. The table stores fingerprints, not key strings, so an entry holds no heap
+/// string and a lookup compares one integer. Two distinct keys collide with probability
+/// 2^-128 per pair (about 10^-29 for a table of 100,000 keys).
+#[inline]
+pub(crate) fn fingerprint(service: &str, key: &str) -> u128 {
+    let seed = xxhash_rust::xxh3::xxh3_64(service.as_bytes());
+    xxhash_rust::xxh3::xxh3_128_with_seed(key.as_bytes(), seed)
 }
 
-/// Borrowed form, for lookups without allocating.
-struct KeyRef<'a> {
-    service: &'a str,
-    key: &'a str,
-}
+/// Hashes a fingerprint by folding it (it is uniformly distributed already).
+#[derive(Clone, Default)]
+struct FoldFingerprint;
 
-impl Hash for OwnedKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.service.hash(state);
-        self.key.hash(state);
+#[derive(Default)]
+struct FoldHasher(u64);
+
+impl Hasher for FoldHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used for `u128` keys; kept correct for any other input.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 = (n as u64) ^ ((n >> 64) as u64);
     }
 }
 
-impl Hash for KeyRef<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.service.hash(state);
-        self.key.hash(state);
+impl std::hash::BuildHasher for FoldFingerprint {
+    type Hasher = FoldHasher;
+
+    fn build_hasher(&self) -> FoldHasher {
+        FoldHasher(0)
     }
 }
 
-impl Equivalent<OwnedKey> for KeyRef<'_> {
-    fn equivalent(&self, key: &OwnedKey) -> bool {
-        *key.service == *self.service && *key.key == *self.key
-    }
+/// One binding: shared (`Arc`) by the table and the lookups in progress, so a hit records its
+/// use (and its routing hint) without rewriting the entry. Everything a hit touches is on
+/// this one allocation.
+pub(crate) struct Binding {
+    pub(crate) endpoint: Endpoint,
+    service: DataArc<str>,
+    last_used: AtomicU64,
+    /// `(table version << 24) | (member index + 1)` of the last table the binding was
+    /// resolved against (0: none): a hit on the same table version skips the member search.
+    hint: AtomicU64,
 }
 
-/// An entry: the endpoint and the time of its last use (shared, so a hit records its use
-/// without rewriting the entry).
-#[derive(Clone)]
-struct Entry {
-    endpoint: Endpoint,
-    last_used: DataArc<AtomicU64>,
+impl Binding {
+    /// The member index recorded for table `version`, if any.
+    #[inline]
+    pub(crate) fn hint(&self, version: u64) -> Option<usize> {
+        let h = self.hint.load(Ordering::Relaxed);
+        (h != 0 && h >> 24 == version & ((1 << 40) - 1)).then(|| (h & 0xff_ffff) as usize - 1)
+    }
+
+    /// Records that the endpoint is member `index` of table `version`.
+    #[inline]
+    pub(crate) fn set_hint(&self, version: u64, index: usize) {
+        if index < 0xff_ffff {
+            let h = ((version & ((1 << 40) - 1)) << 24) | (index as u64 + 1);
+            self.hint.store(h, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Counts evictions (quick_cache calls it when the capacity bound removes an entry).
 #[derive(Clone, Default)]
 struct CountEvictions(DataArc<AtomicU64>);
 
-impl Lifecycle<OwnedKey, Entry> for CountEvictions {
+impl Lifecycle<u128, DataArc<Binding>> for CountEvictions {
     type RequestState = ();
 
-    fn on_evict(&self, _state: &mut (), _key: OwnedKey, _val: Entry) {
+    fn on_evict(&self, _state: &mut (), _key: u128, _val: DataArc<Binding>) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Hit and miss counts, one set per shard of threads (no shared hot line).
+#[derive(Default)]
+struct ShardStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 /// Hit, miss, insert, eviction and expiry counts of an [`AffinityManager`].
@@ -349,10 +389,9 @@ pub struct AffinityStats {
 /// ```
 pub struct AffinityManager {
     config: AffinityConfig,
-    cache: Cache<OwnedKey, Entry, UnitWeighter, ahash::RandomState, CountEvictions>,
+    cache: Cache<u128, DataArc<Binding>, UnitWeighter, FoldFingerprint, CountEvictions>,
     evictions: DataArc<AtomicU64>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    stats: Box<[CachePadded<ShardStats>]>,
     expirations: AtomicU64,
     clock: clock::Clock,
 }
@@ -377,13 +416,12 @@ impl AffinityManager {
             .map_err(|e| Error::invalid_config("affinity.max_entries", e.to_string()))?;
         let evictions = CountEvictions::default();
         let counter = evictions.0.clone();
-        let cache = Cache::with_options(options, UnitWeighter, ahash::RandomState::new(), evictions);
+        let cache = Cache::with_options(options, UnitWeighter, FoldFingerprint, evictions);
         Ok(Self {
             config,
             cache,
             evictions: counter,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            stats: (0..crate::sync::shard_count()).map(|_| CachePadded::new(ShardStats::default())).collect(),
             expirations: AtomicU64::new(0),
             clock,
         })
@@ -402,21 +440,19 @@ impl AffinityManager {
     pub async fn set_affinity(&self, service: &str, key: &str, endpoint: Endpoint) -> Result<(), Error> {
         crate::registry::validate_service_name(service)?;
         validate_key(key)?;
-        self.insert(service, key, endpoint);
+        self.insert(&DataArc::from(service), fingerprint(service, key), endpoint);
         Ok(())
     }
 
     /// The endpoint `key` of `service` is bound to, if the binding exists and has not
     /// expired. Counts as a use (restarts the TTL).
     pub async fn get_affinity(&self, service: &str, key: &str) -> Option<Endpoint> {
-        self.lookup(service, key)
+        self.lookup(fingerprint(service, key)).map(|b| b.endpoint.clone())
     }
 
     /// Removes the binding of `key`; returns the endpoint it pointed to.
     pub async fn remove_affinity(&self, service: &str, key: &str) -> Option<Endpoint> {
-        self.cache
-            .remove(&KeyRef { service, key })
-            .map(|(_, e)| e.endpoint)
+        self.cache.remove(&fingerprint(service, key)).map(|(_, b)| b.endpoint.clone())
     }
 
     /// Entries currently held (expired ones not yet dropped included).
@@ -432,8 +468,8 @@ impl AffinityManager {
     /// Counters.
     pub fn stats(&self) -> AffinityStats {
         AffinityStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
+            hits: self.stats.iter().map(|s| s.hits.load(Ordering::Relaxed)).sum(),
+            misses: self.stats.iter().map(|s| s.misses.load(Ordering::Relaxed)).sum(),
             expirations: self.expirations.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             entries: self.cache.len(),
@@ -462,10 +498,8 @@ impl AffinityManager {
     #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     pub(crate) fn unbind(&self, service: &str, address: SocketAddr, limit: usize) -> usize {
         let removed = AtomicU64::new(0);
-        self.cache.retain(|k, e| {
-            if *k.service == *service
-                && e.endpoint.address == address
-                && removed.load(Ordering::Relaxed) < limit as u64
+        self.cache.retain(|_, b| {
+            if *b.service == *service && b.endpoint.address == address && removed.load(Ordering::Relaxed) < limit as u64
             {
                 removed.fetch_add(1, Ordering::Relaxed);
                 false
@@ -480,8 +514,8 @@ impl AffinityManager {
     #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     pub(crate) fn unbind_where(&self, service: &str, pred: impl Fn(SocketAddr) -> bool) -> usize {
         let removed = AtomicU64::new(0);
-        self.cache.retain(|k, e| {
-            let drop = *k.service == *service && pred(e.endpoint.address);
+        self.cache.retain(|_, b| {
+            let drop = *b.service == *service && pred(b.endpoint.address);
             if drop {
                 removed.fetch_add(1, Ordering::Relaxed);
             }
@@ -495,7 +529,7 @@ impl AffinityManager {
     pub(crate) fn count_bound(&self, service: &str, address: SocketAddr) -> usize {
         self.cache
             .iter()
-            .filter(|(k, e)| *k.service == *service && e.endpoint.address == address)
+            .filter(|(_, b)| *b.service == *service && b.endpoint.address == address)
             .count()
     }
 
@@ -503,50 +537,49 @@ impl AffinityManager {
         u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
+    #[inline]
+    fn shard_stats(&self) -> &ShardStats {
+        &self.stats[crate::sync::thread_ordinal() & (self.stats.len() - 1)]
+    }
+
     /// A live binding, recording its use.
     #[inline]
-    pub(crate) fn lookup(&self, service: &str, key: &str) -> Option<Endpoint> {
-        let probe = KeyRef { service, key };
-        let Some(entry) = self.cache.get(&probe) else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn lookup(&self, fingerprint: u128) -> Option<DataArc<Binding>> {
+        let Some(binding) = self.cache.get(&fingerprint) else {
+            self.shard_stats().misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         let now = self.clock.now_ms();
+        let ttl = self.ttl_ms();
         // Relaxed: a timestamp, only compared with the TTL.
-        if now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= self.ttl_ms() {
-            let ttl = self.ttl_ms();
+        let last = binding.last_used.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= ttl {
             if self
                 .cache
-                .remove_if(&probe, |e| {
-                    now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= ttl
-                })
+                .remove_if(&fingerprint, |b| now.saturating_sub(b.last_used.load(Ordering::Relaxed)) >= ttl)
                 .is_some()
             {
                 self.expirations.fetch_add(1, Ordering::Relaxed);
             }
-            self.misses.fetch_add(1, Ordering::Relaxed);
+            self.shard_stats().misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        if entry.last_used.load(Ordering::Relaxed) != now {
-            entry.last_used.store(now, Ordering::Relaxed);
+        if last != now {
+            binding.last_used.store(now, Ordering::Relaxed);
         }
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(entry.endpoint)
+        self.shard_stats().hits.fetch_add(1, Ordering::Relaxed);
+        Some(binding)
     }
 
     /// Binds without validation (the balancer has validated already).
-    pub(crate) fn insert(&self, service: &str, key: &str, endpoint: Endpoint) {
-        let entry = Entry {
+    pub(crate) fn insert(&self, service: &DataArc<str>, fingerprint: u128, endpoint: Endpoint) {
+        let binding = Binding {
             endpoint,
-            last_used: DataArc::new(AtomicU64::new(self.clock.now_ms())),
+            service: service.clone(),
+            last_used: AtomicU64::new(self.clock.now_ms()),
+            hint: AtomicU64::new(0),
         };
-        self.cache.insert(
-            OwnedKey {
-                service: service.into(),
-                key: key.into(),
-            },
-            entry,
-        );
+        self.cache.insert(fingerprint, DataArc::new(binding));
     }
 }
 
@@ -582,14 +615,19 @@ impl FuzzAffinity {
 
     /// Looks up (synchronously).
     pub fn get(&self, service: &str, key: &str) -> Option<Endpoint> {
-        self.table.lookup(service, key)
+        self.table.lookup(fingerprint(service, key)).map(|b| b.endpoint.clone())
+    }
+
+    /// Unbinds (synchronously).
+    pub fn remove(&self, service: &str, key: &str) -> Option<Endpoint> {
+        self.table.cache.remove(&fingerprint(service, key)).map(|(_, b)| b.endpoint.clone())
     }
 
     /// Binds (synchronously, validated).
     pub fn set(&self, service: &str, key: &str, endpoint: Endpoint) -> Result<(), Error> {
         crate::registry::validate_service_name(service)?;
         validate_key(key)?;
-        self.table.insert(service, key, endpoint);
+        self.table.insert(&DataArc::from(service), fingerprint(service, key), endpoint);
         Ok(())
     }
 }
@@ -674,18 +712,20 @@ mod tests {
         };
         let m = AffinityManager::with_clock(config, clock::Clock::manual(now.clone())).unwrap();
         let e = Endpoint::new("127.0.0.1:1".parse().unwrap(), None);
+        let s: DataArc<str> = DataArc::from("s");
         for i in 0..500 {
-            m.insert("s", &format!("k{i}"), e.clone());
+            m.insert(&s, fingerprint("s", &format!("k{i}")), e.clone());
             assert!(m.len() <= 50);
         }
         assert!(m.stats().evictions >= 450);
-        m.insert("s", "live", e.clone());
+        let live = fingerprint("s", "live");
+        m.insert(&s, live, e.clone());
         now.store(60, Ordering::Relaxed);
-        assert!(m.lookup("s", "live").is_some()); // used at 60: lives until 160
+        assert!(m.lookup(live).is_some()); // used at 60: lives until 160
         now.store(150, Ordering::Relaxed);
-        assert!(m.lookup("s", "live").is_some());
+        assert!(m.lookup(live).is_some());
         now.store(251, Ordering::Relaxed);
-        assert!(m.lookup("s", "live").is_none(), "unused for 101 ms > ttl");
+        assert!(m.lookup(live).is_none(), "unused for 101 ms > ttl");
         assert_eq!(m.stats().expirations, 1);
     }
 }
