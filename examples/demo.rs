@@ -6,7 +6,9 @@
 //! from the backend the balancer picked, and reports pick latency percentiles (the time of
 //! the pick itself, not of the request). Then it shows consistent hashing keeping each user
 //! on one backend, and a backend being deregistered mid-traffic: once `deregister` returns it
-//! gets no new request.
+//! gets no new request. Then active health checks (a backend killed and restarted), sticky
+//! sessions surviving a drain (rolling deploy) and a backend removal, and a primary/backup
+//! failover group in action.
 //!
 //! Flags: `--requests N` (per strategy, default 4000), `--concurrency C` (default 16).
 //! Logging: `RUST_LOG=tai_loadbalancer=debug cargo run --release --example demo`.
@@ -307,6 +309,10 @@ async fn main() -> Result<(), BoxError> {
     // Health checks: a backend dies, is excluded, comes back on the same port, returns.
     health_demo(&registry).await?;
 
+    // Sticky sessions through a drain and a backend removal; a failover group.
+    sessions_demo(&registry).await?;
+    failover_demo(&registry).await?;
+
     let metrics = lb.metrics();
     println!(
         "\nconsistent-hash balancer metrics: {} requests, {} succeeded, success rate {:.1}%, {} in flight",
@@ -370,8 +376,10 @@ async fn health_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
     println!(
         "  epsilon killed: out of routing after {out:?}; {picks_to_dead} of 100 picks went to it afterwards"
     );
+    assert_eq!(picks_to_dead, 0, "a dead backend must be out of routing");
     let (_, revived) = serve("epsilon", Duration::ZERO, addr).await?;
     let back = wait(true).await;
+    assert!(routable(&lb), "a restarted backend must come back");
     println!("  epsilon restarted on {addr}: back in routing after {back:?}");
     let status = lb
         .health_checks()
@@ -386,5 +394,272 @@ async fn health_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
     );
     revived.abort();
     lb.stop().await?;
+    Ok(())
+}
+
+/// 60 sticky sessions over three backends: they stick; one backend is drained while a request
+/// is in flight on it (new picks avoid it, the drain waits for that request); another is
+/// killed and deregistered. Only the sessions of the two leave them, and they stick to their
+/// new homes; the others never move.
+async fn sessions_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
+    use tai_loadbalancer::{AffinityConfig, AffinityStrategy};
+
+    let mut names = BTreeMap::new();
+    let mut endpoints = Vec::new();
+    let mut tasks = Vec::new();
+    for name in ["red", "green", "blue"] {
+        let (addr, task) = serve(name, Duration::ZERO, "127.0.0.1:0".parse()?).await?;
+        names.insert(addr, name);
+        endpoints.push(Endpoint::new(addr, None));
+        tasks.push(task);
+    }
+    registry.register_batch("sessions", endpoints.clone()).await?;
+    let config = LoadBalancerConfig {
+        affinity: AffinityConfig {
+            strategy: AffinityStrategy::Cookie {
+                name: "session".into(),
+            },
+            ttl: Duration::from_secs(600),
+            max_entries: 10_000,
+        },
+        ..Default::default()
+    };
+    let lb = Arc::new(
+        IntegratedLoadBalancer::new(registry.clone(), LoadBalancingStrategy::RoundRobin, config).await?,
+    );
+    lb.start().await?;
+
+    // Each session's requests carry a `Cookie` header; the balancer keys on its `session`.
+    let route = |lb: &IntegratedLoadBalancer, session: usize| {
+        let header = format!("theme=dark; session=s{session:03}");
+        let request = tai_loadbalancer::AffinityRequest::new().cookie_header(&header);
+        let key = lb.affinity().config().strategy.key(&request)?;
+        lb.select_with_affinity("sessions", &key)
+    };
+    let mut home = BTreeMap::new();
+    for round in 0..3 {
+        for session in 0..60 {
+            let endpoint = route(&lb, session)?;
+            let name = request(endpoint.address).await?;
+            if round == 0 {
+                home.insert(session, name);
+            } else {
+                assert_eq!(home[&session], name, "session {session} moved");
+            }
+        }
+    }
+    let count = |home: &BTreeMap<usize, String>, n: &str| home.values().filter(|h| *h == n).count();
+    println!(
+        "\nsticky sessions (cookie `session`, 60 sessions x 3 rounds): every session stayed on one backend"
+    );
+    println!(
+        "  red {}, green {}, blue {} sessions",
+        count(&home, "red"),
+        count(&home, "green"),
+        count(&home, "blue")
+    );
+
+    // Rolling deploy of green: a request is in flight on it while it drains.
+    let green = endpoints[1].clone();
+    let in_flight = lb.pick("sessions")?;
+    let in_flight = if in_flight.address() == green.address {
+        in_flight
+    } else {
+        drop(in_flight);
+        loop {
+            let p = lb.pick("sessions")?;
+            if p.address() == green.address {
+                break p;
+            }
+        }
+    };
+    let started = Instant::now();
+    let drainer = {
+        let (lb, green) = (lb.clone(), green.clone());
+        tokio::spawn(async move { lb.drain("sessions", &green).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut to_green = 0;
+    for session in 0..60 {
+        if route(&lb, session)?.address == green.address {
+            to_green += 1;
+        }
+    }
+    let held = Duration::from_millis(150);
+    tokio::time::sleep(held).await;
+    let finished_early = drainer.is_finished();
+    request(in_flight.address()).await?;
+    in_flight.success();
+    let report = drainer.await??;
+    println!(
+        "  green drained: {to_green} of 60 sessions routed to it while draining; the drain waited \
+         {:?} for its in-flight request ({} at start, {} at end, finished early: {finished_early})",
+        started.elapsed(),
+        report.in_flight_at_start,
+        report.in_flight_at_end
+    );
+    assert_eq!(to_green, 0);
+    assert!(!finished_early);
+
+    // Blue dies and is deregistered.
+    let blue = endpoints[2].clone();
+    tasks[2].abort();
+    registry.deregister("sessions", &blue).await?;
+    registry.deregister("sessions", &green).await?;
+    let mut moved = 0;
+    let mut unmoved_kept = true;
+    let mut after = BTreeMap::new();
+    for round in 0..2 {
+        for session in 0..60 {
+            let name = request(route(&lb, session)?.address).await?;
+            if round == 0 {
+                if name != home[&session] {
+                    moved += 1;
+                }
+                if home[&session] == "red" && name != "red" {
+                    unmoved_kept = false;
+                }
+                after.insert(session, name);
+            } else {
+                assert_eq!(
+                    after[&session], name,
+                    "a moved session must stick to its new home"
+                );
+            }
+        }
+    }
+    println!(
+        "  green and blue removed: {moved} sessions moved (all of theirs), red's stayed: {unmoved_kept}; \
+         moved sessions stuck to their new home for 2 more rounds"
+    );
+    assert!(unmoved_kept);
+    assert_eq!(moved, count(&home, "green") + count(&home, "blue"));
+    let stats = lb.affinity().stats();
+    println!(
+        "  affinity table: {} keys; {} hits ({} of them found a gone backend and moved), {} misses",
+        lb.affinity().len(),
+        stats.hits,
+        stats.moved,
+        stats.misses
+    );
+    lb.stop().await?;
+    for task in tasks {
+        task.abort();
+    }
+    Ok(())
+}
+
+/// A primary/backup group as a service's routing policy, under TCP health checks: the
+/// primary takes all traffic; killed, its traffic goes to the first backup; restarted, it
+/// takes over again. Then the seed's `FailoverManager` walking the same group by hand.
+async fn failover_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
+    use tai_loadbalancer::{FailoverConfig, FailoverManager, HealthCheckConfig, HealthCheckKind};
+
+    let mut names = BTreeMap::new();
+    let mut endpoints = Vec::new();
+    let mut tasks = Vec::new();
+    for name in ["primary", "backup-1", "backup-2"] {
+        let (addr, task) = serve(name, Duration::ZERO, "127.0.0.1:0".parse()?).await?;
+        names.insert(addr, name);
+        endpoints.push(Endpoint::new(addr, None));
+        tasks.push(task);
+    }
+    registry.register_batch("critical", endpoints.clone()).await?;
+    let config = LoadBalancerConfig {
+        health_check: HealthCheckConfig {
+            enabled: true,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(50),
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+            grace_period: Duration::ZERO,
+            jitter: Duration::from_millis(10),
+            check: HealthCheckKind::Tcp,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let lb = Arc::new(
+        IntegratedLoadBalancer::new(registry.clone(), LoadBalancingStrategy::RoundRobin, config).await?,
+    );
+    lb.start().await?;
+    lb.set_failover_group("critical", endpoints[0].clone(), endpoints[1..].to_vec())
+        .await?;
+    let serve_100 = |lb: Arc<IntegratedLoadBalancer>, names: BTreeMap<SocketAddr, &'static str>| async move {
+        let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut errors = 0;
+        for _ in 0..100 {
+            let pick = lb.pick("critical")?;
+            match request(pick.address()).await {
+                Ok(_) => {
+                    *seen.entry(names[&pick.address()]).or_default() += 1;
+                    pick.success();
+                }
+                Err(_) => {
+                    errors += 1;
+                    pick.failure();
+                }
+            }
+        }
+        Ok::<_, BoxError>((seen, errors))
+    };
+    println!("\nfailover group (primary, backup-1, backup-2) as the routing policy, TCP health checks:");
+    let (seen, errors) = serve_100(lb.clone(), names.clone()).await?;
+    println!("  all up:          100 requests -> {seen:?}, {errors} errors");
+    assert_eq!(seen.get("primary"), Some(&100));
+
+    let primary = endpoints[0].address;
+    tasks[0].abort();
+    let start = Instant::now();
+    while lb.endpoint_health("critical", primary) == Some(tai_loadbalancer::EndpointHealth::Healthy)
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (seen, errors) = serve_100(lb.clone(), names.clone()).await?;
+    println!(
+        "  primary killed:  out after {:?}; 100 requests -> {seen:?}, {errors} errors",
+        start.elapsed()
+    );
+    assert_eq!(seen.get("backup-1"), Some(&100));
+
+    let (_, revived) = serve("primary", Duration::ZERO, primary).await?;
+    let start = Instant::now();
+    while lb.endpoint_health("critical", primary) != Some(tai_loadbalancer::EndpointHealth::Healthy)
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (seen, errors) = serve_100(lb.clone(), names.clone()).await?;
+    println!(
+        "  primary back:    after {:?}; 100 requests -> {seen:?}, {errors} errors",
+        start.elapsed()
+    );
+    assert_eq!(seen.get("primary"), Some(&100));
+
+    // The seed's FailoverManager, with health from the balancer: backup-1 is marked down, so
+    // a failover from the primary skips it.
+    let manager = FailoverManager::new(FailoverConfig {
+        enabled: true,
+        max_attempts: 3,
+        log_failovers: false,
+    })
+    .with_health_from(lb.clone());
+    manager
+        .register("critical", endpoints[0].clone(), endpoints[1..].to_vec())
+        .await?;
+    lb.mark_down("critical", &endpoints[1]).await?;
+    let next = manager.failover("critical", &endpoints[0]).await?;
+    let stats = manager.stats("critical")?;
+    println!(
+        "  FailoverManager: backup-1 marked down, failover from primary -> {} ({} failover, current {})",
+        names[&next.address], stats.failovers, names[&stats.current.address]
+    );
+    assert_eq!(next.address, endpoints[2].address);
+    revived.abort();
+    lb.stop().await?;
+    for task in tasks {
+        task.abort();
+    }
     Ok(())
 }

@@ -148,7 +148,10 @@ impl Shared {
         if let Some(binding) = self.affinity.lookup(fp) {
             let address = binding.endpoint.address;
             let index = binding.hint(table.version).or_else(|| {
-                let i = table.members.binary_search_by(|m| m.state.address().cmp(&address)).ok()?;
+                let i = table
+                    .members
+                    .binary_search_by(|m| m.state.address().cmp(&address))
+                    .ok()?;
                 binding.set_hint(table.version, i);
                 Some(i)
             });
@@ -157,11 +160,18 @@ impl Shared {
                 // A draining endpoint keeps its sticky keys unless the strategy moves them at
                 // once (they then move in batches or on `rebalance_service`).
                 let sticky_draining = member.health == MemberHealth::Draining
-                    && self.control.settings().config.rebalance.strategy.sticky_while_draining();
+                    && self
+                        .control
+                        .settings()
+                        .config
+                        .rebalance
+                        .strategy
+                        .sticky_while_draining();
                 if member.routable || sticky_draining {
                     return Ok(&table.local().members[i]);
                 }
             }
+            self.affinity.note_moved();
         }
         let pin = self.choose(table, slot, Some(hash_key(key)))?;
         self.affinity.insert(&table.service, fp, pin.endpoint().clone());

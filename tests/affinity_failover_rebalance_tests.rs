@@ -25,7 +25,9 @@ async fn lb_with(
 ) -> (Arc<ServiceRegistry>, IntegratedLoadBalancer) {
     let registry = Arc::new(ServiceRegistry::new());
     registry.register_batch("svc", endpoints).await.unwrap();
-    let lb = IntegratedLoadBalancer::new(registry.clone(), strategy, config).await.unwrap();
+    let lb = IntegratedLoadBalancer::new(registry.clone(), strategy, config)
+        .await
+        .unwrap();
     (registry, lb)
 }
 
@@ -43,7 +45,12 @@ async fn seed_affinity_snippet() -> Result<(), Box<dyn std::error::Error>> {
         affinity: affinity_config,
         ..Default::default()
     };
-    let (_r, lb) = lb_with((0..4).map(ep).collect(), LoadBalancingStrategy::RoundRobin, config).await;
+    let (_r, lb) = lb_with(
+        (0..4).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        config,
+    )
+    .await;
 
     // Get endpoint with session affinity
     let endpoint = lb.next_endpoint_with_affinity("svc", "user-123").await?;
@@ -55,7 +62,12 @@ async fn seed_affinity_snippet() -> Result<(), Box<dyn std::error::Error>> {
 
 #[tokio::test]
 async fn first_request_goes_to_the_hash_owner_then_sticks() {
-    let (registry, lb) = lb_with((0..5).map(ep).collect(), LoadBalancingStrategy::Random, Default::default()).await;
+    let (registry, lb) = lb_with(
+        (0..5).map(ep).collect(),
+        LoadBalancingStrategy::Random,
+        Default::default(),
+    )
+    .await;
     let mut bound = HashMap::new();
     for k in 0..500 {
         let owner = lb.select_with_hash("svc", key(k)).unwrap();
@@ -68,14 +80,28 @@ async fn first_request_goes_to_the_hash_owner_then_sticks() {
     let moved_by_hash = (0..500)
         .filter(|k| lb.select_with_hash("svc", key(*k)).unwrap().address != bound[k])
         .count();
-    assert!(moved_by_hash > 30, "the new endpoint should own some keys by hash");
+    assert!(
+        moved_by_hash > 30,
+        "the new endpoint should own some keys by hash"
+    );
     for k in 0..500 {
-        assert_eq!(lb.next_endpoint_with_affinity("svc", &key(k)).await.unwrap().address, bound[&k], "key {k}");
+        assert_eq!(
+            lb.next_endpoint_with_affinity("svc", &key(k))
+                .await
+                .unwrap()
+                .address,
+            bound[&k],
+            "key {k}"
+        );
     }
     // Two balancers over the same endpoints agree on fresh keys without sharing state.
-    let other = IntegratedLoadBalancer::new(registry.clone(), LoadBalancingStrategy::RoundRobin, Default::default())
-        .await
-        .unwrap();
+    let other = IntegratedLoadBalancer::new(
+        registry.clone(),
+        LoadBalancingStrategy::RoundRobin,
+        Default::default(),
+    )
+    .await
+    .unwrap();
     for k in 1_000..1_200 {
         assert_eq!(
             lb.next_endpoint_with_affinity("svc", &key(k)).await.unwrap(),
@@ -94,18 +120,32 @@ async fn bindings_expire_after_ttl_of_no_use() {
         },
         ..Default::default()
     };
-    let (_r, lb) = lb_with((0..4).map(ep).collect(), LoadBalancingStrategy::RoundRobin, config).await;
+    let (_r, lb) = lb_with(
+        (0..4).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        config,
+    )
+    .await;
     let owner = lb.select_with_hash("svc", "sess").unwrap();
     let elsewhere = (0..4).map(ep).find(|e| *e != owner).unwrap();
-    lb.affinity().set_affinity("svc", "sess", elsewhere.clone()).await.unwrap();
+    lb.affinity()
+        .set_affinity("svc", "sess", elsewhere.clone())
+        .await
+        .unwrap();
     // Used every 9 s: never expires.
     for _ in 0..5 {
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert_eq!(lb.next_endpoint_with_affinity("svc", "sess").await.unwrap(), elsewhere);
+        assert_eq!(
+            lb.next_endpoint_with_affinity("svc", "sess").await.unwrap(),
+            elsewhere
+        );
     }
     // 10 s without use: expired; the key goes back to its hash owner and sticks there.
     tokio::time::advance(Duration::from_millis(10_001)).await;
-    assert_eq!(lb.next_endpoint_with_affinity("svc", "sess").await.unwrap(), owner);
+    assert_eq!(
+        lb.next_endpoint_with_affinity("svc", "sess").await.unwrap(),
+        owner
+    );
     assert!(lb.affinity().stats().expirations >= 1);
     let standalone = AffinityManager::new(AffinityConfig {
         ttl: Duration::from_secs(1),
@@ -121,38 +161,62 @@ async fn bindings_expire_after_ttl_of_no_use() {
 
 #[tokio::test]
 async fn a_binding_to_a_gone_unhealthy_or_draining_endpoint_moves_and_sticks() {
-    let (registry, lb) = lb_with((0..4).map(ep).collect(), LoadBalancingStrategy::RoundRobin, Default::default()).await;
+    let (registry, lb) = lb_with(
+        (0..4).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        Default::default(),
+    )
+    .await;
     let first = lb.next_endpoint_with_affinity("svc", "k").await.unwrap();
     // Deregistered: never returned once deregister returned.
     registry.deregister("svc", &first).await.unwrap();
     let second = lb.next_endpoint_with_affinity("svc", "k").await.unwrap();
     assert_ne!(second, first);
     for _ in 0..5 {
-        assert_eq!(lb.next_endpoint_with_affinity("svc", "k").await.unwrap(), second, "sticks to the new one");
+        assert_eq!(
+            lb.next_endpoint_with_affinity("svc", "k").await.unwrap(),
+            second,
+            "sticks to the new one"
+        );
     }
     // Unhealthy (marked down): moves again.
     lb.mark_down("svc", &second).await.unwrap();
     let third = lb.next_endpoint_with_affinity("svc", "k").await.unwrap();
     assert!(third != second && third != first);
     lb.mark_up("svc", &second).await.unwrap();
-    assert_eq!(lb.next_endpoint_with_affinity("svc", "k").await.unwrap(), third, "sticks after recovery");
+    assert_eq!(
+        lb.next_endpoint_with_affinity("svc", "k").await.unwrap(),
+        third,
+        "sticks after recovery"
+    );
     // Draining under the (default) Immediate strategy: moves at once.
     let report = lb.drain("svc", &third).await.unwrap();
     assert!(!report.timed_out);
     let fourth = lb.next_endpoint_with_affinity("svc", "k").await.unwrap();
-    assert!(fourth != first && fourth != third, "not the removed one, not the draining one");
+    assert!(
+        fourth != first && fourth != third,
+        "not the removed one, not the draining one"
+    );
+    // Deregistered, then marked down: two hits whose endpoint had left routing.
+    let stats = lb.affinity().stats();
+    assert_eq!(stats.moved, 2, "{stats:?}");
 }
 
 /// Index of a loopback test address (inverse of `common::addr`).
 fn index_of(a: SocketAddr) -> usize {
-    let SocketAddr::V4(v4) = a else { panic!("unexpected {a}") };
+    let SocketAddr::V4(v4) = a else {
+        panic!("unexpected {a}")
+    };
     let host = (u32::from(*v4.ip()) & 0x00ff_ffff) as usize - 1;
     host * 64 + (v4.port() as usize - 30_000)
 }
 
 #[test]
 fn bounded_under_concurrent_churn_with_no_stale_endpoint() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let config = LoadBalancerConfig {
         affinity: AffinityConfig {
             strategy: AffinityStrategy::CustomKey,
@@ -161,7 +225,11 @@ fn bounded_under_concurrent_churn_with_no_stale_endpoint() {
         },
         ..Default::default()
     };
-    let (registry, lb) = rt.block_on(lb_with((0..8).map(ep).collect(), LoadBalancingStrategy::RoundRobin, config));
+    let (registry, lb) = rt.block_on(lb_with(
+        (0..8).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        config,
+    ));
     rt.block_on(lb.start()).unwrap();
     // removed_at[i]: epoch at which endpoint i's deregistration returned (0: live).
     let removed_at: Vec<AtomicU64> = (0..64).map(|_| AtomicU64::new(0)).collect();
@@ -171,7 +239,8 @@ fn bounded_under_concurrent_churn_with_no_stale_endpoint() {
     let max_len = AtomicU64::new(0);
     std::thread::scope(|s| {
         for t in 0..2u64 {
-            let (lb, removed_at, epoch, stop, stale, max_len) = (&lb, &removed_at, &epoch, &stop, &stale, &max_len);
+            let (lb, removed_at, epoch, stop, stale, max_len) =
+                (&lb, &removed_at, &epoch, &stop, &stale, &max_len);
             s.spawn(move || {
                 let mut i = t;
                 while !stop.load(Ordering::SeqCst) {
@@ -213,9 +282,19 @@ fn bounded_under_concurrent_churn_with_no_stale_endpoint() {
         });
         stop.store(true, Ordering::SeqCst);
     });
-    assert_eq!(stale.load(Ordering::SeqCst), 0, "a binding to a deregistered endpoint was used");
-    assert!(max_len.load(Ordering::Relaxed) <= 20_000, "table grew past max_entries");
-    assert!(lb.affinity().stats().evictions > 0, "100,000 keys through a 20,000 table must evict");
+    assert_eq!(
+        stale.load(Ordering::SeqCst),
+        0,
+        "a binding to a deregistered endpoint was used"
+    );
+    assert!(
+        max_len.load(Ordering::Relaxed) <= 20_000,
+        "table grew past max_entries"
+    );
+    assert!(
+        lb.affinity().stats().evictions > 0,
+        "100,000 keys through a 20,000 table must evict"
+    );
     rt.block_on(lb.stop()).unwrap();
 }
 
@@ -223,17 +302,25 @@ fn bounded_under_concurrent_churn_with_no_stale_endpoint() {
 async fn keys_from_requests() {
     let cookie = LoadBalancerConfig {
         affinity: AffinityConfig {
-            strategy: AffinityStrategy::Cookie { name: "SESSIONID".into() },
+            strategy: AffinityStrategy::Cookie {
+                name: "SESSIONID".into(),
+            },
             ..Default::default()
         },
         ..Default::default()
     };
-    let (_r, lb) = lb_with((0..4).map(ep).collect(), LoadBalancingStrategy::RoundRobin, cookie).await;
+    let (_r, lb) = lb_with(
+        (0..4).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        cookie,
+    )
+    .await;
     let request = AffinityRequest::new().cookie_header("lang=en; SESSIONID=s-42");
     let a = lb.next_endpoint_for_request("svc", &request).await.unwrap();
     assert_eq!(a, lb.next_endpoint_with_affinity("svc", "s-42").await.unwrap());
     assert!(matches!(
-        lb.next_endpoint_for_request("svc", &AffinityRequest::new().cookie_header("lang=en")).await,
+        lb.next_endpoint_for_request("svc", &AffinityRequest::new().cookie_header("lang=en"))
+            .await,
         Err(Error::InvalidAffinityKey { .. })
     ));
     let by_ip = AffinityStrategy::SourceIp;
@@ -243,7 +330,12 @@ async fn keys_from_requests() {
         by_ip.key(&AffinityRequest::new().source(one)).unwrap(),
         by_ip.key(&AffinityRequest::new().source(other_port)).unwrap()
     );
-    assert_eq!(AffinityStrategy::UserId.key(&AffinityRequest::new().user_id("alice")).unwrap(), "alice");
+    assert_eq!(
+        AffinityStrategy::UserId
+            .key(&AffinityRequest::new().user_id("alice"))
+            .unwrap(),
+        "alice"
+    );
 }
 
 #[tokio::test]
@@ -257,13 +349,22 @@ async fn affinity_bad_input() {
         Err(Error::InvalidConfig { field, .. }) if field == "affinity.max_entries"
     ));
     let (_r, lb) = lb_with(vec![ep(0)], LoadBalancingStrategy::RoundRobin, Default::default()).await;
-    assert!(matches!(lb.next_endpoint_with_affinity("svc", "").await, Err(Error::InvalidAffinityKey { .. })));
-    assert!(matches!(lb.affinity().set_affinity("svc", "", ep(0)).await, Err(Error::InvalidAffinityKey { .. })));
+    assert!(matches!(
+        lb.next_endpoint_with_affinity("svc", "").await,
+        Err(Error::InvalidAffinityKey { .. })
+    ));
+    assert!(matches!(
+        lb.affinity().set_affinity("svc", "", ep(0)).await,
+        Err(Error::InvalidAffinityKey { .. })
+    ));
     assert!(matches!(
         lb.next_endpoint_with_affinity("svc", &"k".repeat(5_000)).await,
         Err(Error::InvalidAffinityKey { .. })
     ));
-    assert!(matches!(lb.next_endpoint_with_affinity("nope", "k").await, Err(Error::UnknownService { .. })));
+    assert!(matches!(
+        lb.next_endpoint_with_affinity("nope", "k").await,
+        Err(Error::UnknownService { .. })
+    ));
     let manager = AffinityManager::new(AffinityConfig::default()).unwrap();
     manager.set_affinity("s", "k", ep(1)).await.unwrap();
     assert_eq!(manager.len(), 1);
@@ -291,7 +392,9 @@ async fn seed_failover_snippet() -> Result<(), Box<dyn std::error::Error>> {
         Endpoint::new("127.0.0.1:5003".parse()?, None),
     ];
 
-    manager.register("critical-service", primary.clone(), backups.clone()).await?;
+    manager
+        .register("critical-service", primary.clone(), backups.clone())
+        .await?;
 
     // Trigger failover on error
     let endpoint = manager.current("critical-service").await?;
@@ -307,7 +410,12 @@ async fn seed_failover_snippet() -> Result<(), Box<dyn std::error::Error>> {
 
 #[tokio::test]
 async fn failover_is_bounded_skips_unhealthy_and_fails_back() {
-    let (_r, lb) = lb_with((0..4).map(ep).collect(), LoadBalancingStrategy::RoundRobin, Default::default()).await;
+    let (_r, lb) = lb_with(
+        (0..4).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        Default::default(),
+    )
+    .await;
     let lb = Arc::new(lb);
     let manager = FailoverManager::new(FailoverConfig {
         enabled: true,
@@ -315,21 +423,32 @@ async fn failover_is_bounded_skips_unhealthy_and_fails_back() {
         log_failovers: true,
     })
     .with_health_from(lb.clone());
-    manager.register("svc", ep(0), vec![ep(1), ep(2), ep(3)]).await.unwrap();
+    manager
+        .register("svc", ep(0), vec![ep(1), ep(2), ep(3)])
+        .await
+        .unwrap();
     // Backup 1 is unhealthy: the walk skips it.
     lb.mark_down("svc", &ep(1)).await.unwrap();
     assert_eq!(manager.failover("svc", &ep(0)).await.unwrap(), ep(2));
     assert_eq!(manager.failover("svc", &ep(2)).await.unwrap(), ep(3));
     // max_attempts (2) used: refused with a typed error, counted.
-    assert!(matches!(manager.failover("svc", &ep(3)).await, Err(Error::FailoverExhausted { attempts: 2, .. })));
+    assert!(matches!(
+        manager.failover("svc", &ep(3)).await,
+        Err(Error::FailoverExhausted { attempts: 2, .. })
+    ));
     let stats = manager.stats("svc").unwrap();
-    assert_eq!((stats.failovers, stats.exhausted, stats.current.clone()), (2, 1, ep(3)));
+    assert_eq!(
+        (stats.failovers, stats.exhausted, stats.current.clone()),
+        (2, 1, ep(3))
+    );
     // The primary is healthy: the group fails back by itself.
     assert_eq!(manager.current("svc").await.unwrap(), ep(0));
     assert_eq!(manager.stats("svc").unwrap().failbacks, 1);
     assert_eq!(manager.stats("svc").unwrap().attempts, 0);
     // With failback off, it stays on the backup until reset.
-    let manual = FailoverManager::new(FailoverConfig::default()).with_failback(false).with_health_from(lb.clone());
+    let manual = FailoverManager::new(FailoverConfig::default())
+        .with_failback(false)
+        .with_health_from(lb.clone());
     manual.register("svc", ep(0), vec![ep(2)]).await.unwrap();
     manual.failover("svc", &ep(0)).await.unwrap();
     assert_eq!(manual.current("svc").await.unwrap(), ep(2));
@@ -338,16 +457,31 @@ async fn failover_is_bounded_skips_unhealthy_and_fails_back() {
     // Running off the end of the order is exhaustion too.
     let short = FailoverManager::new(FailoverConfig::default());
     short.register("svc", ep(0), vec![ep(1)]).await.unwrap();
-    assert!(matches!(short.failover("svc", &ep(1)).await, Err(Error::FailoverExhausted { .. })));
+    assert!(matches!(
+        short.failover("svc", &ep(1)).await,
+        Err(Error::FailoverExhausted { .. })
+    ));
 }
 
 #[tokio::test]
 async fn failover_bad_input() {
     let manager = FailoverManager::new(FailoverConfig::default());
-    assert!(matches!(manager.failover("nope", &ep(0)).await, Err(Error::UnknownService { .. })));
-    assert!(matches!(manager.register("svc", ep(0), vec![ep(0)]).await, Err(Error::InvalidFailoverGroup { .. })));
-    assert!(matches!(manager.register("svc", ep(0), vec![ep(1), ep(1)]).await, Err(Error::InvalidFailoverGroup { .. })));
-    assert!(matches!(manager.register("", ep(0), vec![ep(1)]).await, Err(Error::InvalidServiceName { .. })));
+    assert!(matches!(
+        manager.failover("nope", &ep(0)).await,
+        Err(Error::UnknownService { .. })
+    ));
+    assert!(matches!(
+        manager.register("svc", ep(0), vec![ep(0)]).await,
+        Err(Error::InvalidFailoverGroup { .. })
+    ));
+    assert!(matches!(
+        manager.register("svc", ep(0), vec![ep(1), ep(1)]).await,
+        Err(Error::InvalidFailoverGroup { .. })
+    ));
+    assert!(matches!(
+        manager.register("", ep(0), vec![ep(1)]).await,
+        Err(Error::InvalidServiceName { .. })
+    ));
     let zero = FailoverManager::new(FailoverConfig {
         enabled: true,
         max_attempts: 0,
@@ -363,10 +497,19 @@ async fn failover_bad_input() {
         log_failovers: false,
     });
     off.register("svc", ep(0), vec![ep(1)]).await.unwrap();
-    assert!(matches!(off.failover("svc", &ep(0)).await, Err(Error::FailoverDisabled { .. })));
+    assert!(matches!(
+        off.failover("svc", &ep(0)).await,
+        Err(Error::FailoverDisabled { .. })
+    ));
     manager.register("svc", ep(0), vec![ep(1)]).await.unwrap();
-    assert!(matches!(manager.failover("svc", &ep(7)).await, Err(Error::UnknownEndpoint { .. })));
-    assert!(matches!(manager.reset_failover("svc", &ep(1)).await, Err(Error::InvalidFailoverGroup { .. })));
+    assert!(matches!(
+        manager.failover("svc", &ep(7)).await,
+        Err(Error::UnknownEndpoint { .. })
+    ));
+    assert!(matches!(
+        manager.reset_failover("svc", &ep(1)).await,
+        Err(Error::InvalidFailoverGroup { .. })
+    ));
 }
 
 #[test]
@@ -386,7 +529,10 @@ fn failovers_are_logged() {
     }
     let buffer = Buffer::default();
     let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     tracing::subscriber::with_default(subscriber, || {
         rt.block_on(async {
@@ -396,44 +542,87 @@ fn failovers_are_logged() {
                     max_attempts: 3,
                     log_failovers: log,
                 });
-                manager.register(if log { "logged" } else { "quiet" }, ep(0), vec![ep(1)]).await.unwrap();
-                manager.failover(if log { "logged" } else { "quiet" }, &ep(0)).await.unwrap();
+                manager
+                    .register(if log { "logged" } else { "quiet" }, ep(0), vec![ep(1)])
+                    .await
+                    .unwrap();
+                manager
+                    .failover(if log { "logged" } else { "quiet" }, &ep(0))
+                    .await
+                    .unwrap();
             }
         })
     });
     let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    assert_eq!(text.lines().count(), 1, "one event, for the group that logs: {text}");
-    assert!(text.contains("logged") && text.contains(&addr(1).to_string()), "{text}");
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "one event, for the group that logs: {text}"
+    );
+    assert!(
+        text.contains("logged") && text.contains(&addr(1).to_string()),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn a_failover_group_routes_a_service() {
-    let (_r, lb) = lb_with((0..4).map(ep).collect(), LoadBalancingStrategy::RoundRobin, Default::default()).await;
-    lb.set_failover_group("svc", ep(2), vec![ep(0), ep(3)]).await.unwrap();
+    let (_r, lb) = lb_with(
+        (0..4).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        Default::default(),
+    )
+    .await;
+    lb.set_failover_group("svc", ep(2), vec![ep(0), ep(3)])
+        .await
+        .unwrap();
     for _ in 0..20 {
-        assert_eq!(lb.pick("svc").unwrap().address(), addr(2), "the primary takes all traffic");
+        assert_eq!(
+            lb.pick("svc").unwrap().address(),
+            addr(2),
+            "the primary takes all traffic"
+        );
     }
     lb.mark_down("svc", &ep(2)).await.unwrap();
     for _ in 0..20 {
-        assert_eq!(lb.pick("svc").unwrap().address(), addr(0), "then the first healthy backup");
+        assert_eq!(
+            lb.pick("svc").unwrap().address(),
+            addr(0),
+            "then the first healthy backup"
+        );
     }
     lb.mark_down("svc", &ep(0)).await.unwrap();
     assert_eq!(lb.next_endpoint("svc").await.unwrap().address, addr(3));
     lb.mark_up("svc", &ep(2)).await.unwrap();
-    assert_eq!(lb.pick("svc").unwrap().address(), addr(2), "and the primary again once it recovers");
+    assert_eq!(
+        lb.pick("svc").unwrap().address(),
+        addr(2),
+        "and the primary again once it recovers"
+    );
     lb.clear_failover_group("svc").await.unwrap();
     let spread: HashSet<SocketAddr> = (0..6).map(|_| lb.pick("svc").unwrap().address()).collect();
     assert!(spread.len() >= 2, "back to round robin");
-    assert!(matches!(lb.set_failover_group("svc", ep(1), vec![ep(1)]).await, Err(Error::InvalidFailoverGroup { .. })));
+    assert!(matches!(
+        lb.set_failover_group("svc", ep(1), vec![ep(1)]).await,
+        Err(Error::InvalidFailoverGroup { .. })
+    ));
 }
 
 // ===== draining and rebalancing =====
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_keeps_in_flight_requests_and_avoids_new_picks() {
-    let (_r, lb) = lb_with((0..3).map(ep).collect(), LoadBalancingStrategy::RoundRobin, Default::default()).await;
+    let (_r, lb) = lb_with(
+        (0..3).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        Default::default(),
+    )
+    .await;
     let lb = Arc::new(lb);
-    let held: Vec<_> = (0..9).map(|_| lb.pick("svc").unwrap()).filter(|p| p.address() == addr(1)).collect();
+    let held: Vec<_> = (0..9)
+        .map(|_| lb.pick("svc").unwrap())
+        .filter(|p| p.address() == addr(1))
+        .collect();
     assert_eq!(held.len(), 3);
     let drainer = {
         let lb = lb.clone();
@@ -452,8 +641,23 @@ async fn draining_keeps_in_flight_requests_and_avoids_new_picks() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let report = drainer.await.unwrap().unwrap();
-    assert_eq!((report.in_flight_at_start, report.in_flight_at_end, report.timed_out), (3, 0, false));
-    assert_eq!(lb.metrics().service("svc").unwrap().endpoint(addr(1)).unwrap().successes, 3);
+    assert_eq!(
+        (
+            report.in_flight_at_start,
+            report.in_flight_at_end,
+            report.timed_out
+        ),
+        (3, 0, false)
+    );
+    assert_eq!(
+        lb.metrics()
+            .service("svc")
+            .unwrap()
+            .endpoint(addr(1))
+            .unwrap()
+            .successes,
+        3
+    );
     lb.undrain("svc", &ep(1)).await.unwrap();
     assert_eq!(lb.endpoint_health("svc", addr(1)), Some(EndpointHealth::Healthy));
 }
@@ -492,7 +696,12 @@ async fn gradual_drain_moves_sticky_keys_in_batches() {
         },
         ..Default::default()
     };
-    let (_r, lb) = lb_with((0..3).map(ep).collect(), LoadBalancingStrategy::RoundRobin, config).await;
+    let (_r, lb) = lb_with(
+        (0..3).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        config,
+    )
+    .await;
     let lb = Arc::new(lb);
     lb.rebalancer().start().await.unwrap();
     let mut events = lb.rebalancer().subscribe();
@@ -508,8 +717,14 @@ async fn gradual_drain_moves_sticky_keys_in_batches() {
     let still = (0..250)
         .filter(|k| lb.select_with_affinity("svc", &key(*k)).unwrap().address == addr(1))
         .count();
-    assert!((100..=150).contains(&still), "after the first batch, {still} of 250 keys still stick");
-    assert!(lb.pick("svc").unwrap().address() != addr(1), "but it gets no new picks");
+    assert!(
+        (100..=150).contains(&still),
+        "after the first batch, {still} of 250 keys still stick"
+    );
+    assert!(
+        lb.pick("svc").unwrap().address() != addr(1),
+        "but it gets no new picks"
+    );
     let report = drainer.await.unwrap().unwrap();
     assert!(!report.timed_out, "{report:?}");
     assert!(report.affinity_keys_moved >= 100, "{report:?}");
@@ -521,7 +736,10 @@ async fn gradual_drain_moves_sticky_keys_in_batches() {
     }
     assert!(batches.len() >= 2, "progress visible in batches: {batches:?}");
     assert!(batches.iter().all(|(moved, _)| *moved <= 100));
-    assert!(batches.windows(2).all(|w| w[1].1 <= w[0].1), "pending only shrinks: {batches:?}");
+    assert!(
+        batches.windows(2).all(|w| w[1].1 <= w[0].1),
+        "pending only shrinks: {batches:?}"
+    );
     for k in 0..250 {
         assert_ne!(lb.select_with_affinity("svc", &key(k)).unwrap().address, addr(1));
     }
@@ -535,7 +753,12 @@ async fn manual_strategy_moves_keys_only_on_rebalance_service() {
         },
         ..Default::default()
     };
-    let (_r, lb) = lb_with((0..3).map(ep).collect(), LoadBalancingStrategy::RoundRobin, config).await;
+    let (_r, lb) = lb_with(
+        (0..3).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        config,
+    )
+    .await;
     lb.rebalancer().start().await.unwrap();
     for k in 0..50 {
         lb.affinity().set_affinity("svc", &key(k), ep(2)).await.unwrap();
@@ -544,7 +767,10 @@ async fn manual_strategy_moves_keys_only_on_rebalance_service() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(lb.affinity().len(), 50, "Manual: nothing moves by itself");
     let event = lb.rebalancer().rebalance_service("svc").await.unwrap();
-    assert_eq!((event.trigger, event.affinity_keys_moved), (RebalanceTrigger::Manual, 50));
+    assert_eq!(
+        (event.trigger, event.affinity_keys_moved),
+        (RebalanceTrigger::Manual, 50)
+    );
     assert_eq!(lb.affinity().len(), 0);
 }
 
@@ -556,7 +782,12 @@ async fn topology_changes_are_reported_and_removed_endpoints_released() {
         },
         ..Default::default()
     };
-    let (registry, lb) = lb_with((0..3).map(ep).collect(), LoadBalancingStrategy::RoundRobin, config).await;
+    let (registry, lb) = lb_with(
+        (0..3).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        config,
+    )
+    .await;
     lb.start().await.unwrap();
     lb.rebalancer().start().await.unwrap();
     let mut events = lb.rebalancer().subscribe();
@@ -585,11 +816,24 @@ async fn topology_changes_are_reported_and_removed_endpoints_released() {
         }
     }
     assert!(seen.iter().any(|e| e.added.contains(&addr(5))), "{seen:?}");
-    assert!(seen.iter().any(|e| e.health_changed.contains(&(addr(1), EndpointHealth::Down))), "{seen:?}");
-    let removal = seen.iter().find(|e| e.removed.contains(&addr(0))).expect("removal reported");
-    assert_eq!(removal.affinity_keys_moved, 30, "keys of a removed endpoint move at once");
+    assert!(
+        seen.iter()
+            .any(|e| e.health_changed.contains(&(addr(1), EndpointHealth::Down))),
+        "{seen:?}"
+    );
+    let removal = seen
+        .iter()
+        .find(|e| e.removed.contains(&addr(0)))
+        .expect("removal reported");
+    assert_eq!(
+        removal.affinity_keys_moved, 30,
+        "keys of a removed endpoint move at once"
+    );
     // The held request outlives the 300 ms drain timeout: released as timed out.
-    let release = seen.iter().find(|e| !e.released.is_empty()).expect("release reported");
+    let release = seen
+        .iter()
+        .find(|e| !e.released.is_empty())
+        .expect("release reported");
     assert_eq!(release.released[0].address, addr(0));
     assert!(release.released[0].timed_out && release.released[0].in_flight_abandoned == 1);
     drop(held);
@@ -603,16 +847,26 @@ async fn rebalance_bad_input() {
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        bad("[rebalance.strategy]\nkind = \"gradual\"\ndrain_timeout = \"0s\"\nbatch_size = 1\nbatch_interval = \"1s\""),
+        bad(
+            "[rebalance.strategy]\nkind = \"gradual\"\ndrain_timeout = \"0s\"\nbatch_size = 1\nbatch_interval = \"1s\""
+        ),
         "rebalance.strategy.drain_timeout"
     );
     assert_eq!(
-        bad("[rebalance.strategy]\nkind = \"gradual\"\ndrain_timeout = \"1s\"\nbatch_size = 0\nbatch_interval = \"1s\""),
+        bad(
+            "[rebalance.strategy]\nkind = \"gradual\"\ndrain_timeout = \"1s\"\nbatch_size = 0\nbatch_interval = \"1s\""
+        ),
         "rebalance.strategy.batch_size"
     );
     assert_eq!(bad("[affinity]\nttl = \"0s\""), "affinity.ttl");
     assert_eq!(bad("[affinity]\nmax_entries = 0"), "affinity.max_entries");
     let (_r, lb) = lb_with(vec![ep(0)], LoadBalancingStrategy::RoundRobin, Default::default()).await;
-    assert!(matches!(lb.drain("svc", &ep(9)).await, Err(Error::UnknownEndpoint { .. })));
-    assert!(matches!(lb.drain("nope", &ep(0)).await, Err(Error::UnknownService { .. })));
+    assert!(matches!(
+        lb.drain("svc", &ep(9)).await,
+        Err(Error::UnknownEndpoint { .. })
+    ));
+    assert!(matches!(
+        lb.drain("nope", &ep(0)).await,
+        Err(Error::UnknownService { .. })
+    ));
 }

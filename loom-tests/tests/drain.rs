@@ -25,7 +25,12 @@ mod model {
                 ..Default::default()
             };
             let lb = Arc::new(
-                block_on(IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::RoundRobin, config)).unwrap(),
+                block_on(IntegratedLoadBalancer::new(
+                    registry,
+                    LoadBalancingStrategy::RoundRobin,
+                    config,
+                ))
+                .unwrap(),
             );
             // The request in flight on endpoint 1 (round robin's first pick).
             let pick = lb.pick("svc").unwrap();

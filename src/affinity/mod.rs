@@ -349,6 +349,7 @@ impl Lifecycle<u128, DataArc<Binding>> for CountEvictions {
 struct ShardStats {
     hits: AtomicU64,
     misses: AtomicU64,
+    moved: AtomicU64,
 }
 
 /// Hit, miss, insert, eviction and expiry counts of an [`AffinityManager`].
@@ -358,6 +359,9 @@ pub struct AffinityStats {
     pub hits: u64,
     /// Lookups that found nothing (or an expired entry).
     pub misses: u64,
+    /// Hits whose endpoint had left routing (deregistered, unhealthy or draining), so the key
+    /// was bound to a live endpoint instead (also counted in `hits`).
+    pub moved: u64,
     /// Entries dropped because they expired.
     pub expirations: u64,
     /// Entries dropped to stay within `max_entries`.
@@ -421,7 +425,9 @@ impl AffinityManager {
             config,
             cache,
             evictions: counter,
-            stats: (0..crate::sync::shard_count()).map(|_| CachePadded::new(ShardStats::default())).collect(),
+            stats: (0..crate::sync::shard_count())
+                .map(|_| CachePadded::new(ShardStats::default()))
+                .collect(),
             expirations: AtomicU64::new(0),
             clock,
         })
@@ -452,7 +458,9 @@ impl AffinityManager {
 
     /// Removes the binding of `key`; returns the endpoint it pointed to.
     pub async fn remove_affinity(&self, service: &str, key: &str) -> Option<Endpoint> {
-        self.cache.remove(&fingerprint(service, key)).map(|(_, b)| b.endpoint.clone())
+        self.cache
+            .remove(&fingerprint(service, key))
+            .map(|(_, b)| b.endpoint.clone())
     }
 
     /// Entries currently held (expired ones not yet dropped included).
@@ -465,18 +473,26 @@ impl AffinityManager {
         self.cache.is_empty()
     }
 
+    /// Counts a hit whose endpoint had left routing.
+    pub(crate) fn note_moved(&self) {
+        self.shard_stats().moved.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counters.
     pub fn stats(&self) -> AffinityStats {
         AffinityStats {
             hits: self.stats.iter().map(|s| s.hits.load(Ordering::Relaxed)).sum(),
             misses: self.stats.iter().map(|s| s.misses.load(Ordering::Relaxed)).sum(),
+            moved: self.stats.iter().map(|s| s.moved.load(Ordering::Relaxed)).sum(),
             expirations: self.expirations.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             entries: self.cache.len(),
         }
     }
 
-    /// Bytes the table's cache structure uses (not counting the key strings).
+    /// Bytes the table's cache structure uses: its slots and index, with each key as a 16-byte
+    /// fingerprint. Each entry's binding (endpoint, service, timestamps) is a separate
+    /// allocation of 96 bytes on a 64-bit target, not counted here.
     pub fn memory_used(&self) -> usize {
         let m = self.cache.memory_used();
         m.entries + m.map
@@ -499,7 +515,9 @@ impl AffinityManager {
     pub(crate) fn unbind(&self, service: &str, address: SocketAddr, limit: usize) -> usize {
         let removed = AtomicU64::new(0);
         self.cache.retain(|_, b| {
-            if *b.service == *service && b.endpoint.address == address && removed.load(Ordering::Relaxed) < limit as u64
+            if *b.service == *service
+                && b.endpoint.address == address
+                && removed.load(Ordering::Relaxed) < limit as u64
             {
                 removed.fetch_add(1, Ordering::Relaxed);
                 false
@@ -556,7 +574,9 @@ impl AffinityManager {
         if now.saturating_sub(last) >= ttl {
             if self
                 .cache
-                .remove_if(&fingerprint, |b| now.saturating_sub(b.last_used.load(Ordering::Relaxed)) >= ttl)
+                .remove_if(&fingerprint, |b| {
+                    now.saturating_sub(b.last_used.load(Ordering::Relaxed)) >= ttl
+                })
                 .is_some()
             {
                 self.expirations.fetch_add(1, Ordering::Relaxed);
@@ -615,19 +635,25 @@ impl FuzzAffinity {
 
     /// Looks up (synchronously).
     pub fn get(&self, service: &str, key: &str) -> Option<Endpoint> {
-        self.table.lookup(fingerprint(service, key)).map(|b| b.endpoint.clone())
+        self.table
+            .lookup(fingerprint(service, key))
+            .map(|b| b.endpoint.clone())
     }
 
     /// Unbinds (synchronously).
     pub fn remove(&self, service: &str, key: &str) -> Option<Endpoint> {
-        self.table.cache.remove(&fingerprint(service, key)).map(|(_, b)| b.endpoint.clone())
+        self.table
+            .cache
+            .remove(&fingerprint(service, key))
+            .map(|(_, b)| b.endpoint.clone())
     }
 
     /// Binds (synchronously, validated).
     pub fn set(&self, service: &str, key: &str, endpoint: Endpoint) -> Result<(), Error> {
         crate::registry::validate_service_name(service)?;
         validate_key(key)?;
-        self.table.insert(&DataArc::from(service), fingerprint(service, key), endpoint);
+        self.table
+            .insert(&DataArc::from(service), fingerprint(service, key), endpoint);
         Ok(())
     }
 }
@@ -727,5 +753,16 @@ mod tests {
         now.store(251, Ordering::Relaxed);
         assert!(m.lookup(live).is_none(), "unused for 101 ms > ttl");
         assert_eq!(m.stats().expirations, 1);
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_binding_fits_the_documented_96_bytes() {
+        // An `Arc` allocation is the value plus two counters.
+        assert!(
+            std::mem::size_of::<Binding>() + 16 <= 96,
+            "{}",
+            std::mem::size_of::<Binding>()
+        );
     }
 }
