@@ -507,6 +507,12 @@ impl IntegratedLoadBalancer {
         Ok(Pick::new(pin, table.version))
     }
 
+    /// Calls `watcher` for every control-plane event from now on (pools follow routing so).
+    #[cfg(feature = "runtime")]
+    pub(crate) fn subscribe_control(&self, watcher: crate::control::Watcher) {
+        self.shared.control.subscribe(watcher);
+    }
+
     /// This balancer's session-affinity table.
     pub fn affinity(&self) -> &AffinityManager {
         &self.shared.affinity

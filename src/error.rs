@@ -189,6 +189,51 @@ pub enum Error {
         message: String,
     },
 
+    /// Every connection to the endpoint was in use for the whole `acquire_timeout`.
+    #[error("no connection to {address} became free within {waited:?} (pool.acquire_timeout)")]
+    AcquireTimeout {
+        /// The endpoint.
+        address: SocketAddr,
+        /// How long the caller waited.
+        waited: std::time::Duration,
+    },
+
+    /// `max_waiters` callers were already waiting for a connection to the endpoint: shed load.
+    #[error(
+        "connection pool for {address} is exhausted: {waiters} callers already waiting (pool.max_waiters)"
+    )]
+    PoolExhausted {
+        /// The endpoint.
+        address: SocketAddr,
+        /// Callers waiting when this one was refused.
+        waiters: usize,
+    },
+
+    /// Opening a connection failed.
+    #[error("cannot connect to {address}: {reason}")]
+    Connect {
+        /// The endpoint.
+        address: SocketAddr,
+        /// The connector's error, with its causes.
+        reason: String,
+    },
+
+    /// Opening a connection took longer than `connect_timeout`.
+    #[error("connecting to {address} timed out after {timeout:?} (pool.connect_timeout)")]
+    ConnectTimeout {
+        /// The endpoint.
+        address: SocketAddr,
+        /// The limit.
+        timeout: std::time::Duration,
+    },
+
+    /// The endpoint's pool was closed (the endpoint left its service).
+    #[error("the connection pool for {address} is closed (the endpoint was removed)")]
+    PoolClosed {
+        /// The endpoint.
+        address: SocketAddr,
+    },
+
     /// The control-plane thread could not be started.
     #[error("cannot start the control-plane thread: {message}")]
     ControlPlane {

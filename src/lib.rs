@@ -27,6 +27,7 @@ mod error;
 mod failover;
 mod health;
 mod pick;
+mod pool;
 mod rebalance;
 mod registry;
 mod stats;
@@ -54,6 +55,11 @@ pub use health::{HealthCheck, HealthState, HealthStatus};
 pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;
 pub use pick::{LoadBalancingStrategy, Outcome, Pick};
+#[cfg(feature = "grpc")]
+pub use pool::GrpcConnector;
+#[cfg(feature = "runtime")]
+pub use pool::{ConnectionPool, Connector, PooledConnection, TcpConnector};
+pub use pool::{MAX_POOL_SIZE, PoolConfig, PoolStats};
 pub use rebalance::{
     DEFAULT_DRAIN_TIMEOUT, DrainReport, RebalanceConfig, RebalanceEvent, RebalanceStrategy, RebalanceTrigger,
     ReleasedEndpoint,

@@ -1,0 +1,265 @@
+//! Connection pooling: per-endpoint pools of reusable connections with limits, timeouts,
+//! lifecycle management and backpressure.
+//!
+//! Owns: the [`PoolConfig`], the [`Connector`] trait (what a connection is and how it is
+//! opened), [`ConnectionPool`] (endpoint → per-endpoint pool, the background maintenance task)
+//! and [`PooledConnection`] (the RAII handle that returns a connection on drop). The slot
+//! protocol itself (bound, FIFO handoff, no lost grant or wakeup) lives in `slots` and is
+//! modelled by loom.
+//!
+//! # Invariants
+//!
+//! * Never more than `max_connections` open per endpoint, counting connects in progress.
+//! * An `acquire` either returns a connection, or fails with a typed error within
+//!   `acquire_timeout` + `connect_timeout`; it never waits without bound.
+//! * Every [`PooledConnection`] goes back exactly once: to a waiter, to the idle stack, or
+//!   closed (broken, expired, draining, or its endpoint removed).
+//! * Acquiring takes no global lock: the endpoint map is an immutable snapshot (rebuilt only
+//!   when an endpoint is first seen or removed), each endpoint has its own short lock.
+#![deny(unsafe_code)]
+
+pub(crate) mod slots;
+
+#[cfg(feature = "runtime")]
+mod runtime;
+#[cfg(feature = "runtime")]
+pub use runtime::*;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Largest accepted `max_connections` and `max_waiters`.
+pub const MAX_POOL_SIZE: usize = 1_000_000;
+
+/// Pool limits and timeouts, per endpoint.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tai_loadbalancer::PoolConfig;
+///
+/// let config = PoolConfig {
+///     min_connections: 2,
+///     max_connections: 32,
+///     acquire_timeout: Duration::from_millis(250),
+///     ..Default::default()
+/// };
+/// config.validate().unwrap();
+///
+/// let bad = PoolConfig { min_connections: 8, max_connections: 4, ..Default::default() };
+/// assert!(bad.validate().unwrap_err().to_string().contains("pool.min_connections"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Connections kept open per endpoint in use, replenished in the background (default 0).
+    pub min_connections: usize,
+    /// Most connections open per endpoint, including ones being opened (default 10).
+    pub max_connections: usize,
+    /// Longest an `acquire` waits for a busy pool to free a connection (default 1 s).
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Longest a connect may take (default 1 s).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// An idle connection unused this long is closed (default 10 min).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A connection this old is closed when next idle or returned (default 30 min).
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Most callers waiting per endpoint; beyond it `acquire` fails at once with
+    /// [`Error::PoolExhausted`] (default 1,024; 0: never wait).
+    pub max_waiters: usize,
+    /// How often the background task closes expired idle connections, checks idle ones with
+    /// [`Connector::is_valid`] and replenishes `min_connections` (default 1 s).
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            min_connections: 0,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(1800),
+            max_waiters: 1024,
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks every field; the error names the first offending one (`pool.<field>`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`].
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_connections == 0 {
+            return Err(Error::invalid_config(
+                "pool.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.max_connections > MAX_POOL_SIZE {
+            return Err(Error::invalid_config(
+                "pool.max_connections",
+                format!("must be at most {MAX_POOL_SIZE}"),
+            ));
+        }
+        if self.min_connections > self.max_connections {
+            return Err(Error::invalid_config(
+                "pool.min_connections",
+                format!(
+                    "{} is more than pool.max_connections ({})",
+                    self.min_connections, self.max_connections
+                ),
+            ));
+        }
+        if self.max_waiters > MAX_POOL_SIZE {
+            return Err(Error::invalid_config(
+                "pool.max_waiters",
+                format!("must be at most {MAX_POOL_SIZE}"),
+            ));
+        }
+        for (field, value) in [
+            ("pool.acquire_timeout", self.acquire_timeout),
+            ("pool.connect_timeout", self.connect_timeout),
+            ("pool.idle_timeout", self.idle_timeout),
+            ("pool.max_lifetime", self.max_lifetime),
+            ("pool.maintenance_interval", self.maintenance_interval),
+        ] {
+            if value.is_zero() {
+                return Err(Error::invalid_config(field, "must be greater than zero"));
+            }
+            if value > Duration::from_secs(365 * 24 * 3600) {
+                return Err(Error::invalid_config(field, "must be at most a year"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters of one endpoint's pool, or of all of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections open: idle + in use + being opened.
+    pub open: usize,
+    /// Connections idle in the pool.
+    pub idle: usize,
+    /// Connections handed out and not yet returned.
+    pub in_use: usize,
+    /// Connects in progress.
+    pub connecting: usize,
+    /// Callers waiting for a connection.
+    pub waiters: usize,
+    /// Connections opened so far.
+    pub created: u64,
+    /// Connections closed so far (expired, broken, drained, or failing `is_valid`).
+    pub closed: u64,
+    /// Acquires that gave up after `acquire_timeout`.
+    pub timeouts: u64,
+    /// Acquires refused at once because `max_waiters` were waiting.
+    pub rejected: u64,
+    /// Connects that failed or timed out.
+    pub connect_errors: u64,
+}
+
+impl PoolStats {
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn add(&mut self, other: &PoolStats) {
+        self.open += other.open;
+        self.idle += other.idle;
+        self.in_use += other.in_use;
+        self.connecting += other.connecting;
+        self.waiters += other.waiters;
+        self.created += other.created;
+        self.closed += other.closed;
+        self.timeouts += other.timeouts;
+        self.rejected += other.rejected;
+        self.connect_errors += other.connect_errors;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases: Vec<(PoolConfig, &str)> = vec![
+            (
+                PoolConfig {
+                    max_connections: 0,
+                    ..Default::default()
+                },
+                "pool.max_connections",
+            ),
+            (
+                PoolConfig {
+                    min_connections: 3,
+                    max_connections: 2,
+                    ..Default::default()
+                },
+                "pool.min_connections",
+            ),
+            (
+                PoolConfig {
+                    acquire_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+                "pool.acquire_timeout",
+            ),
+            (
+                PoolConfig {
+                    connect_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+                "pool.connect_timeout",
+            ),
+            (
+                PoolConfig {
+                    idle_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+                "pool.idle_timeout",
+            ),
+            (
+                PoolConfig {
+                    max_lifetime: Duration::ZERO,
+                    ..Default::default()
+                },
+                "pool.max_lifetime",
+            ),
+            (
+                PoolConfig {
+                    maintenance_interval: Duration::ZERO,
+                    ..Default::default()
+                },
+                "pool.maintenance_interval",
+            ),
+            (
+                PoolConfig {
+                    max_waiters: MAX_POOL_SIZE + 1,
+                    ..Default::default()
+                },
+                "pool.max_waiters",
+            ),
+        ];
+        for (config, field) in cases {
+            match config.validate() {
+                Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        PoolConfig::default().validate().unwrap();
+    }
+}
