@@ -51,3 +51,98 @@ impl Future for AckFuture {
         Pin::new(&mut self.0).poll(cx)
     }
 }
+
+/// The connection pool's per-endpoint slot protocol, with `u32` "connections".
+#[allow(missing_debug_implementations)]
+pub struct PoolSlots(crate::pool::slots::Slots<u32>);
+
+/// What [`PoolSlots::acquire`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PoolAcquired {
+    /// An idle connection.
+    Idle(u32),
+    /// A slot to connect on.
+    Create,
+    /// Queued under this ticket.
+    Wait(u64),
+    /// Refused: too many waiters.
+    Exhausted,
+    /// Refused: closed.
+    Closed,
+}
+
+/// What a waiter was granted: `Some(connection)` or `None` (a slot to connect on).
+pub type PoolGrant = Result<Option<u32>, ()>;
+
+/// Counts: (open, idle, connecting, waiters).
+pub type PoolCounts = (usize, usize, usize, usize);
+
+impl PoolSlots {
+    /// Slots for `max` connections and `max_waiters` waiters.
+    pub fn new(max: usize, max_waiters: usize) -> Self {
+        Self(crate::pool::slots::Slots::new(max, max_waiters))
+    }
+
+    /// Acquire (every idle connection is reusable).
+    pub fn acquire(&self) -> PoolAcquired {
+        use crate::pool::slots::{Acquired, Aftermath, Refused};
+        let mut after = Aftermath::default();
+        let got = self.0.acquire(|_, _| true, &mut after);
+        after.finish();
+        match got {
+            Ok(Acquired::Idle(t)) => PoolAcquired::Idle(t.conn),
+            Ok(Acquired::Create) => PoolAcquired::Create,
+            Ok(Acquired::Wait(t)) => PoolAcquired::Wait(t),
+            Err(Refused::Exhausted { .. }) => PoolAcquired::Exhausted,
+            Err(Refused::Closed) => PoolAcquired::Closed,
+        }
+    }
+
+    /// Waits for `ticket`'s grant.
+    pub fn wait(&self, ticket: u64) -> impl Future<Output = PoolGrant> + '_ {
+        use crate::pool::slots::Grant;
+        std::future::poll_fn(move |cx| match self.0.poll_wait(ticket, cx.waker()) {
+            Poll::Ready(Ok(Grant::Conn(t))) => Poll::Ready(Ok(Some(t.conn))),
+            Poll::Ready(Ok(Grant::Slot)) => Poll::Ready(Ok(None)),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(())),
+            Poll::Pending => Poll::Pending,
+        })
+    }
+
+    /// A waiter gives up.
+    pub fn cancel(&self, ticket: u64) {
+        let mut after = crate::pool::slots::Aftermath::default();
+        self.0.cancel(ticket, 0, &mut after);
+        after.finish();
+    }
+
+    /// A connect on a slot succeeded.
+    pub fn connected(&self) {
+        self.0.connected();
+    }
+
+    /// A connect on a slot failed.
+    pub fn connect_failed(&self) {
+        let mut after = crate::pool::slots::Aftermath::default();
+        self.0.connect_failed(&mut after);
+        after.finish();
+    }
+
+    /// A connection comes back (`keep`: reusable).
+    pub fn release(&self, conn: u32, keep: bool) {
+        let mut after = crate::pool::slots::Aftermath::default();
+        self.0.release(
+            crate::pool::slots::Tracked { conn, created_ms: 0 },
+            keep,
+            0,
+            &mut after,
+        );
+        after.finish();
+    }
+
+    /// (open, idle, connecting, waiters).
+    pub fn counts(&self) -> PoolCounts {
+        let c = self.0.counts();
+        (c.open, c.idle, c.connecting, c.waiters)
+    }
+}

@@ -1,5 +1,6 @@
 //! Connection pool against a real TCP server on loopback that counts the connections it
 //! accepts and holds open.
+#![cfg(feature = "runtime")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
