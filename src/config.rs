@@ -55,6 +55,8 @@ pub struct LoadBalancerConfig {
     pub affinity: AffinityConfig,
     /// How affinity keys move on topology changes and how long drains wait.
     pub rebalance: RebalanceConfig,
+    /// Connection-pool limits, for `ConnectionPool::new(config.pool.clone(), connector)`.
+    pub pool: crate::PoolConfig,
     /// When fewer than this percentage of a service's endpoints are healthy, picks go to all
     /// of them regardless of health (Envoy's panic mode; default 50, 0 disables it: then a
     /// service with no healthy endpoint answers [`Error::NoHealthyEndpoints`]).
@@ -76,6 +78,7 @@ impl Default for LoadBalancerConfig {
             slow_start: SlowStartConfig::default(),
             affinity: AffinityConfig::default(),
             rebalance: RebalanceConfig::default(),
+            pool: crate::PoolConfig::default(),
             panic_threshold_percent: 50,
             consistent_hash: ConsistentHashConfig::default(),
             control_plane: ControlPlaneConfig::default(),
@@ -153,6 +156,7 @@ impl LoadBalancerConfig {
         self.slow_start.validate()?;
         self.affinity.validate()?;
         self.rebalance.validate()?;
+        self.pool.validate()?;
         if self.panic_threshold_percent > 100 {
             return Err(Error::invalid_config(
                 "panic_threshold_percent",

@@ -22,7 +22,9 @@ mod model {
                 let slots = slots.clone();
                 loom::thread::spawn(move || match slots.acquire() {
                     PoolAcquired::Idle(conn) => conn,
-                    PoolAcquired::Wait(ticket) => block_on(slots.wait(ticket)).unwrap().expect("a connection"),
+                    PoolAcquired::Wait(ticket) => {
+                        block_on(slots.wait(ticket)).unwrap().expect("a connection")
+                    }
                     other => panic!("unexpected {other:?}"),
                 })
             };
@@ -41,7 +43,9 @@ mod model {
             let slots = Arc::new(PoolSlots::new(1, 4));
             assert_eq!(slots.acquire(), PoolAcquired::Create);
             slots.connected();
-            let PoolAcquired::Wait(ticket) = slots.acquire() else { panic!("must queue") };
+            let PoolAcquired::Wait(ticket) = slots.acquire() else {
+                panic!("must queue")
+            };
             let quitter = {
                 let slots = slots.clone();
                 loom::thread::spawn(move || slots.cancel(ticket))

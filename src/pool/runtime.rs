@@ -41,6 +41,16 @@ use crate::sync::{DataArc, DataWeak, Mutex, SnapshotCell};
 ///         Ok(self.0.fetch_add(1, Ordering::Relaxed))
 ///     }
 /// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tai_loadbalancer::Error> {
+/// let pool = tai_loadbalancer::ConnectionPool::new(Default::default(), Counting(AtomicU64::new(0)))?;
+/// let endpoint = Endpoint::new("127.0.0.1:7000".parse().unwrap(), None);
+/// let first = pool.acquire(&endpoint).await?;
+/// let second = pool.acquire(&endpoint).await?; // the first is in use: a second connection
+/// assert_eq!((*first, *second), (0, 1));
+/// # Ok(())
+/// # }
 /// ```
 pub trait Connector: Send + Sync + 'static {
     /// The connection.
