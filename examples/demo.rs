@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tai_loadbalancer::{
-    Endpoint, EndpointMetadata, IntegratedLoadBalancer, LoadBalancerConfig, LoadBalancingStrategy,
-    ServiceRegistry,
+    ConnectionPool, Endpoint, EndpointMetadata, IntegratedLoadBalancer, LoadBalancerConfig,
+    LoadBalancingStrategy, PoolConfig, ServiceRegistry, TcpConnector,
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
@@ -76,6 +76,33 @@ async fn request(addr: SocketAddr) -> Result<String, BoxError> {
     Ok(reply.trim().to_string())
 }
 
+/// One request over a pooled connection (kept open and reused); returns the name that
+/// answered. A connection that fails is discarded instead of returned.
+async fn pooled_request(
+    pool: &ConnectionPool<TcpConnector>,
+    endpoint: &Endpoint,
+) -> Result<String, BoxError> {
+    let mut conn = pool.acquire(endpoint).await?;
+    let result = async {
+        conn.write_all(b"hello\n").await?;
+        let mut reply = Vec::with_capacity(16);
+        let mut buf = [0u8; 64];
+        while !reply.ends_with(b"\n") {
+            let n = conn.read(&mut buf).await?;
+            if n == 0 {
+                return Err::<String, BoxError>("connection closed".into());
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&reply).trim().to_string())
+    }
+    .await;
+    if result.is_err() {
+        conn.discard();
+    }
+    result
+}
+
 struct Run {
     per_backend: BTreeMap<String, usize>,
     pick_ns: Histogram<u64>,
@@ -86,6 +113,7 @@ struct Run {
 /// Sends `requests` requests with `concurrency` tasks; `key` gives an optional hash key.
 async fn drive(
     lb: &Arc<IntegratedLoadBalancer>,
+    pool: &ConnectionPool<TcpConnector>,
     names: &Arc<BTreeMap<SocketAddr, &'static str>>,
     requests: usize,
     concurrency: usize,
@@ -101,6 +129,7 @@ async fn drive(
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let (lb, names, next, run) = (lb.clone(), names.clone(), next.clone(), run.clone());
+        let pool = pool.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -118,7 +147,7 @@ async fn drive(
                     continue;
                 };
                 let address = pick.address();
-                let result = request(address).await;
+                let result = pooled_request(&pool, pick.endpoint()).await;
                 let mut run = run.lock().await;
                 run.pick_ns.record(pick_ns.max(1)).ok();
                 match result {
@@ -186,7 +215,7 @@ async fn main() -> Result<(), BoxError> {
             .join(", ")
     );
     println!(
-        "{requests} requests per strategy, {concurrency} concurrent clients, one TCP connection per request\n"
+        "{requests} requests per strategy, {concurrency} concurrent clients, over pooled TCP connections (at most 8 per backend)\n"
     );
     println!(
         "{:<18} {:>7} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9}",
@@ -195,6 +224,14 @@ async fn main() -> Result<(), BoxError> {
 
     let registry = Arc::new(ServiceRegistry::new());
     registry.register_batch("echo", endpoints.clone()).await?;
+    let pool = ConnectionPool::new(
+        PoolConfig {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+        TcpConnector::new(),
+    )?;
     for strategy in [
         LoadBalancingStrategy::RoundRobin,
         LoadBalancingStrategy::Random,
@@ -206,7 +243,7 @@ async fn main() -> Result<(), BoxError> {
             IntegratedLoadBalancer::new(registry.clone(), strategy, LoadBalancerConfig::default()).await?,
         );
         lb.start().await?;
-        let run = drive(&lb, &names, requests, concurrency, None).await;
+        let run = drive(&lb, &pool, &names, requests, concurrency, None).await;
         assert_eq!(
             run.mismatches, 0,
             "a reply came from a backend other than the one picked"
@@ -229,7 +266,25 @@ async fn main() -> Result<(), BoxError> {
         "  weights are 5:3:1:1 (weighted follows them exactly; consistent hash without a key spreads at"
     );
     println!("  random); least connections favours the faster backends; pick latency is measured between");
-    println!("  network round trips, so caches are cold (see BENCHMARKS.md for the hot-loop figures)\n");
+    println!("  network round trips, so caches are cold (see BENCHMARKS.md for the hot-loop figures)");
+    let totals = pool.totals();
+    println!(
+        "connection pool: {} connections opened for {} requests ({} open now, {} waits timed out, {} rejected, {} connect errors)",
+        totals.created,
+        requests * 5,
+        totals.open,
+        totals.timeouts,
+        totals.rejected,
+        totals.connect_errors
+    );
+    for (address, stats) in pool.endpoints() {
+        println!(
+            "  {:<6} open {} (idle {}), created {}",
+            names[&address], stats.open, stats.idle, stats.created
+        );
+        assert!(stats.open <= 8, "the pool's limit holds");
+    }
+    println!();
 
     // Consistent hashing: each of 40 users always lands on the same backend.
     let lb = Arc::new(
