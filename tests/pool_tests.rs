@@ -715,3 +715,47 @@ async fn the_pool_follows_draining_and_removal_in_the_balancer() {
     assert_eq!(pool.stats(&b.endpoint()).unwrap().idle, 1);
     lb.stop().await.unwrap();
 }
+
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connector_pools_tonic_channels_to_a_real_server() {
+    use tai_loadbalancer::GrpcConnector;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("greeter", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = Endpoint::new(listener.local_addr().unwrap(), None);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let pool = ConnectionPool::new(config(2), GrpcConnector::new()).unwrap();
+    for _ in 0..5 {
+        let channel = pool.acquire(&endpoint).await.unwrap();
+        let reply = HealthClient::new((*channel).clone())
+            .check(HealthCheckRequest {
+                service: "greeter".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().status, 1, "SERVING");
+    }
+    assert_eq!(
+        pool.stats(&endpoint).unwrap().created,
+        1,
+        "the channel was reused"
+    );
+    // Nothing listening: a typed connect error.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_endpoint = Endpoint::new(dead.local_addr().unwrap(), None);
+    drop(dead);
+    assert!(matches!(
+        pool.acquire(&dead_endpoint).await,
+        Err(Error::Connect { .. } | Error::ConnectTimeout { .. })
+    ));
+}
