@@ -35,7 +35,10 @@ struct Input {
 }
 
 fn endpoint(i: u8) -> Endpoint {
-    Endpoint::new(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 1, i % 8 + 1), 7000)), None)
+    Endpoint::new(
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 1, i % 8 + 1), 7000)),
+        None,
+    )
 }
 
 fn names(service: u8, key: u8) -> (String, String) {
@@ -56,7 +59,11 @@ fuzz_target!(|input: Input| {
     let mut now = 0u64;
     for op in input.ops.into_iter().take(256) {
         match op {
-            Op::Set { service, key, endpoint: e } => {
+            Op::Set {
+                service,
+                key,
+                endpoint: e,
+            } => {
                 let (s, k) = names(service, key);
                 table.set(&s, &k, endpoint(e)).unwrap();
                 model.insert((s, k), (endpoint(e), now));
@@ -83,7 +90,11 @@ fuzz_target!(|input: Input| {
                 let removed = table.remove(&s, &k);
                 let modelled = model.remove(&(s, k));
                 if let Some(e) = removed {
-                    assert_eq!(Some(e), modelled.map(|(e, _)| e), "removed a binding the model does not have");
+                    assert_eq!(
+                        Some(e),
+                        modelled.map(|(e, _)| e),
+                        "removed a binding the model does not have"
+                    );
                 }
             }
             Op::Advance { ms } => {
@@ -91,9 +102,16 @@ fuzz_target!(|input: Input| {
                 table.now.store(now, Ordering::Relaxed);
             }
             Op::SetEmptyKey => {
-                assert!(matches!(table.set("s0", "", endpoint(0)), Err(Error::InvalidAffinityKey { .. })));
+                assert!(matches!(
+                    table.set("s0", "", endpoint(0)),
+                    Err(Error::InvalidAffinityKey { .. })
+                ));
             }
         }
-        assert!(table.table.len() <= max_entries, "{} entries > max_entries {max_entries}", table.table.len());
+        assert!(
+            table.table.len() <= max_entries,
+            "{} entries > max_entries {max_entries}",
+            table.table.len()
+        );
     }
 });
