@@ -366,15 +366,16 @@ impl<T> Slots<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc as StdArc;
+    use crate::sync::DataArc as StdArc;
+    use crate::sync::atomic::{AtomicBool, Ordering};
     use std::task::Wake;
 
     use super::*;
 
-    struct Flag(std::sync::atomic::AtomicBool);
+    struct Flag(AtomicBool);
     impl Wake for Flag {
         fn wake(self: StdArc<Self>) {
-            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.0.store(true, Ordering::SeqCst);
         }
     }
 
@@ -431,10 +432,7 @@ mod tests {
         assert!(slots.poll_wait(b, &wb).is_pending());
         slots.release(t(7), true, 0, &mut after);
         assert_eq!(std::mem::take(&mut after).finish(), 0);
-        assert!(
-            fa.0.load(std::sync::atomic::Ordering::SeqCst),
-            "first waiter woken"
-        );
+        assert!(fa.0.load(Ordering::SeqCst), "first waiter woken");
         assert!(matches!(
             slots.poll_wait(a, &wa),
             Poll::Ready(Ok(Grant::Conn(Tracked { conn: 7, .. })))
