@@ -10,7 +10,10 @@
 //! sessions surviving a drain (rolling deploy) and a backend removal, and a primary/backup
 //! failover group in action.
 //!
-//! Flags: `--requests N` (per strategy, default 4000), `--concurrency C` (default 16).
+//! Flags: `--requests N` (per strategy, default 4000), `--concurrency C` (default 16),
+//! `--serve-metrics ADDR` (serve each strategy's balancer at `http://ADDR/metrics` while it
+//! runs, e.g. `127.0.0.1:9464`), `--metrics-file PATH` (write the last strategy's Prometheus
+//! exposition there).
 //! Logging: `RUST_LOG=tai_loadbalancer=debug cargo run --release --example demo`.
 
 use std::collections::BTreeMap;
@@ -21,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tai_loadbalancer::{
-    ConnectionPool, Endpoint, EndpointMetadata, IntegratedLoadBalancer, LoadBalancerConfig,
-    LoadBalancingStrategy, PoolConfig, ServiceRegistry, TcpConnector,
+    ConnectionPool, Endpoint, EndpointMetadata, IntegratedLoadBalancer, LatencyHistogram, LoadBalancerConfig,
+    LoadBalancingStrategy, Outcome, PoolConfig, ServiceRegistry, TcpConnector,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -147,7 +150,9 @@ async fn drive(
                     continue;
                 };
                 let address = pick.address();
+                let sent = Instant::now();
                 let result = pooled_request(&pool, pick.endpoint()).await;
+                let latency = sent.elapsed();
                 let mut run = run.lock().await;
                 run.pick_ns.record(pick_ns.max(1)).ok();
                 match result {
@@ -157,12 +162,12 @@ async fn drive(
                         }
                         *run.per_backend.entry(name).or_default() += 1;
                         drop(run);
-                        pick.success();
+                        pick.record(Outcome::Success, Some(latency));
                     }
                     Err(_) => {
                         run.errors += 1;
                         drop(run);
-                        pick.failure();
+                        pick.record(Outcome::Failure, Some(latency));
                     }
                 }
             }
@@ -172,6 +177,14 @@ async fn drive(
         t.await.expect("client task panicked");
     }
     Arc::try_unwrap(run).ok().expect("all tasks joined").into_inner()
+}
+
+fn text_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn arg(name: &str, default: usize) -> usize {
@@ -232,6 +245,9 @@ async fn main() -> Result<(), BoxError> {
         },
         TcpConnector::new(),
     )?;
+    // Per backend over every strategy: requests, errors, request latency.
+    let mut summary: BTreeMap<SocketAddr, (u64, u64, LatencyHistogram)> = BTreeMap::new();
+    let metrics_addr = text_arg("--serve-metrics");
     for strategy in [
         LoadBalancingStrategy::RoundRobin,
         LoadBalancingStrategy::Random,
@@ -243,7 +259,28 @@ async fn main() -> Result<(), BoxError> {
             IntegratedLoadBalancer::new(registry.clone(), strategy, LoadBalancerConfig::default()).await?,
         );
         lb.start().await?;
+        // `--serve-metrics ADDR`: this strategy's balancer at http://ADDR/metrics while it runs.
+        let _server = match &metrics_addr {
+            Some(addr) => {
+                let server = tai_loadbalancer::serve_metrics(addr.parse()?, &lb).await?;
+                println!(
+                    "  (serving http://{}/metrics during {strategy})",
+                    server.local_addr()
+                );
+                Some(server)
+            }
+            None => None,
+        };
         let run = drive(&lb, &pool, &names, requests, concurrency, None).await;
+        for e in &lb.metrics().service("echo").ok_or("no echo service")?.endpoints {
+            let row = summary.entry(e.address).or_default();
+            row.0 += e.successes + e.failures;
+            row.1 += e.failures;
+            row.2.merge(&e.latency);
+        }
+        if let Some(path) = text_arg("--metrics-file") {
+            std::fs::write(&path, tai_loadbalancer::encode_prometheus(&lb))?;
+        }
         assert_eq!(
             run.mismatches, 0,
             "a reply came from a backend other than the one picked"
@@ -267,6 +304,28 @@ async fn main() -> Result<(), BoxError> {
     );
     println!("  random); least connections favours the faster backends; pick latency is measured between");
     println!("  network round trips, so caches are cold (see BENCHMARKS.md for the hot-loop figures)");
+    println!("\nrequest metrics per backend (all strategies; lb.metrics(), latency of the round trip):");
+    println!(
+        "  {:<6} {:>8} {:>7} {:>9} {:>9} {:>9}",
+        "", "requests", "errors", "p50", "p99", "max"
+    );
+    let ms = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.2}ms", d.as_secs_f64() * 1e3));
+    for (address, (n, errors, latency)) in &summary {
+        println!(
+            "  {:<6} {:>8} {:>7} {:>9} {:>9} {:>9}",
+            names[address],
+            n,
+            errors,
+            ms(latency.p50()),
+            ms(latency.p99()),
+            ms(latency.max())
+        );
+    }
+    assert_eq!(
+        summary.values().map(|r| r.0).sum::<u64>(),
+        (requests * 5) as u64,
+        "every request counted"
+    );
     let totals = pool.totals();
     println!(
         "connection pool: {} connections opened for {} requests ({} open now, {} waits timed out, {} rejected, {} connect errors)",

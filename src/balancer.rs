@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     /// Topology events and key moves.
     #[cfg(feature = "runtime")]
     pub(crate) rebalancer: crate::rebalance::RebalanceManager,
+    /// Samples for `requests_per_second`.
+    pub(crate) rate: crate::stats::RateWindow,
 }
 
 impl MembershipSink for Shared {
@@ -108,6 +110,7 @@ impl Shared {
                 affinity,
                 #[cfg(feature = "runtime")]
                 rebalancer: crate::rebalance::RebalanceManager::new(me.clone()),
+                rate: crate::stats::RateWindow::default(),
             }
         }))
     }
@@ -618,7 +621,11 @@ impl IntegratedLoadBalancer {
 
     /// A snapshot of the request counters (see [`LoadBalancerMetrics`] for their meaning).
     pub fn metrics(&self) -> LoadBalancerMetrics {
-        LoadBalancerMetrics::from_counters(self.shared.control.counters(&self.shared.sources()))
+        let mut metrics =
+            LoadBalancerMetrics::from_counters(self.shared.control.counters(&self.shared.sources()));
+        metrics.requests_per_second = self.shared.rate.sample(metrics.total_requests);
+        metrics.affinity = self.shared.affinity.stats();
+        metrics
     }
 
     /// Takes `endpoint` of `service` out of routing (for maintenance), whatever its health

@@ -24,8 +24,10 @@ mod control;
 pub mod docs;
 mod endpoint;
 mod error;
+mod export;
 mod failover;
 mod health;
+mod histogram;
 mod pick;
 mod pool;
 mod rebalance;
@@ -45,6 +47,13 @@ pub use config::{
 };
 pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
 pub use error::Error;
+#[cfg(feature = "metrics")]
+pub use export::MetricsFacadeExporter;
+pub use export::{LATENCY_BUCKETS_SECONDS, MetricsExporter};
+#[cfg(feature = "metrics-server")]
+pub use export::{MetricsServer, serve_metrics};
+#[cfg(feature = "prometheus")]
+pub use export::{PrometheusCollector, encode_prometheus, encode_prometheus_snapshot};
 pub use failover::{FailoverConfig, FailoverManager, FailoverStats};
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;
@@ -52,6 +61,7 @@ pub use health::config::{
     HealthCheckConfig, HealthCheckKind, OutlierDetectionConfig, SlowStartConfig, StatusRange,
 };
 pub use health::{HealthCheck, HealthState, HealthStatus};
+pub use histogram::LatencyHistogram;
 pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;
 pub use pick::{LoadBalancingStrategy, Outcome, Pick};
@@ -60,6 +70,9 @@ pub use pool::GrpcConnector;
 #[cfg(feature = "runtime")]
 pub use pool::{ConnectionPool, Connector, PooledConnection, TcpConnector};
 pub use pool::{MAX_POOL_SIZE, PoolConfig, PoolStats};
+/// `prometheus-client`, re-exported so a registry of the same version is at hand.
+#[cfg(feature = "prometheus")]
+pub use prometheus_client;
 pub use rebalance::{
     DEFAULT_DRAIN_TIMEOUT, DrainReport, RebalanceConfig, RebalanceEvent, RebalanceStrategy, RebalanceTrigger,
     ReleasedEndpoint,

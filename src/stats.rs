@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::control::{EndpointCounters, ServiceCounters};
 use crate::table::MemberHealth;
-use crate::{HealthStatus, LoadBalancingStrategy};
+use crate::{HealthStatus, LatencyHistogram, LoadBalancingStrategy};
 
 /// A snapshot of the balancer's request counters.
 ///
@@ -50,6 +50,13 @@ pub struct LoadBalancerMetrics {
     pub failed_requests: u64,
     /// Requests in flight (picks not yet dropped).
     pub in_flight: u64,
+    /// Latencies reported with outcomes, all services together (p50/p95/p99/p999, max).
+    pub latency: LatencyHistogram,
+    /// Selections per second over the recent window: since the oldest earlier snapshot taken
+    /// within the last 60 s (at least 1 s ago); `None` until there is one.
+    pub requests_per_second: Option<f64>,
+    /// The session-affinity table's counters.
+    pub affinity: crate::AffinityStats,
     /// Per service, sorted by name.
     pub services: Vec<ServiceMetrics>,
 }
@@ -81,6 +88,8 @@ pub struct ServiceMetrics {
     pub failed_requests: u64,
     /// Requests in flight.
     pub in_flight: u64,
+    /// Latencies reported with outcomes (current and removed endpoints together).
+    pub latency: LatencyHistogram,
     /// Current endpoints, in address order.
     pub endpoints: Vec<EndpointMetrics>,
 }
@@ -116,6 +125,8 @@ pub struct EndpointMetrics {
     pub in_flight: u64,
     /// Mean of the latencies reported with outcomes, if any were.
     pub mean_latency: Option<Duration>,
+    /// Latencies reported with outcomes (p50/p95/p99/p999, max).
+    pub latency: LatencyHistogram,
 }
 
 fn rate(successes: u64, failures: u64) -> Option<f64> {
@@ -157,12 +168,14 @@ impl LoadBalancerMetrics {
                 successful_requests: totals.successes,
                 failed_requests: totals.failures,
                 in_flight: totals.in_flight,
+                latency: totals.latency,
                 endpoints,
             };
             m.total_requests += service.total_requests;
             m.successful_requests += service.successful_requests;
             m.failed_requests += service.failed_requests;
             m.in_flight += service.in_flight;
+            m.latency.merge(&service.latency);
             m.services.push(service);
         }
         m
@@ -183,7 +196,7 @@ impl ServiceMetrics {
 
 impl EndpointMetrics {
     fn new(e: EndpointCounters) -> Self {
-        let c = &e.counters;
+        let c = e.counters;
         Self {
             address: e.endpoint.address,
             weight: e.endpoint.weight(),
@@ -199,6 +212,7 @@ impl EndpointMetrics {
             in_flight: c.in_flight,
             mean_latency: (c.latency_count > 0)
                 .then(|| Duration::from_micros(c.latency_sum_us / c.latency_count)),
+            latency: c.latency,
         }
     }
 
@@ -252,4 +266,41 @@ pub struct RoutingUpdate {
     pub panic: bool,
     /// The service was removed (or the balancer stopped): nothing is routable any more.
     pub removed: bool,
+}
+
+/// Recent `(time, total selections)` samples, one per metrics snapshot, for a requests-per-
+/// second figure without a timer thread.
+#[derive(Debug, Default)]
+pub(crate) struct RateWindow {
+    samples: crate::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+}
+
+impl RateWindow {
+    const WINDOW: Duration = Duration::from_secs(60);
+    const MIN_SPAN: Duration = Duration::from_secs(1);
+
+    /// Records `total` now; returns the rate since the oldest sample of the last 60 s taken
+    /// at least 1 s ago.
+    pub(crate) fn sample(&self, total: u64) -> Option<f64> {
+        let now = std::time::Instant::now();
+        let mut samples = self.samples.lock();
+        while samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Self::WINDOW)
+        {
+            samples.pop_front();
+        }
+        let rate = samples
+            .iter()
+            .find(|(t, _)| now.duration_since(*t) >= Self::MIN_SPAN)
+            .map(|(t, n)| total.saturating_sub(*n) as f64 / now.duration_since(*t).as_secs_f64());
+        // Keep at most one sample per 100 ms so a hot scrape loop stays bounded.
+        if samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(100))
+        {
+            samples.push_back((now, total));
+        }
+        rate
+    }
 }

@@ -573,7 +573,7 @@ impl ServiceControl {
     /// Counters of the service (live endpoints one by one, removed ones folded together).
     pub(super) fn counters(&mut self, sources: &Sources<'_>) -> ServiceCounters {
         let table = self.slot.table.load();
-        let mut removed = self.retired;
+        let mut removed = self.retired.clone();
         let mut earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState> =
             self.retired_members.clone();
         for r in &self.retiring {

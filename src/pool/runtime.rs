@@ -268,8 +268,8 @@ struct Inner<C: Connector> {
 
 /// Per-endpoint pools of reusable connections.
 ///
-/// Cheap to clone (clones share the pools). See the [module](self) docs for the invariants
-/// and [`PoolConfig`] for the limits.
+/// Cheap to clone (clones share the pools). Never more than `max_connections` open per
+/// endpoint, waiters served first come, first served; see [`PoolConfig`] for the limits.
 ///
 /// # Examples
 ///
@@ -398,7 +398,11 @@ impl<C: Connector> ConnectionPool<C> {
                 };
                 match waited {
                     Err(_) => {
-                        pool.timeouts.fetch_add(1, Ordering::Relaxed);
+                        let n = pool.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            // Logged at 1, 2, 4, 8... so an overload does not flood the log.
+                            tracing::warn!(%address, timeouts = n, "pool acquire timed out: every connection busy");
+                        }
                         Err(Error::AcquireTimeout {
                             address,
                             waited: inner.config.acquire_timeout,
@@ -410,7 +414,10 @@ impl<C: Connector> ConnectionPool<C> {
                 }
             }
             Err(Refused::Exhausted { waiters }) => {
-                pool.rejected.fetch_add(1, Ordering::Relaxed);
+                let n = pool.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(%address, waiters, rejected = n, "pool exhausted: max_waiters reached, shedding load");
+                }
                 Err(Error::PoolExhausted { address, waiters })
             }
             Err(Refused::Closed) => Err(Error::PoolClosed { address }),

@@ -133,6 +133,10 @@ impl<T> fmt::Debug for Snap<T> {
 }
 
 /// Unbounded channels, from std (event subscriptions are not part of the models).
+/// A cell written once (statistics buffers allocated on first use). loom has no `OnceLock`;
+/// its models never record latencies, so both builds use std's.
+pub(crate) use std::sync::OnceLock;
+
 pub(crate) mod mpsc {
     pub(crate) use std::sync::mpsc::{Receiver, channel};
 }

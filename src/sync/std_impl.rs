@@ -129,6 +129,10 @@ impl<T: fmt::Debug> fmt::Debug for Snap<T> {
 }
 
 /// Unbounded channels (event subscriptions): sending never blocks the control plane.
+/// A cell written once (statistics buffers allocated on first use). loom has no `OnceLock`;
+/// its models never record latencies, so both builds use std's.
+pub(crate) use std::sync::OnceLock;
+
 pub(crate) mod mpsc {
     pub(crate) use std::sync::mpsc::{Receiver, channel};
 }

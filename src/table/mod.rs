@@ -43,6 +43,7 @@ use std::time::Duration;
 
 use crate::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
+use crate::histogram::{AtomicHistogram, LatencyHistogram};
 use crate::pick::consistent::HashRing;
 use crate::pick::weighted::Schedule;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
@@ -52,13 +53,15 @@ use crate::sync::{Arc, CachePadded, DataArc, DataWeak, SnapshotCell};
 
 /// Outcome counters of a pin: written when a request reports, not when it is picked, so they
 /// sit on their own line.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(C, align(64))]
 struct Outcomes {
     successes: AtomicU64,
     failures: AtomicU64,
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
+    /// The generation's latency histogram (shared by its pins, allocated on first use).
+    latency: DataArc<AtomicHistogram>,
 }
 
 /// One endpoint's counters for one shard of threads.
@@ -145,7 +148,7 @@ impl Failures {
 }
 
 /// A point-in-time sum of counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct CounterValues {
     pub(crate) in_flight: u64,
     pub(crate) selections: u64,
@@ -153,6 +156,7 @@ pub(crate) struct CounterValues {
     pub(crate) failures: u64,
     pub(crate) latency_sum_us: u64,
     pub(crate) latency_count: u64,
+    pub(crate) latency: LatencyHistogram,
 }
 
 impl CounterValues {
@@ -163,17 +167,24 @@ impl CounterValues {
         self.failures += other.failures;
         self.latency_sum_us += other.latency_sum_us;
         self.latency_count += other.latency_count;
+        self.latency.merge(&other.latency);
     }
 }
 
 impl Pin {
-    fn new(endpoint: Endpoint, failures: Arc<Failures>) -> Self {
+    fn new(endpoint: Endpoint, failures: Arc<Failures>, latency: DataArc<AtomicHistogram>) -> Self {
         Self {
             in_flight: AtomicU64::new(0),
             selections: AtomicU64::new(0),
             endpoint,
             failures,
-            outcomes: Outcomes::default(),
+            outcomes: Outcomes {
+                successes: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                latency_sum_us: AtomicU64::new(0),
+                latency_count: AtomicU64::new(0),
+                latency,
+            },
         }
     }
 
@@ -229,6 +240,7 @@ impl Pin {
             let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
             o.latency_sum_us.fetch_add(us, Ordering::Relaxed);
             o.latency_count.fetch_add(1, Ordering::Relaxed);
+            o.latency.record(latency);
         }
         self.failures.note(success, self.endpoint.address);
     }
@@ -244,6 +256,7 @@ impl Pin {
             failures: o.failures.load(Ordering::Relaxed),
             latency_sum_us: o.latency_sum_us.load(Ordering::Relaxed),
             latency_count: o.latency_count.load(Ordering::Relaxed),
+            latency: LatencyHistogram::default(),
         }
     }
 }
@@ -264,19 +277,22 @@ pub(crate) struct EndpointState {
     endpoint: Endpoint,
     pins: Box<[Arc<Pin>]>,
     failures: Arc<Failures>,
+    latency: DataArc<AtomicHistogram>,
 }
 
 impl EndpointState {
     /// A state with `shards` pins, each with its own copy of the endpoint's metadata.
     pub(crate) fn new(endpoint: Endpoint, shards: usize, report: Option<OutlierReport>) -> Self {
         let failures = Arc::new(Failures::new(report));
+        let latency = DataArc::new(AtomicHistogram::default());
         let pins = (0..shards.max(1))
-            .map(|_| Arc::new(Pin::new(endpoint.detached(), failures.clone())))
+            .map(|_| Arc::new(Pin::new(endpoint.detached(), failures.clone(), latency.clone())))
             .collect();
         Self {
             endpoint,
             pins,
             failures,
+            latency,
         }
     }
 
@@ -315,6 +331,7 @@ impl EndpointState {
         for pin in self.pins.iter() {
             total.add(&pin.counters());
         }
+        total.latency = self.latency.snapshot();
         total
     }
 

@@ -1,0 +1,428 @@
+//! Prometheus exposition through `prometheus-client`: a [`Collector`] that reads the
+//! balancer's snapshot at scrape time.
+#![deny(unsafe_code)]
+
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::{HEALTHS, LATENCY_BUCKETS_SECONDS, health_label};
+use crate::sync::{DataArc, DataWeak};
+use crate::{IntegratedLoadBalancer, LatencyHistogram, LoadBalancerMetrics};
+
+/// A `prometheus-client` collector for one balancer: register it in your own
+/// [`Registry`]; each scrape reads [`IntegratedLoadBalancer::metrics`]. Holds the balancer
+/// weakly (a dropped balancer exports nothing).
+///
+/// # Examples
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use tai_loadbalancer::*;
+/// /// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// # let registry = Arc::new(ServiceRegistry::new());
+/// # registry.register("svc", Endpoint::new("127.0.0.1:5001".parse().unwrap(), None)).await?;
+/// let lb = Arc::new(IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::RoundRobin, LoadBalancerConfig::default()).await?);
+/// lb.pick("svc")?.success();
+///
+/// let mut metrics = Registry::default();
+/// metrics.register_collector(Box::new(PrometheusCollector::new(&lb)));
+/// let mut text = String::new();
+/// prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+/// assert!(text.contains(r#"tai_lb_requests_total{service="svc",endpoint="127.0.0.1:5001",outcome="success"} 1"#));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PrometheusCollector {
+    balancer: DataWeak<IntegratedLoadBalancer>,
+}
+
+impl fmt::Debug for PrometheusCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrometheusCollector").finish_non_exhaustive()
+    }
+}
+
+impl PrometheusCollector {
+    /// A collector for `balancer`.
+    pub fn new(balancer: &DataArc<IntegratedLoadBalancer>) -> Self {
+        Self {
+            balancer: DataArc::downgrade(balancer),
+        }
+    }
+}
+
+/// The balancer's metrics in the Prometheus text exposition format 0.0.4 (what
+/// `promtool check metrics` checks and every scraper reads), for services without a
+/// registry of their own. The [`PrometheusCollector`] writes the same families through a
+/// `prometheus-client` registry (OpenMetrics).
+pub fn encode_prometheus(balancer: &DataArc<IntegratedLoadBalancer>) -> String {
+    render_text(&families(&balancer.metrics()))
+}
+
+/// The text exposition of a snapshot taken earlier.
+pub fn encode_prometheus_snapshot(metrics: &LoadBalancerMetrics) -> String {
+    render_text(&families(metrics))
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn ep_labels(service: &str, endpoint: &std::net::SocketAddr) -> Labels {
+    vec![
+        ("service", service.to_owned()),
+        ("endpoint", endpoint.to_string()),
+    ]
+}
+
+fn with(labels: &Labels, key: &'static str, value: &str) -> Labels {
+    let mut l = labels.clone();
+    l.push((key, value.to_owned()));
+    l
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+enum Sample {
+    Counter(u64),
+    Gauge(i64),
+    GaugeF(f64),
+    Histogram(LatencyHistogram),
+}
+
+/// One metric family: its base name (counters without `_total`), help, type and samples.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    samples: Vec<(Labels, Sample)>,
+}
+
+fn gauge(b: bool) -> Sample {
+    Sample::Gauge(i64::from(b))
+}
+
+/// Cumulative `(le, count)` pairs for [`LATENCY_BUCKETS_SECONDS`], then `+Inf`.
+fn cumulative_buckets(h: &LatencyHistogram) -> Vec<(f64, u64)> {
+    let mut out: Vec<(f64, u64)> = LATENCY_BUCKETS_SECONDS
+        .iter()
+        .map(|&le| (le, h.count_at_most(std::time::Duration::from_secs_f64(le))))
+        .collect();
+    out.push((f64::INFINITY, h.count()));
+    out
+}
+
+impl Collector for PrometheusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let Some(lb) = self.balancer.upgrade() else {
+            return Ok(());
+        };
+        for f in families(&lb.metrics()) {
+            let metric_type = match f.kind {
+                Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
+                Kind::Histogram => MetricType::Histogram,
+            };
+            let mut metric = encoder.encode_descriptor(f.name, f.help, None, metric_type)?;
+            for (labels, sample) in &f.samples {
+                let mut e = metric.encode_family(labels)?;
+                match sample {
+                    Sample::Counter(v) => ConstCounter::new(*v).encode(e)?,
+                    Sample::Gauge(v) => ConstGauge::new(*v).encode(e)?,
+                    Sample::GaugeF(v) => ConstGauge::new(*v).encode(e)?,
+                    Sample::Histogram(h) => {
+                        // prometheus-client wants per-bucket (not cumulative) counts.
+                        let mut below = 0;
+                        let buckets: Vec<(f64, u64)> = cumulative_buckets(h)
+                            .into_iter()
+                            .map(|(le, c)| {
+                                let n = c - below;
+                                below = c;
+                                (if le.is_infinite() { f64::MAX } else { le }, n)
+                            })
+                            .collect();
+                        e.encode_histogram::<NoLabelSet>(h.sum().as_secs_f64(), h.count(), &buckets, None)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Renders families in the Prometheus text exposition format 0.0.4.
+fn render_text(families: &[Family]) -> String {
+    use std::fmt::Write as _;
+    fn labels(out: &mut String, labels: &Labels, extra: Option<(&str, &str)>) {
+        if labels.is_empty() && extra.is_none() {
+            return;
+        }
+        out.push('{');
+        let mut first = true;
+        for (k, v) in labels.iter().map(|(k, v)| (*k, v.as_str())).chain(extra) {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(k);
+            out.push_str("=\"");
+            for c in v.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    '\n' => out.push_str("\\n"),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+        }
+        out.push('}');
+    }
+    let mut out = String::new();
+    for f in families {
+        let (name, kind) = match f.kind {
+            Kind::Counter => (format!("{}_total", f.name), "counter"),
+            Kind::Gauge => (f.name.to_owned(), "gauge"),
+            Kind::Histogram => (f.name.to_owned(), "histogram"),
+        };
+        let _ = writeln!(out, "# HELP {name} {}", f.help);
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (l, sample) in &f.samples {
+            match sample {
+                Sample::Counter(v) => {
+                    out.push_str(&name);
+                    labels(&mut out, l, None);
+                    let _ = writeln!(out, " {v}");
+                }
+                Sample::Gauge(v) => {
+                    out.push_str(&name);
+                    labels(&mut out, l, None);
+                    let _ = writeln!(out, " {v}");
+                }
+                Sample::GaugeF(v) => {
+                    out.push_str(&name);
+                    labels(&mut out, l, None);
+                    let _ = writeln!(out, " {v}");
+                }
+                Sample::Histogram(h) => {
+                    for (le, count) in cumulative_buckets(h) {
+                        let le = if le.is_infinite() {
+                            "+Inf".to_owned()
+                        } else {
+                            le.to_string()
+                        };
+                        let _ = write!(out, "{name}_bucket");
+                        labels(&mut out, l, Some(("le", &le)));
+                        let _ = writeln!(out, " {count}");
+                    }
+                    let _ = write!(out, "{name}_sum");
+                    labels(&mut out, l, None);
+                    let _ = writeln!(out, " {}", h.sum().as_secs_f64());
+                    let _ = write!(out, "{name}_count");
+                    labels(&mut out, l, None);
+                    let _ = writeln!(out, " {}", h.count());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every family of a snapshot (families without samples are left out).
+fn families(m: &LoadBalancerMetrics) -> Vec<Family> {
+    fn push(
+        out: &mut Vec<Family>,
+        name: &'static str,
+        help: &'static str,
+        kind: Kind,
+        samples: impl IntoIterator<Item = (Labels, Sample)>,
+    ) {
+        let samples: Vec<_> = samples.into_iter().collect();
+        if !samples.is_empty() {
+            out.push(Family {
+                name,
+                help,
+                kind,
+                samples,
+            });
+        }
+    }
+    let mut out = Vec::new();
+    let endpoints = || {
+        m.services.iter().flat_map(|s| {
+            s.endpoints
+                .iter()
+                .map(move |e| (ep_labels(&s.service, &e.address), s, e))
+        })
+    };
+    push(
+        &mut out,
+        "tai_lb_picks",
+        "Endpoints handed out by the balancer (picks and selections).",
+        Kind::Counter,
+        endpoints().map(|(l, _, e)| (l, Sample::Counter(e.selections))),
+    );
+    push(
+        &mut out,
+        "tai_lb_requests",
+        "Request outcomes reported to the balancer.",
+        Kind::Counter,
+        endpoints().flat_map(|(l, _, e)| {
+            [
+                (with(&l, "outcome", "success"), Sample::Counter(e.successes)),
+                (with(&l, "outcome", "failure"), Sample::Counter(e.failures)),
+            ]
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_in_flight_requests",
+        "Requests picked and not yet finished.",
+        Kind::Gauge,
+        endpoints().map(|(l, _, e)| (l, Sample::Gauge(e.in_flight as i64))),
+    );
+    push(
+        &mut out,
+        "tai_lb_request_duration_seconds",
+        "Latency of requests reported with an outcome.",
+        Kind::Histogram,
+        endpoints().map(|(l, _, e)| (l, Sample::Histogram(e.latency.clone()))),
+    );
+    push(
+        &mut out,
+        "tai_lb_endpoint_routable",
+        "Whether new picks can go to the endpoint (1) or not (0).",
+        Kind::Gauge,
+        endpoints().map(|(l, _, e)| (l, gauge(e.routable))),
+    );
+    push(
+        &mut out,
+        "tai_lb_endpoint_health",
+        "The endpoint's health as routing sees it (1 for the current state).",
+        Kind::Gauge,
+        endpoints().flat_map(|(l, _, e)| {
+            HEALTHS.map(|h| (with(&l, "state", health_label(h)), gauge(e.health == h)))
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_endpoint_weight",
+        "The endpoint's effective weight (after slow start).",
+        Kind::Gauge,
+        endpoints().map(|(l, _, e)| (l, Sample::Gauge(i64::from(e.effective_weight)))),
+    );
+    push(
+        &mut out,
+        "tai_lb_endpoint_consecutive_failures",
+        "Failures reported in a row (outlier detection).",
+        Kind::Gauge,
+        endpoints().map(|(l, _, e)| (l, Sample::Gauge(e.consecutive_failures as i64))),
+    );
+    push(
+        &mut out,
+        "tai_lb_endpoint_ejections",
+        "Outlier ejections of the endpoint (decays while it behaves).",
+        Kind::Gauge,
+        endpoints().map(|(l, _, e)| (l, Sample::Gauge(i64::from(e.ejections)))),
+    );
+    push(
+        &mut out,
+        "tai_lb_health_checks",
+        "Active health checks run.",
+        Kind::Counter,
+        endpoints().flat_map(|(l, _, e)| {
+            e.health_check.as_ref().into_iter().flat_map(move |c| {
+                [
+                    (
+                        with(&l, "result", "success"),
+                        Sample::Counter(c.checks - c.failed_checks.min(c.checks)),
+                    ),
+                    (with(&l, "result", "failure"), Sample::Counter(c.failed_checks)),
+                ]
+            })
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_health_check_duration_seconds",
+        "Duration of the endpoint's last active health check.",
+        Kind::Gauge,
+        endpoints().filter_map(|(l, _, e)| {
+            let latency = e.health_check.as_ref()?.last_latency?;
+            Some((l, Sample::GaugeF(latency.as_secs_f64())))
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_service_endpoints",
+        "Endpoints of the service: all members, and the routable ones.",
+        Kind::Gauge,
+        m.services.iter().flat_map(|s| {
+            [
+                (
+                    vec![("service", s.service.clone()), ("state", "total".to_owned())],
+                    Sample::Gauge(s.endpoints_total as i64),
+                ),
+                (
+                    vec![("service", s.service.clone()), ("state", "routable".to_owned())],
+                    Sample::Gauge(s.endpoints_routable as i64),
+                ),
+            ]
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_service_panic",
+        "Whether the service is in panic mode (routing to all endpoints regardless of health).",
+        Kind::Gauge,
+        m.services
+            .iter()
+            .map(|s| (vec![("service", s.service.clone())], gauge(s.panic))),
+    );
+    let a = &m.affinity;
+    push(
+        &mut out,
+        "tai_lb_affinity_lookups",
+        "Session-affinity lookups: hits, misses, and hits whose endpoint had left (moved).",
+        Kind::Counter,
+        [("hit", a.hits), ("miss", a.misses), ("moved", a.moved)]
+            .map(|(r, n)| (vec![("result", r.to_owned())], Sample::Counter(n))),
+    );
+    push(
+        &mut out,
+        "tai_lb_affinity_entries",
+        "Session-affinity bindings held.",
+        Kind::Gauge,
+        [(none(), Sample::Gauge(a.entries as i64))],
+    );
+    push(
+        &mut out,
+        "tai_lb_affinity_evictions",
+        "Session-affinity bindings evicted to stay within max_entries.",
+        Kind::Counter,
+        [(none(), Sample::Counter(a.evictions))],
+    );
+    push(
+        &mut out,
+        "tai_lb_affinity_expirations",
+        "Session-affinity bindings expired after their TTL.",
+        Kind::Counter,
+        [(none(), Sample::Counter(a.expirations))],
+    );
+    out
+}
+
+/// No labels.
+fn none() -> Labels {
+    Vec::new()
+}

@@ -1,0 +1,356 @@
+//! Latency histograms: a lock-free recorder on the request path, a plain snapshot to read.
+//!
+//! Owns [`AtomicHistogram`] (one per endpoint generation, shared by its per-shard pins,
+//! allocated on the first latency it records) and [`LatencyHistogram`] (the sparse snapshot
+//! that metrics, percentiles and the Prometheus exposition read).
+//!
+//! # Buckets
+//!
+//! Log-linear, in nanoseconds, like HdrHistogram with 64 sub-buckets per power of two: values
+//! below 64 ns have exact buckets; above, each power of two `[2^e, 2^(e+1))` is cut into 64
+//! equal buckets. A bucket is reported by its midpoint, so a percentile is within 1/128
+//! (0.79 %) of the recorded value it stands for (tests compare against an exact sort).
+//! Values of 2^36 ns (68.7 s) and more share the top bucket; the exact maximum is kept
+//! separately. 1,984 buckets of 8 bytes: 15.5 KiB per endpoint that records latencies.
+//!
+//! # Invariants
+//!
+//! * Recording is one `fetch_add` on the bucket plus one on the sum (and a `fetch_max` only
+//!   when a new maximum is seen): no lock, no allocation after the first record.
+//! * A snapshot's count is the sum of its buckets: counts are never reported from a separate
+//!   counter that could disagree.
+#![deny(unsafe_code)]
+
+use std::time::Duration;
+
+use crate::sync::OnceLock;
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+const SUB_BITS: u32 = 6;
+const SUB: u64 = 1 << SUB_BITS;
+const TOP_EXP: u32 = 36;
+/// Number of buckets.
+pub(crate) const BUCKETS: usize = (SUB + (TOP_EXP - SUB_BITS) as u64 * SUB) as usize;
+
+/// The bucket of `ns`.
+#[inline]
+fn index(ns: u64) -> usize {
+    if ns < SUB {
+        return ns as usize;
+    }
+    let ns = ns.min((1 << TOP_EXP) - 1);
+    let e = 63 - ns.leading_zeros();
+    let sub = (ns >> (e - SUB_BITS)) & (SUB - 1);
+    (SUB + u64::from(e - SUB_BITS) * SUB + sub) as usize
+}
+
+/// The smallest value of bucket `i`, and its width.
+fn bounds(i: usize) -> (u64, u64) {
+    let i = i as u64;
+    if i < SUB {
+        return (i, 1);
+    }
+    let k = (i - SUB) / SUB;
+    let sub = (i - SUB) % SUB;
+    let e = k + u64::from(SUB_BITS);
+    ((1 << e) + (sub << k), 1 << k)
+}
+
+/// The value bucket `i` stands for (its midpoint).
+fn representative(i: usize) -> u64 {
+    let (low, width) = bounds(i);
+    low + width / 2
+}
+
+/// The recorder: lock-free, allocated on first use.
+#[derive(Default)]
+pub(crate) struct AtomicHistogram {
+    buckets: OnceLock<Box<[AtomicU64]>>,
+    sum_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+impl std::fmt::Debug for AtomicHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AtomicHistogram").finish_non_exhaustive()
+    }
+}
+
+impl AtomicHistogram {
+    /// Records one latency. `Relaxed`: statistics only.
+    #[inline]
+    pub(crate) fn record(&self, latency: Duration) {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        let buckets = self
+            .buckets
+            .get_or_init(|| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect());
+        buckets[index(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        if ns > self.max_ns.load(Ordering::Relaxed) {
+            self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        }
+    }
+
+    /// A copy of what was recorded so far.
+    pub(crate) fn snapshot(&self) -> LatencyHistogram {
+        let Some(buckets) = self.buckets.get() else {
+            return LatencyHistogram::default();
+        };
+        let counts: Vec<(u16, u64)> = buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let n = b.load(Ordering::Relaxed);
+                (n > 0).then_some((i as u16, n))
+            })
+            .collect();
+        LatencyHistogram {
+            count: counts.iter().map(|(_, n)| n).sum(),
+            counts,
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+            max_ns: self.max_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Recorded latencies of an endpoint, a service or the whole balancer: a snapshot.
+///
+/// Percentiles are within 0.79 % of the recorded value they stand for (see the module docs of
+/// the bucket layout); count, sum and maximum are exact.
+///
+/// # Examples
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use std::time::Duration;
+/// # use tai_loadbalancer::*;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// # let registry = Arc::new(ServiceRegistry::new());
+/// # registry.register("svc", Endpoint::new("127.0.0.1:5001".parse().unwrap(), None)).await?;
+/// # let lb = IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::RoundRobin, LoadBalancerConfig::default()).await?;
+/// for ms in 1..=100 {
+///     lb.pick("svc")?.record(Outcome::Success, Some(Duration::from_millis(ms)));
+/// }
+/// let latency = lb.metrics().latency;
+/// assert_eq!(latency.count(), 100);
+/// let p99 = latency.percentile(99.0).unwrap();
+/// assert!(p99 >= Duration::from_micros(98_300) && p99 <= Duration::from_micros(99_800));
+/// assert_eq!(latency.max(), Some(Duration::from_millis(100)));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    counts: Vec<(u16, u64)>,
+    count: u64,
+    sum_ns: u64,
+    max_ns: u64,
+}
+
+impl LatencyHistogram {
+    /// Latencies recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Sum of the recorded latencies.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_ns)
+    }
+
+    /// Mean latency.
+    pub fn mean(&self) -> Option<Duration> {
+        (self.count > 0).then(|| Duration::from_nanos(self.sum_ns / self.count))
+    }
+
+    /// Largest latency recorded (exact).
+    pub fn max(&self) -> Option<Duration> {
+        (self.count > 0).then(|| Duration::from_nanos(self.max_ns))
+    }
+
+    /// The latency below which `percent` % of the recorded ones fall (nearest rank), e.g.
+    /// `percentile(99.0)`; `None` if nothing was recorded. `percent` is clamped to 0..=100.
+    pub fn percentile(&self, percent: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        let p = if percent.is_nan() {
+            100.0
+        } else {
+            percent.clamp(0.0, 100.0)
+        };
+        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for &(i, n) in &self.counts {
+            seen += n;
+            if seen >= rank {
+                let value = representative(i as usize).min(self.max_ns);
+                return Some(Duration::from_nanos(value));
+            }
+        }
+        self.max()
+    }
+
+    /// Median.
+    pub fn p50(&self) -> Option<Duration> {
+        self.percentile(50.0)
+    }
+
+    /// 95th percentile.
+    pub fn p95(&self) -> Option<Duration> {
+        self.percentile(95.0)
+    }
+
+    /// 99th percentile.
+    pub fn p99(&self) -> Option<Duration> {
+        self.percentile(99.0)
+    }
+
+    /// 99.9th percentile.
+    pub fn p999(&self) -> Option<Duration> {
+        self.percentile(99.9)
+    }
+
+    /// How many recorded latencies are at most `bound` (bucket-exact: a bucket counts when
+    /// its upper end is at most `bound`). For cumulative histogram buckets (Prometheus `le`).
+    pub fn count_at_most(&self, bound: Duration) -> u64 {
+        let bound = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
+        self.counts
+            .iter()
+            .take_while(|(i, _)| {
+                let (low, width) = bounds(*i as usize);
+                low + width - 1 <= bound
+            })
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Adds `other`'s latencies to these.
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = other.clone();
+            return;
+        }
+        let mut merged = Vec::with_capacity(self.counts.len() + other.counts.len());
+        let (mut a, mut b) = (self.counts.iter().peekable(), other.counts.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(&&(i, n)), Some(&&(j, m))) => {
+                    if i == j {
+                        merged.push((i, n + m));
+                        a.next();
+                        b.next();
+                    } else if i < j {
+                        merged.push((i, n));
+                        a.next();
+                    } else {
+                        merged.push((j, m));
+                        b.next();
+                    }
+                }
+                (Some(&&x), None) => {
+                    merged.push(x);
+                    a.next();
+                }
+                (None, Some(&&y)) => {
+                    merged.push(y);
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        self.counts = merged;
+        self.count += other.count;
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
+        self.max_ns = self.max_ns.max(other.max_ns);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_the_range_in_order() {
+        assert_eq!(index(0), 0);
+        assert_eq!(index(63), 63);
+        assert_eq!(index(64), 64);
+        assert_eq!(index(u64::MAX), BUCKETS - 1);
+        let mut last = 0;
+        for e in 6..TOP_EXP {
+            for v in [1u64 << e, (1 << e) + 1, (3 << e) / 2, (1 << (e + 1)) - 1] {
+                let i = index(v);
+                assert!(i >= last);
+                last = i;
+                let (low, width) = bounds(i);
+                assert!(
+                    low <= v && v < low + width,
+                    "{v} in bucket {i} = [{low}, +{width})"
+                );
+                // Midpoint error bound: half a width over the value.
+                let err = representative(i).abs_diff(v) as f64 / v as f64;
+                assert!(err <= 1.0 / 128.0 + 1e-12, "{v}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_are_within_one_percent_of_an_exact_sort() {
+        let h = AtomicHistogram::default();
+        let mut values: Vec<u64> = (0..100_000u64)
+            .map(|i| {
+                // A long-tailed spread from 100 ns to ~10 s.
+                let x = (i.wrapping_mul(2_654_435_761) % 1_000_000) as f64 / 1_000_000.0;
+                (100.0 * (1e8f64).powf(x * x)) as u64
+            })
+            .collect();
+        for &v in &values {
+            h.record(Duration::from_nanos(v));
+        }
+        values.sort_unstable();
+        let snap = h.snapshot();
+        assert_eq!(snap.count(), values.len() as u64);
+        assert_eq!(snap.sum(), Duration::from_nanos(values.iter().sum()));
+        assert_eq!(snap.max(), Some(Duration::from_nanos(*values.last().unwrap())));
+        for p in [1.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9, 99.99, 100.0] {
+            let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+            let exact = values[rank.max(1) - 1] as f64;
+            let ours = snap.percentile(p).unwrap().as_nanos() as f64;
+            assert!(
+                (ours - exact).abs() / exact <= 0.01,
+                "p{p}: ours {ours} exact {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn merge_equals_recording_into_one() {
+        let (a, b, both) = (
+            AtomicHistogram::default(),
+            AtomicHistogram::default(),
+            AtomicHistogram::default(),
+        );
+        for i in 0..10_000u64 {
+            let d = Duration::from_nanos(i * i % 9_999_991 + 1);
+            if i % 3 == 0 { &a } else { &b }.record(d);
+            both.record(d);
+        }
+        let mut merged = a.snapshot();
+        merged.merge(&b.snapshot());
+        assert_eq!(merged, both.snapshot());
+        let mut empty = LatencyHistogram::default();
+        empty.merge(&merged);
+        assert_eq!(empty, merged);
+        assert_eq!(merged.count_at_most(Duration::from_secs(100)), merged.count());
+        assert_eq!(merged.count_at_most(Duration::ZERO), 0);
+    }
+}
