@@ -231,6 +231,28 @@ impl LatencyHistogram {
             .sum()
     }
 
+    /// For each bound (ascending), how many latencies are at most it (as
+    /// [`count_at_most`](Self::count_at_most)), in one pass.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) fn cumulative_counts(&self, bounds_ns: &[u64]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(bounds_ns.len());
+        let mut buckets = self.counts.iter().peekable();
+        let mut seen = 0;
+        for &bound in bounds_ns {
+            while let Some(&&(i, n)) = buckets.peek() {
+                let (low, width) = bounds(i as usize);
+                if low + width - 1 <= bound {
+                    seen += n;
+                    buckets.next();
+                } else {
+                    break;
+                }
+            }
+            out.push(seen);
+        }
+        out
+    }
+
     /// Adds `other`'s latencies to these.
     pub fn merge(&mut self, other: &LatencyHistogram) {
         if other.count == 0 {
@@ -272,6 +294,47 @@ impl LatencyHistogram {
         self.count += other.count;
         self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
         self.max_ns = self.max_ns.max(other.max_ns);
+    }
+}
+
+/// Sums many histograms in time proportional to their non-empty buckets (a dense array).
+#[derive(Default)]
+pub(crate) struct LatencyAccumulator {
+    dense: Vec<u64>,
+    count: u64,
+    sum_ns: u64,
+    max_ns: u64,
+}
+
+impl LatencyAccumulator {
+    pub(crate) fn add(&mut self, h: &LatencyHistogram) {
+        if h.count == 0 {
+            return;
+        }
+        if self.dense.is_empty() {
+            self.dense = vec![0; BUCKETS];
+        }
+        for &(i, n) in &h.counts {
+            self.dense[i as usize] += n;
+        }
+        self.count += h.count;
+        self.sum_ns = self.sum_ns.saturating_add(h.sum_ns);
+        self.max_ns = self.max_ns.max(h.max_ns);
+    }
+
+    pub(crate) fn finish(self) -> LatencyHistogram {
+        LatencyHistogram {
+            counts: self
+                .dense
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| (i as u16, *n))
+                .collect(),
+            count: self.count,
+            sum_ns: self.sum_ns,
+            max_ns: self.max_ns,
+        }
     }
 }
 
@@ -347,6 +410,15 @@ mod tests {
         let mut merged = a.snapshot();
         merged.merge(&b.snapshot());
         assert_eq!(merged, both.snapshot());
+        let mut acc = LatencyAccumulator::default();
+        acc.add(&a.snapshot());
+        acc.add(&b.snapshot());
+        assert_eq!(acc.finish(), merged);
+        let bounds_ns = [0, 1_000, 50_000, 1_000_000, 9_999_999, u64::MAX / 2];
+        let one_pass = merged.cumulative_counts(&bounds_ns);
+        for (b, n) in bounds_ns.iter().zip(one_pass) {
+            assert_eq!(n, merged.count_at_most(Duration::from_nanos(*b)));
+        }
         let mut empty = LatencyHistogram::default();
         empty.merge(&merged);
         assert_eq!(empty, merged);

@@ -149,10 +149,13 @@ impl LoadBalancerMetrics {
         let mut m = LoadBalancerMetrics::default();
         for sc in services {
             let mut totals = sc.removed;
+            let mut latency = crate::histogram::LatencyAccumulator::default();
+            latency.add(&totals.latency);
             let mut endpoints = Vec::with_capacity(sc.endpoints.len());
             let mut routable = 0;
             for e in sc.endpoints {
-                totals.add(&e.counters);
+                totals.add_counts(&e.counters);
+                latency.add(&e.counters.latency);
                 routable += usize::from(e.routable);
                 endpoints.push(EndpointMetrics::new(e));
             }
@@ -168,7 +171,7 @@ impl LoadBalancerMetrics {
                 successful_requests: totals.successes,
                 failed_requests: totals.failures,
                 in_flight: totals.in_flight,
-                latency: totals.latency,
+                latency: latency.finish(),
                 endpoints,
             };
             m.total_requests += service.total_requests;
@@ -210,8 +213,7 @@ impl EndpointMetrics {
             successes: c.successes,
             failures: c.failures,
             in_flight: c.in_flight,
-            mean_latency: (c.latency_count > 0)
-                .then(|| Duration::from_micros(c.latency_sum_us / c.latency_count)),
+            mean_latency: c.latency.mean(),
             latency: c.latency,
         }
     }

@@ -84,6 +84,7 @@ pub trait MetricsExporter: Send + 'static {
 }
 
 /// The `state` label value of a health.
+#[cfg_attr(not(any(feature = "prometheus", feature = "metrics")), allow(dead_code))]
 pub(crate) fn health_label(h: EndpointHealth) -> &'static str {
     match h {
         EndpointHealth::Healthy => "healthy",
@@ -95,6 +96,7 @@ pub(crate) fn health_label(h: EndpointHealth) -> &'static str {
 }
 
 /// Every health, for state-set gauges.
+#[cfg_attr(not(any(feature = "prometheus", feature = "metrics")), allow(dead_code))]
 pub(crate) const HEALTHS: [EndpointHealth; 5] = [
     EndpointHealth::Healthy,
     EndpointHealth::Unhealthy,

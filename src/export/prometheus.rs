@@ -15,15 +15,18 @@ use crate::sync::{DataArc, DataWeak};
 use crate::{IntegratedLoadBalancer, LatencyHistogram, LoadBalancerMetrics};
 
 /// A `prometheus-client` collector for one balancer: register it in your own
-/// [`Registry`]; each scrape reads [`IntegratedLoadBalancer::metrics`]. Holds the balancer
-/// weakly (a dropped balancer exports nothing).
+/// `prometheus_client::registry::Registry`; each scrape reads
+/// [`IntegratedLoadBalancer::metrics`]. Holds the balancer weakly (a dropped balancer exports
+/// nothing). `prometheus-client` writes OpenMetrics text; [`encode_prometheus`] writes the
+/// same families in the classic Prometheus format.
 ///
 /// # Examples
 ///
 /// ```
 /// # use std::sync::Arc;
 /// # use tai_loadbalancer::*;
-/// /// # #[tokio::main(flavor = "current_thread")]
+/// use tai_loadbalancer::prometheus_client::registry::Registry;
+/// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Error> {
 /// # let registry = Arc::new(ServiceRegistry::new());
 /// # registry.register("svc", Endpoint::new("127.0.0.1:5001".parse().unwrap(), None)).await?;
@@ -33,7 +36,7 @@ use crate::{IntegratedLoadBalancer, LatencyHistogram, LoadBalancerMetrics};
 /// let mut metrics = Registry::default();
 /// metrics.register_collector(Box::new(PrometheusCollector::new(&lb)));
 /// let mut text = String::new();
-/// prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+/// tai_loadbalancer::prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
 /// assert!(text.contains(r#"tai_lb_requests_total{service="svc",endpoint="127.0.0.1:5001",outcome="success"} 1"#));
 /// # Ok(())
 /// # }
@@ -93,30 +96,32 @@ enum Kind {
     Histogram,
 }
 
-enum Sample {
+enum Sample<'m> {
     Counter(u64),
     Gauge(i64),
     GaugeF(f64),
-    Histogram(LatencyHistogram),
+    Histogram(&'m LatencyHistogram),
 }
 
 /// One metric family: its base name (counters without `_total`), help, type and samples.
-struct Family {
+struct Family<'m> {
     name: &'static str,
     help: &'static str,
     kind: Kind,
-    samples: Vec<(Labels, Sample)>,
+    samples: Vec<(Labels, Sample<'m>)>,
 }
 
-fn gauge(b: bool) -> Sample {
+fn gauge(b: bool) -> Sample<'static> {
     Sample::Gauge(i64::from(b))
 }
 
 /// Cumulative `(le, count)` pairs for [`LATENCY_BUCKETS_SECONDS`], then `+Inf`.
 fn cumulative_buckets(h: &LatencyHistogram) -> Vec<(f64, u64)> {
+    let bounds_ns = LATENCY_BUCKETS_SECONDS.map(|le| (le * 1e9).round() as u64);
     let mut out: Vec<(f64, u64)> = LATENCY_BUCKETS_SECONDS
         .iter()
-        .map(|&le| (le, h.count_at_most(std::time::Duration::from_secs_f64(le))))
+        .copied()
+        .zip(h.cumulative_counts(&bounds_ns))
         .collect();
     out.push((f64::INFINITY, h.count()));
     out
@@ -161,7 +166,7 @@ impl Collector for PrometheusCollector {
 }
 
 /// Renders families in the Prometheus text exposition format 0.0.4.
-fn render_text(families: &[Family]) -> String {
+fn render_text(families: &[Family<'_>]) -> String {
     use std::fmt::Write as _;
     fn labels(out: &mut String, labels: &Labels, extra: Option<(&str, &str)>) {
         if labels.is_empty() && extra.is_none() {
@@ -239,13 +244,13 @@ fn render_text(families: &[Family]) -> String {
 }
 
 /// Every family of a snapshot (families without samples are left out).
-fn families(m: &LoadBalancerMetrics) -> Vec<Family> {
-    fn push(
-        out: &mut Vec<Family>,
+fn families(m: &LoadBalancerMetrics) -> Vec<Family<'_>> {
+    fn push<'m>(
+        out: &mut Vec<Family<'m>>,
         name: &'static str,
         help: &'static str,
         kind: Kind,
-        samples: impl IntoIterator<Item = (Labels, Sample)>,
+        samples: impl IntoIterator<Item = (Labels, Sample<'m>)>,
     ) {
         let samples: Vec<_> = samples.into_iter().collect();
         if !samples.is_empty() {
@@ -296,7 +301,7 @@ fn families(m: &LoadBalancerMetrics) -> Vec<Family> {
         "tai_lb_request_duration_seconds",
         "Latency of requests reported with an outcome.",
         Kind::Histogram,
-        endpoints().map(|(l, _, e)| (l, Sample::Histogram(e.latency.clone()))),
+        endpoints().map(|(l, _, e)| (l, Sample::Histogram(&e.latency))),
     );
     push(
         &mut out,

@@ -58,8 +58,6 @@ use crate::sync::{Arc, CachePadded, DataArc, DataWeak, SnapshotCell};
 struct Outcomes {
     successes: AtomicU64,
     failures: AtomicU64,
-    latency_sum_us: AtomicU64,
-    latency_count: AtomicU64,
     /// The generation's latency histogram (shared by its pins, allocated on first use).
     latency: DataArc<AtomicHistogram>,
 }
@@ -154,8 +152,6 @@ pub(crate) struct CounterValues {
     pub(crate) selections: u64,
     pub(crate) successes: u64,
     pub(crate) failures: u64,
-    pub(crate) latency_sum_us: u64,
-    pub(crate) latency_count: u64,
     pub(crate) latency: LatencyHistogram,
 }
 
@@ -165,9 +161,15 @@ impl CounterValues {
         self.selections += other.selections;
         self.successes += other.successes;
         self.failures += other.failures;
-        self.latency_sum_us += other.latency_sum_us;
-        self.latency_count += other.latency_count;
         self.latency.merge(&other.latency);
+    }
+
+    /// As [`add`](Self::add) without the latency histogram (summed separately).
+    pub(crate) fn add_counts(&mut self, other: &CounterValues) {
+        self.in_flight += other.in_flight;
+        self.selections += other.selections;
+        self.successes += other.successes;
+        self.failures += other.failures;
     }
 }
 
@@ -181,8 +183,6 @@ impl Pin {
             outcomes: Outcomes {
                 successes: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
-                latency_sum_us: AtomicU64::new(0),
-                latency_count: AtomicU64::new(0),
                 latency,
             },
         }
@@ -237,9 +237,6 @@ impl Pin {
             o.failures.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(latency) = latency {
-            let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-            o.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-            o.latency_count.fetch_add(1, Ordering::Relaxed);
             o.latency.record(latency);
         }
         self.failures.note(success, self.endpoint.address);
@@ -254,8 +251,6 @@ impl Pin {
             selections: self.selections.load(Ordering::Relaxed),
             successes: o.successes.load(Ordering::Relaxed),
             failures: o.failures.load(Ordering::Relaxed),
-            latency_sum_us: o.latency_sum_us.load(Ordering::Relaxed),
-            latency_count: o.latency_count.load(Ordering::Relaxed),
             latency: LatencyHistogram::default(),
         }
     }

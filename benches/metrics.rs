@@ -1,0 +1,67 @@
+//! Cost of observability: recording outcomes on the request path, and scraping.
+//!
+//! * `record/pick_only`: `ServiceHandle::pick()` and dropping the guard (1,024 endpoints,
+//!   round robin): the baseline.
+//! * `record/pick_success`: the same plus `success()` (an outcome without latency).
+//! * `record/pick_record_latency`: the same plus `record(Success, Some(latency))` (outcome
+//!   and a histogram sample).
+//! * `scrape/metrics_1000`: `lb.metrics()` for 1,000 endpoints that all have latencies.
+//! * `scrape/prometheus_1000`: `encode_prometheus` (snapshot + text) for the same.
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tai_loadbalancer::{LoadBalancingStrategy, Outcome};
+
+fn record(c: &mut Criterion) {
+    let rt = common::runtime();
+    let (_registry, lb) = common::balancer(&rt, LoadBalancingStrategy::RoundRobin, 1_024);
+    let handle = lb.service("svc").unwrap();
+    let mut group = c.benchmark_group("record");
+    group.bench_function("pick_only", |b| {
+        b.iter(|| drop(black_box(handle.pick().unwrap())))
+    });
+    group.bench_function("pick_success", |b| {
+        b.iter(|| black_box(handle.pick().unwrap()).success())
+    });
+    let mut i = 0u64;
+    group.bench_function("pick_record_latency", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(7_919);
+            let latency = Duration::from_nanos(50_000 + i % 5_000_000);
+            black_box(handle.pick().unwrap()).record(Outcome::Success, Some(latency))
+        })
+    });
+    group.finish();
+}
+
+fn scrape(c: &mut Criterion) {
+    let rt = common::runtime();
+    let (_registry, lb) = common::balancer(&rt, LoadBalancingStrategy::RoundRobin, 1_000);
+    let lb = Arc::new(lb);
+    for i in 0..200_000u64 {
+        let latency = Duration::from_nanos(20_000 + (i * 7_919) % 20_000_000);
+        lb.pick("svc").unwrap().record(Outcome::Success, Some(latency));
+    }
+    let mut group = c.benchmark_group("scrape");
+    group.bench_function("metrics_1000", |b| b.iter(|| black_box(lb.metrics())));
+    group.bench_function("prometheus_1000", |b| {
+        b.iter(|| black_box(tai_loadbalancer::encode_prometheus(&lb)))
+    });
+    group.finish();
+    println!(
+        "exposition of 1,000 endpoints: {} bytes",
+        tai_loadbalancer::encode_prometheus(&lb).len()
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    targets = record, scrape
+}
+criterion_main!(benches);
