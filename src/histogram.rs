@@ -16,7 +16,8 @@
 //! # Invariants
 //!
 //! * Recording is one `fetch_add` on the bucket plus one on the sum (and a `fetch_max` only
-//!   when a new maximum is seen): no lock, no allocation after the first record.
+//!   when a new maximum is seen, a `fetch_or` only the first time a range of 64 buckets is
+//!   used): no lock, no allocation after the first record.
 //! * A snapshot's count is the sum of its buckets: counts are never reported from a separate
 //!   counter that could disagree.
 #![deny(unsafe_code)]
@@ -66,6 +67,9 @@ fn representative(i: usize) -> u64 {
 #[derive(Default)]
 pub(crate) struct AtomicHistogram {
     buckets: OnceLock<Box<[AtomicU64]>>,
+    /// Bit `c` set: some bucket of chunk `c` (buckets `64c..64c+64`) was recorded into, so a
+    /// snapshot scans only the chunks in use (latencies usually span a few powers of two).
+    chunks: AtomicU64,
     sum_ns: AtomicU64,
     max_ns: AtomicU64,
 }
@@ -84,7 +88,12 @@ impl AtomicHistogram {
         let buckets = self
             .buckets
             .get_or_init(|| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect());
-        buckets[index(ns)].fetch_add(1, Ordering::Relaxed);
+        let i = index(ns);
+        let chunk = 1u64 << (i >> SUB_BITS);
+        if self.chunks.load(Ordering::Relaxed) & chunk == 0 {
+            self.chunks.fetch_or(chunk, Ordering::Relaxed);
+        }
+        buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
         if ns > self.max_ns.load(Ordering::Relaxed) {
             self.max_ns.fetch_max(ns, Ordering::Relaxed);
@@ -96,17 +105,24 @@ impl AtomicHistogram {
         let Some(buckets) = self.buckets.get() else {
             return LatencyHistogram::default();
         };
-        let counts: Vec<(u16, u64)> = buckets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| {
-                let n = b.load(Ordering::Relaxed);
-                (n > 0).then_some((i as u16, n))
-            })
-            .collect();
+        let mut mask = 0u64;
+        let mut chunks = Vec::with_capacity(self.chunks.load(Ordering::Relaxed).count_ones() as usize);
+        for c in chunk_ids(self.chunks.load(Ordering::Relaxed)) {
+            let start = c * CHUNK;
+            let mut chunk = [0u64; CHUNK];
+            for (j, slot) in chunk.iter_mut().enumerate().take(BUCKETS - start) {
+                *slot = buckets[start + j].load(Ordering::Relaxed);
+            }
+            if chunk.iter().any(|&n| n > 0) {
+                mask |= 1 << c;
+                chunks.push(chunk);
+            }
+        }
+        let count = chunks.iter().flatten().sum();
         LatencyHistogram {
-            count: counts.iter().map(|(_, n)| n).sum(),
-            counts,
+            mask,
+            chunks,
+            count,
             sum_ns: self.sum_ns.load(Ordering::Relaxed),
             max_ns: self.max_ns.load(Ordering::Relaxed),
         }
@@ -142,10 +158,25 @@ impl AtomicHistogram {
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LatencyHistogram {
-    counts: Vec<(u16, u64)>,
+    /// Bit `c`: chunk `c` (buckets `64c..64c+64`) has counts, stored in `chunks` in bit order.
+    mask: u64,
+    chunks: Vec<[u64; CHUNK]>,
     count: u64,
     sum_ns: u64,
     max_ns: u64,
+}
+
+const CHUNK: usize = SUB as usize;
+
+/// The chunks of `mask`, in order.
+fn chunk_ids(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let c = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            c
+        })
+    })
 }
 
 impl LatencyHistogram {
@@ -187,10 +218,10 @@ impl LatencyHistogram {
         };
         let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
         let mut seen = 0;
-        for &(i, n) in &self.counts {
+        for (i, n) in self.buckets() {
             seen += n;
             if seen >= rank {
-                let value = representative(i as usize).min(self.max_ns);
+                let value = representative(i).min(self.max_ns);
                 return Some(Duration::from_nanos(value));
             }
         }
@@ -221,10 +252,9 @@ impl LatencyHistogram {
     /// its upper end is at most `bound`). For cumulative histogram buckets (Prometheus `le`).
     pub fn count_at_most(&self, bound: Duration) -> u64 {
         let bound = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
-        self.counts
-            .iter()
+        self.buckets()
             .take_while(|(i, _)| {
-                let (low, width) = bounds(*i as usize);
+                let (low, width) = bounds(*i);
                 low + width - 1 <= bound
             })
             .map(|(_, n)| n)
@@ -236,11 +266,11 @@ impl LatencyHistogram {
     #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
     pub(crate) fn cumulative_counts(&self, bounds_ns: &[u64]) -> Vec<u64> {
         let mut out = Vec::with_capacity(bounds_ns.len());
-        let mut buckets = self.counts.iter().peekable();
+        let mut buckets = self.buckets().peekable();
         let mut seen = 0;
         for &bound in bounds_ns {
-            while let Some(&&(i, n)) = buckets.peek() {
-                let (low, width) = bounds(i as usize);
+            while let Some(&(i, n)) = buckets.peek() {
+                let (low, width) = bounds(i);
                 if low + width - 1 <= bound {
                     seen += n;
                     buckets.next();
@@ -262,45 +292,29 @@ impl LatencyHistogram {
             *self = other.clone();
             return;
         }
-        let mut merged = Vec::with_capacity(self.counts.len() + other.counts.len());
-        let (mut a, mut b) = (self.counts.iter().peekable(), other.counts.iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (Some(&&(i, n)), Some(&&(j, m))) => {
-                    if i == j {
-                        merged.push((i, n + m));
-                        a.next();
-                        b.next();
-                    } else if i < j {
-                        merged.push((i, n));
-                        a.next();
-                    } else {
-                        merged.push((j, m));
-                        b.next();
-                    }
-                }
-                (Some(&&x), None) => {
-                    merged.push(x);
-                    a.next();
-                }
-                (None, Some(&&y)) => {
-                    merged.push(y);
-                    b.next();
-                }
-                (None, None) => break,
-            }
-        }
-        self.counts = merged;
-        self.count += other.count;
-        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
-        self.max_ns = self.max_ns.max(other.max_ns);
+        let mut acc = LatencyAccumulator::default();
+        acc.add(self);
+        acc.add(other);
+        *self = acc.finish();
+    }
+
+    /// Non-empty buckets `(index, count)` in order.
+    fn buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        chunk_ids(self.mask).zip(&self.chunks).flat_map(|(c, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(move |(j, n)| (c * CHUNK + j, *n))
+        })
     }
 }
 
 /// Sums many histograms in time proportional to their non-empty buckets (a dense array).
 #[derive(Default)]
 pub(crate) struct LatencyAccumulator {
-    dense: Vec<u64>,
+    mask: u64,
+    dense: Vec<[u64; CHUNK]>,
     count: u64,
     sum_ns: u64,
     max_ns: u64,
@@ -312,10 +326,13 @@ impl LatencyAccumulator {
             return;
         }
         if self.dense.is_empty() {
-            self.dense = vec![0; BUCKETS];
+            self.dense = vec![[0; CHUNK]; BUCKETS.div_ceil(CHUNK)];
         }
-        for &(i, n) in &h.counts {
-            self.dense[i as usize] += n;
+        self.mask |= h.mask;
+        for (c, chunk) in chunk_ids(h.mask).zip(&h.chunks) {
+            for (into, n) in self.dense[c].iter_mut().zip(chunk) {
+                *into += n;
+            }
         }
         self.count += h.count;
         self.sum_ns = self.sum_ns.saturating_add(h.sum_ns);
@@ -324,13 +341,8 @@ impl LatencyAccumulator {
 
     pub(crate) fn finish(self) -> LatencyHistogram {
         LatencyHistogram {
-            counts: self
-                .dense
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n > 0)
-                .map(|(i, n)| (i as u16, *n))
-                .collect(),
+            mask: self.mask,
+            chunks: chunk_ids(self.mask).map(|c| self.dense[c]).collect(),
             count: self.count,
             sum_ns: self.sum_ns,
             max_ns: self.max_ns,

@@ -66,27 +66,59 @@ impl PrometheusCollector {
 /// registry of their own. The [`PrometheusCollector`] writes the same families through a
 /// `prometheus-client` registry (OpenMetrics).
 pub fn encode_prometheus(balancer: &DataArc<IntegratedLoadBalancer>) -> String {
-    render_text(&families(&balancer.metrics()))
+    encode_prometheus_snapshot(&balancer.metrics())
 }
 
 /// The text exposition of a snapshot taken earlier.
 pub fn encode_prometheus_snapshot(metrics: &LoadBalancerMetrics) -> String {
-    render_text(&families(metrics))
+    let names = endpoint_names(metrics);
+    render_text(&families(metrics, &names))
 }
 
-type Labels = Vec<(&'static str, String)>;
-
-fn ep_labels(service: &str, endpoint: &std::net::SocketAddr) -> Labels {
-    vec![
-        ("service", service.to_owned()),
-        ("endpoint", endpoint.to_string()),
-    ]
+/// Every endpoint's address as text, in snapshot order (formatted once per scrape).
+fn endpoint_names(m: &LoadBalancerMetrics) -> Vec<String> {
+    m.services
+        .iter()
+        .flat_map(|s| s.endpoints.iter().map(|e| e.address.to_string()))
+        .collect()
 }
 
-fn with(labels: &Labels, key: &'static str, value: &str) -> Labels {
-    let mut l = labels.clone();
-    l.push((key, value.to_owned()));
-    l
+/// A sample's labels, borrowed from the snapshot (no allocation per sample).
+#[derive(Clone, Copy, Default)]
+struct Labels<'m> {
+    service: Option<&'m str>,
+    endpoint: Option<&'m str>,
+    extra: Option<(&'static str, &'static str)>,
+}
+
+impl<'m> Labels<'m> {
+    fn pairs(&self) -> impl Iterator<Item = (&'static str, &'m str)> {
+        self.service
+            .map(|s| ("service", s))
+            .into_iter()
+            .chain(self.endpoint.map(|e| ("endpoint", e)))
+            .chain(self.extra)
+    }
+
+    /// For `prometheus-client`.
+    fn owned(&self) -> Vec<(&'static str, String)> {
+        self.pairs().map(|(k, v)| (k, v.to_owned())).collect()
+    }
+}
+
+fn ep_labels<'m>(service: &'m str, endpoint: &'m str) -> Labels<'m> {
+    Labels {
+        service: Some(service),
+        endpoint: Some(endpoint),
+        extra: None,
+    }
+}
+
+fn with<'m>(labels: &Labels<'m>, key: &'static str, value: &'static str) -> Labels<'m> {
+    Labels {
+        extra: Some((key, value)),
+        ..*labels
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -108,7 +140,7 @@ struct Family<'m> {
     name: &'static str,
     help: &'static str,
     kind: Kind,
-    samples: Vec<(Labels, Sample<'m>)>,
+    samples: Vec<(Labels<'m>, Sample<'m>)>,
 }
 
 fn gauge(b: bool) -> Sample<'static> {
@@ -132,7 +164,9 @@ impl Collector for PrometheusCollector {
         let Some(lb) = self.balancer.upgrade() else {
             return Ok(());
         };
-        for f in families(&lb.metrics()) {
+        let m = lb.metrics();
+        let names = endpoint_names(&m);
+        for f in families(&m, &names) {
             let metric_type = match f.kind {
                 Kind::Counter => MetricType::Counter,
                 Kind::Gauge => MetricType::Gauge,
@@ -140,7 +174,8 @@ impl Collector for PrometheusCollector {
             };
             let mut metric = encoder.encode_descriptor(f.name, f.help, None, metric_type)?;
             for (labels, sample) in &f.samples {
-                let mut e = metric.encode_family(labels)?;
+                let labels = labels.owned();
+                let mut e = metric.encode_family(&labels)?;
                 match sample {
                     Sample::Counter(v) => ConstCounter::new(*v).encode(e)?,
                     Sample::Gauge(v) => ConstGauge::new(*v).encode(e)?,
@@ -168,32 +203,45 @@ impl Collector for PrometheusCollector {
 /// Renders families in the Prometheus text exposition format 0.0.4.
 fn render_text(families: &[Family<'_>]) -> String {
     use std::fmt::Write as _;
-    fn labels(out: &mut String, labels: &Labels, extra: Option<(&str, &str)>) {
-        if labels.is_empty() && extra.is_none() {
+    fn escaped(out: &mut String, v: &str) {
+        if !v.contains(['\\', '"', '\n']) {
+            out.push_str(v);
+            return;
+        }
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+    }
+    fn labels(out: &mut String, labels: &Labels<'_>, le: Option<&str>) {
+        let mut pairs = labels.pairs().chain(le.map(|v| ("le", v))).peekable();
+        if pairs.peek().is_none() {
             return;
         }
         out.push('{');
         let mut first = true;
-        for (k, v) in labels.iter().map(|(k, v)| (*k, v.as_str())).chain(extra) {
+        for (k, v) in pairs {
             if !first {
                 out.push(',');
             }
             first = false;
             out.push_str(k);
             out.push_str("=\"");
-            for c in v.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '"' => out.push_str("\\\""),
-                    '\n' => out.push_str("\\n"),
-                    c => out.push(c),
-                }
-            }
+            escaped(out, v);
             out.push('"');
         }
         out.push('}');
     }
-    let mut out = String::new();
+    let le_text: Vec<String> = LATENCY_BUCKETS_SECONDS
+        .iter()
+        .map(|le| le.to_string())
+        .chain(["+Inf".to_owned()])
+        .collect();
+    let mut out = String::with_capacity(families.iter().map(|f| f.samples.len()).sum::<usize>() * 96);
     for f in families {
         let (name, kind) = match f.kind {
             Kind::Counter => (format!("{}_total", f.name), "counter"),
@@ -220,14 +268,10 @@ fn render_text(families: &[Family<'_>]) -> String {
                     let _ = writeln!(out, " {v}");
                 }
                 Sample::Histogram(h) => {
-                    for (le, count) in cumulative_buckets(h) {
-                        let le = if le.is_infinite() {
-                            "+Inf".to_owned()
-                        } else {
-                            le.to_string()
-                        };
-                        let _ = write!(out, "{name}_bucket");
-                        labels(&mut out, l, Some(("le", &le)));
+                    for ((_, count), le) in cumulative_buckets(h).into_iter().zip(&le_text) {
+                        out.push_str(&name);
+                        out.push_str("_bucket");
+                        labels(&mut out, l, Some(le));
                         let _ = writeln!(out, " {count}");
                     }
                     let _ = write!(out, "{name}_sum");
@@ -244,13 +288,14 @@ fn render_text(families: &[Family<'_>]) -> String {
 }
 
 /// Every family of a snapshot (families without samples are left out).
-fn families(m: &LoadBalancerMetrics) -> Vec<Family<'_>> {
+/// `endpoint_names` holds every endpoint's address as text, in snapshot order.
+fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec<Family<'m>> {
     fn push<'m>(
         out: &mut Vec<Family<'m>>,
         name: &'static str,
         help: &'static str,
         kind: Kind,
-        samples: impl IntoIterator<Item = (Labels, Sample<'m>)>,
+        samples: impl IntoIterator<Item = (Labels<'m>, Sample<'m>)>,
     ) {
         let samples: Vec<_> = samples.into_iter().collect();
         if !samples.is_empty() {
@@ -264,11 +309,11 @@ fn families(m: &LoadBalancerMetrics) -> Vec<Family<'_>> {
     }
     let mut out = Vec::new();
     let endpoints = || {
-        m.services.iter().flat_map(|s| {
-            s.endpoints
-                .iter()
-                .map(move |e| (ep_labels(&s.service, &e.address), s, e))
-        })
+        m.services
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
+            .zip(endpoint_names)
+            .map(|((s, e), name)| (ep_labels(&s.service, name), s, e))
     };
     push(
         &mut out,
@@ -375,11 +420,19 @@ fn families(m: &LoadBalancerMetrics) -> Vec<Family<'_>> {
         m.services.iter().flat_map(|s| {
             [
                 (
-                    vec![("service", s.service.clone()), ("state", "total".to_owned())],
+                    Labels {
+                        service: Some(&s.service),
+                        endpoint: None,
+                        extra: Some(("state", "total")),
+                    },
                     Sample::Gauge(s.endpoints_total as i64),
                 ),
                 (
-                    vec![("service", s.service.clone()), ("state", "routable".to_owned())],
+                    Labels {
+                        service: Some(&s.service),
+                        endpoint: None,
+                        extra: Some(("state", "routable")),
+                    },
                     Sample::Gauge(s.endpoints_routable as i64),
                 ),
             ]
@@ -390,9 +443,15 @@ fn families(m: &LoadBalancerMetrics) -> Vec<Family<'_>> {
         "tai_lb_service_panic",
         "Whether the service is in panic mode (routing to all endpoints regardless of health).",
         Kind::Gauge,
-        m.services
-            .iter()
-            .map(|s| (vec![("service", s.service.clone())], gauge(s.panic))),
+        m.services.iter().map(|s| {
+            (
+                Labels {
+                    service: Some(&s.service),
+                    ..Labels::default()
+                },
+                gauge(s.panic),
+            )
+        }),
     );
     let a = &m.affinity;
     push(
@@ -400,8 +459,15 @@ fn families(m: &LoadBalancerMetrics) -> Vec<Family<'_>> {
         "tai_lb_affinity_lookups",
         "Session-affinity lookups: hits, misses, and hits whose endpoint had left (moved).",
         Kind::Counter,
-        [("hit", a.hits), ("miss", a.misses), ("moved", a.moved)]
-            .map(|(r, n)| (vec![("result", r.to_owned())], Sample::Counter(n))),
+        [("hit", a.hits), ("miss", a.misses), ("moved", a.moved)].map(|(r, n)| {
+            (
+                Labels {
+                    extra: Some(("result", r)),
+                    ..Labels::default()
+                },
+                Sample::Counter(n),
+            )
+        }),
     );
     push(
         &mut out,
@@ -428,6 +494,6 @@ fn families(m: &LoadBalancerMetrics) -> Vec<Family<'_>> {
 }
 
 /// No labels.
-fn none() -> Labels {
-    Vec::new()
+fn none() -> Labels<'static> {
+    Labels::default()
 }
