@@ -13,7 +13,7 @@
 //! Flags: `--requests N` (per strategy, default 4000), `--concurrency C` (default 16),
 //! `--serve-metrics ADDR` (serve each strategy's balancer at `http://ADDR/metrics` while it
 //! runs, e.g. `127.0.0.1:9464`), `--metrics-file PATH` (write the last strategy's Prometheus
-//! exposition there).
+//! exposition, and the connection pool's, there).
 //! Logging: `RUST_LOG=tai_loadbalancer=debug cargo run --release --example demo`.
 
 use std::collections::BTreeMap;
@@ -279,7 +279,9 @@ async fn main() -> Result<(), BoxError> {
             row.2.merge(&e.latency);
         }
         if let Some(path) = text_arg("--metrics-file") {
-            std::fs::write(&path, tai_loadbalancer::encode_prometheus(&lb))?;
+            let text =
+                tai_loadbalancer::encode_prometheus(&lb) + &tai_loadbalancer::encode_pool_prometheus(&pool);
+            std::fs::write(&path, text)?;
         }
         assert_eq!(
             run.mismatches, 0,

@@ -49,6 +49,8 @@ pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
 pub use error::Error;
 #[cfg(feature = "metrics")]
 pub use export::MetricsFacadeExporter;
+#[cfg(all(feature = "prometheus", feature = "runtime"))]
+pub use export::encode_pool_prometheus;
 pub use export::{LATENCY_BUCKETS_SECONDS, MetricsExporter};
 #[cfg(feature = "metrics-server")]
 pub use export::{MetricsServer, serve_metrics};

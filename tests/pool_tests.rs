@@ -759,3 +759,60 @@ async fn grpc_connector_pools_tonic_channels_to_a_real_server() {
         Err(Error::Connect { .. } | Error::ConnectTimeout { .. })
     ));
 }
+
+#[cfg(feature = "prometheus")]
+#[tokio::test]
+async fn pool_exposition_passes_promtool() {
+    let server = Server::start().await;
+    let pool = ConnectionPool::new(
+        PoolConfig {
+            max_waiters: 0,
+            ..config(1)
+        },
+        TcpConnector::new(),
+    )
+    .unwrap();
+    let held = pool.acquire(&server.endpoint()).await.unwrap();
+    assert!(matches!(
+        pool.acquire(&server.endpoint()).await,
+        Err(Error::PoolExhausted { .. })
+    ));
+    let text = tai_loadbalancer::encode_pool_prometheus(&pool);
+    let endpoint = server.addr.to_string();
+    for line in [
+        format!(r#"tai_lb_pool_connections{{endpoint="{endpoint}",state="in_use"}} 1"#),
+        format!(r#"tai_lb_pool_connections_created_total{{endpoint="{endpoint}"}} 1"#),
+        format!(r#"tai_lb_pool_rejected_total{{endpoint="{endpoint}"}} 1"#),
+    ] {
+        assert!(text.contains(&line), "{line} missing in\n{text}");
+    }
+    drop(held);
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            assert!(
+                std::env::var_os("TAI_LB_REQUIRE_PROMTOOL").is_none(),
+                "promtool is required (TAI_LB_REQUIRE_PROMTOOL) but cannot run: {e}"
+            );
+            return;
+        }
+    };
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let problems = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && problems.trim().is_empty(),
+        "promtool: {problems}\n{text}"
+    );
+}

@@ -44,6 +44,8 @@ mod server;
 
 #[cfg(feature = "metrics")]
 pub use facade::MetricsFacadeExporter;
+#[cfg(all(feature = "prometheus", feature = "runtime"))]
+pub use prometheus::encode_pool_prometheus;
 #[cfg(feature = "prometheus")]
 pub use prometheus::{PrometheusCollector, encode_prometheus, encode_prometheus_snapshot};
 #[cfg(feature = "metrics-server")]

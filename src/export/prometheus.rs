@@ -497,3 +497,111 @@ fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec
 fn none() -> Labels<'static> {
     Labels::default()
 }
+
+/// A connection pool's counters in the Prometheus text format (`tai_lb_pool_*`, one
+/// `endpoint` label), to append to [`encode_prometheus`]'s output or serve beside it.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::{ConnectionPool, PoolConfig, TcpConnector, encode_pool_prometheus};
+/// let pool = ConnectionPool::new(PoolConfig::default(), TcpConnector::new()).unwrap();
+/// let text = encode_pool_prometheus(&pool);
+/// assert!(text.is_empty(), "no endpoint has a pool yet");
+/// ```
+#[cfg(feature = "runtime")]
+pub fn encode_pool_prometheus<C: crate::Connector>(pool: &crate::ConnectionPool<C>) -> String {
+    let stats = pool.endpoints();
+    let names: Vec<String> = stats.iter().map(|(a, _)| a.to_string()).collect();
+    let rows = || {
+        stats.iter().zip(&names).map(|((_, s), name)| {
+            (
+                Labels {
+                    endpoint: Some(name.as_str()),
+                    ..Labels::default()
+                },
+                s,
+            )
+        })
+    };
+    let mut families: Vec<Family<'_>> = Vec::new();
+    fn push<'m>(
+        families: &mut Vec<Family<'m>>,
+        name: &'static str,
+        help: &'static str,
+        kind: Kind,
+        samples: Vec<(Labels<'m>, Sample<'m>)>,
+    ) {
+        if !samples.is_empty() {
+            families.push(Family {
+                name,
+                help,
+                kind,
+                samples,
+            });
+        }
+    }
+    push(
+        &mut families,
+        "tai_lb_pool_connections",
+        "Open pooled connections by state.",
+        Kind::Gauge,
+        rows()
+            .flat_map(|(l, s)| {
+                [
+                    (with(&l, "state", "idle"), Sample::Gauge(s.idle as i64)),
+                    (with(&l, "state", "in_use"), Sample::Gauge(s.in_use as i64)),
+                    (
+                        with(&l, "state", "connecting"),
+                        Sample::Gauge(s.connecting as i64),
+                    ),
+                ]
+            })
+            .collect(),
+    );
+    push(
+        &mut families,
+        "tai_lb_pool_waiters",
+        "Callers waiting for a pooled connection.",
+        Kind::Gauge,
+        rows()
+            .map(|(l, s)| (l, Sample::Gauge(s.waiters as i64)))
+            .collect(),
+    );
+    for (name, help, value) in [
+        (
+            "tai_lb_pool_connections_created",
+            "Pooled connections opened.",
+            (|s: &crate::PoolStats| s.created) as fn(&crate::PoolStats) -> u64,
+        ),
+        (
+            "tai_lb_pool_connections_closed",
+            "Pooled connections closed.",
+            |s| s.closed,
+        ),
+        (
+            "tai_lb_pool_acquire_timeouts",
+            "Acquires that gave up after acquire_timeout.",
+            |s| s.timeouts,
+        ),
+        (
+            "tai_lb_pool_rejected",
+            "Acquires refused because max_waiters were waiting.",
+            |s| s.rejected,
+        ),
+        (
+            "tai_lb_pool_connect_errors",
+            "Connects that failed or timed out.",
+            |s| s.connect_errors,
+        ),
+    ] {
+        push(
+            &mut families,
+            name,
+            help,
+            Kind::Counter,
+            rows().map(|(l, s)| (l, Sample::Counter(value(s)))).collect(),
+        );
+    }
+    render_text(&families)
+}
