@@ -217,31 +217,39 @@ fn render_text(families: &[Family<'_>]) -> String {
             }
         }
     }
-    fn labels(out: &mut String, labels: &Labels<'_>, le: Option<&str>) {
-        let mut pairs = labels.pairs().chain(le.map(|v| ("le", v))).peekable();
-        if pairs.peek().is_none() {
-            return;
-        }
-        out.push('{');
-        let mut first = true;
-        for (k, v) in pairs {
-            if !first {
+    /// `k="v",k="v"` without braces.
+    fn label_body(out: &mut String, labels: &Labels<'_>) {
+        for (n, (k, v)) in labels.pairs().enumerate() {
+            if n > 0 {
                 out.push(',');
             }
-            first = false;
             out.push_str(k);
             out.push_str("=\"");
             escaped(out, v);
             out.push('"');
         }
-        out.push('}');
     }
-    let le_text: Vec<String> = LATENCY_BUCKETS_SECONDS
+    fn line(out: &mut String, name: &str, suffix: &str, body: &str, value: impl itoa::Integer) {
+        out.push_str(name);
+        out.push_str(suffix);
+        if !body.is_empty() {
+            out.push('{');
+            out.push_str(body);
+            out.push('}');
+        }
+        out.push(' ');
+        out.push_str(itoa::Buffer::new().format(value));
+        out.push('\n');
+    }
+    // `,le="0.001"}` and friends, rendered once.
+    let le_suffix: Vec<String> = LATENCY_BUCKETS_SECONDS
         .iter()
         .map(|le| le.to_string())
         .chain(["+Inf".to_owned()])
+        .map(|le| format!("le=\"{le}\"}}"))
         .collect();
     let mut out = String::with_capacity(families.iter().map(|f| f.samples.len()).sum::<usize>() * 96);
+    let mut body = String::new();
     for f in families {
         let (name, kind) = match f.kind {
             Kind::Counter => (format!("{}_total", f.name), "counter"),
@@ -251,35 +259,38 @@ fn render_text(families: &[Family<'_>]) -> String {
         let _ = writeln!(out, "# HELP {name} {}", f.help);
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (l, sample) in &f.samples {
+            body.clear();
+            label_body(&mut body, l);
             match sample {
-                Sample::Counter(v) => {
-                    out.push_str(&name);
-                    labels(&mut out, l, None);
-                    let _ = writeln!(out, " {v}");
-                }
-                Sample::Gauge(v) => {
-                    out.push_str(&name);
-                    labels(&mut out, l, None);
-                    let _ = writeln!(out, " {v}");
-                }
+                Sample::Counter(v) => line(&mut out, &name, "", &body, *v),
+                Sample::Gauge(v) => line(&mut out, &name, "", &body, *v),
                 Sample::GaugeF(v) => {
                     out.push_str(&name);
-                    labels(&mut out, l, None);
+                    if !body.is_empty() {
+                        let _ = write!(out, "{{{body}}}");
+                    }
                     let _ = writeln!(out, " {v}");
                 }
                 Sample::Histogram(h) => {
-                    for ((_, count), le) in cumulative_buckets(h).into_iter().zip(&le_text) {
+                    for ((_, count), le) in cumulative_buckets(h).into_iter().zip(&le_suffix) {
                         out.push_str(&name);
-                        out.push_str("_bucket");
-                        labels(&mut out, l, Some(le));
-                        let _ = writeln!(out, " {count}");
+                        out.push_str("_bucket{");
+                        if !body.is_empty() {
+                            out.push_str(&body);
+                            out.push(',');
+                        }
+                        out.push_str(le);
+                        out.push(' ');
+                        out.push_str(itoa::Buffer::new().format(count));
+                        out.push('\n');
                     }
-                    let _ = write!(out, "{name}_sum");
-                    labels(&mut out, l, None);
+                    out.push_str(&name);
+                    out.push_str("_sum");
+                    if !body.is_empty() {
+                        let _ = write!(out, "{{{body}}}");
+                    }
                     let _ = writeln!(out, " {}", h.sum().as_secs_f64());
-                    let _ = write!(out, "{name}_count");
-                    labels(&mut out, l, None);
-                    let _ = writeln!(out, " {}", h.count());
+                    line(&mut out, &name, "_count", &body, h.count());
                 }
             }
         }
