@@ -513,6 +513,27 @@ async fn health_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// Backends answering with their names, on fresh loopback ports.
+async fn start_backends(
+    list: &[&'static str],
+) -> Result<
+    (
+        BTreeMap<SocketAddr, &'static str>,
+        Vec<Endpoint>,
+        Vec<tokio::task::JoinHandle<()>>,
+    ),
+    BoxError,
+> {
+    let (mut names, mut endpoints, mut tasks) = (BTreeMap::new(), Vec::new(), Vec::new());
+    for &name in list {
+        let (addr, task) = serve(name, Duration::ZERO, "127.0.0.1:0".parse()?).await?;
+        names.insert(addr, name);
+        endpoints.push(Endpoint::new(addr, None));
+        tasks.push(task);
+    }
+    Ok((names, endpoints, tasks))
+}
+
 /// 60 sticky sessions over three backends: they stick; one backend is drained while a request
 /// is in flight on it (new picks avoid it, the drain waits for that request); another is
 /// killed and deregistered. Only the sessions of the two leave them, and they stick to their
@@ -520,15 +541,7 @@ async fn health_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
 async fn sessions_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
     use tai_loadbalancer::{AffinityConfig, AffinityStrategy};
 
-    let mut names = BTreeMap::new();
-    let mut endpoints = Vec::new();
-    let mut tasks = Vec::new();
-    for name in ["red", "green", "blue"] {
-        let (addr, task) = serve(name, Duration::ZERO, "127.0.0.1:0".parse()?).await?;
-        names.insert(addr, name);
-        endpoints.push(Endpoint::new(addr, None));
-        tasks.push(task);
-    }
+    let (_names, endpoints, tasks) = start_backends(&["red", "green", "blue"]).await?;
     registry.register_batch("sessions", endpoints.clone()).await?;
     let config = LoadBalancerConfig {
         affinity: AffinityConfig {
@@ -671,15 +684,7 @@ async fn sessions_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> 
 async fn failover_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
     use tai_loadbalancer::{FailoverConfig, FailoverManager, HealthCheckConfig, HealthCheckKind};
 
-    let mut names = BTreeMap::new();
-    let mut endpoints = Vec::new();
-    let mut tasks = Vec::new();
-    for name in ["primary", "backup-1", "backup-2"] {
-        let (addr, task) = serve(name, Duration::ZERO, "127.0.0.1:0".parse()?).await?;
-        names.insert(addr, name);
-        endpoints.push(Endpoint::new(addr, None));
-        tasks.push(task);
-    }
+    let (names, endpoints, tasks) = start_backends(&["primary", "backup-1", "backup-2"]).await?;
     registry.register_batch("critical", endpoints.clone()).await?;
     let config = LoadBalancerConfig {
         health_check: HealthCheckConfig {

@@ -2,6 +2,8 @@
 //! across republication, bounded label sets, the Prometheus exposition checked by a real
 //! `promtool`, the `metrics` facade and the `/metrics` server.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -270,35 +272,7 @@ mod prometheus {
         );
         assert!(text.contains(r#"le="+Inf""#));
 
-        let path = std::env::temp_dir().join(format!("tai-lb-metrics-{}.prom", std::process::id()));
-        std::fs::write(&path, &text).unwrap();
-        match std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::fs::File::open(&path).unwrap())
-            .output()
-        {
-            Ok(out) => {
-                let problems = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                assert!(
-                    out.status.success() && problems.trim().is_empty(),
-                    "promtool check metrics found problems:\n{problems}\nin:\n{text}"
-                );
-                // Keep a copy where CI can show it.
-                let _ = std::fs::copy(&path, std::env::temp_dir().join("tai-lb-metrics-last.prom"));
-            }
-            Err(e) => {
-                assert!(
-                    std::env::var_os("TAI_LB_REQUIRE_PROMTOOL").is_none(),
-                    "promtool is required here (TAI_LB_REQUIRE_PROMTOOL) but cannot run: {e}"
-                );
-                eprintln!("promtool not found ({e}); install Debian's `prometheus` to run this check");
-            }
-        }
-        let _ = std::fs::remove_file(&path);
+        common::promtool_check(&text);
     }
 
     #[test]

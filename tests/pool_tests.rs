@@ -2,6 +2,8 @@
 //! accepts and holds open.
 #![cfg(feature = "runtime")]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -787,32 +789,5 @@ async fn pool_exposition_passes_promtool() {
         assert!(text.contains(&line), "{line} missing in\n{text}");
     }
     drop(held);
-    let mut child = match std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) => {
-            assert!(
-                std::env::var_os("TAI_LB_REQUIRE_PROMTOOL").is_none(),
-                "promtool is required (TAI_LB_REQUIRE_PROMTOOL) but cannot run: {e}"
-            );
-            return;
-        }
-    };
-    use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let problems = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && problems.trim().is_empty(),
-        "promtool: {problems}\n{text}"
-    );
+    common::promtool_check(&text);
 }

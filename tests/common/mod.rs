@@ -50,3 +50,45 @@ pub(crate) async fn setup(
 pub(crate) fn key(i: usize) -> String {
     format!("user-{i}")
 }
+
+/// Runs Debian's `promtool check metrics` on `text` and fails the test on any problem it
+/// reports. Without promtool the check is skipped with a note, unless
+/// `TAI_LB_REQUIRE_PROMTOOL` is set (as `.ci/run` does): then its absence fails the test.
+pub(crate) fn promtool_check(text: &str) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            assert!(
+                std::env::var_os("TAI_LB_REQUIRE_PROMTOOL").is_none(),
+                "promtool is required here (TAI_LB_REQUIRE_PROMTOOL) but cannot run: {e}"
+            );
+            eprintln!("promtool not found ({e}); install Debian's `prometheus` to run this check");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .expect("promtool reads its input");
+    let out = child.wait_with_output().expect("promtool runs");
+    let problems = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && problems.trim().is_empty(),
+        "promtool check metrics found problems:\n{problems}\nin:\n{text}"
+    );
+}
