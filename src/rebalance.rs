@@ -336,7 +336,19 @@ mod manager {
             shared.control.subscribe(Box::new(move |event: &ControlEvent| {
                 tx.send(event.clone()).is_ok()
             }));
-            *task = Some(runtime.spawn(Inner::run(self.inner.clone(), rx)));
+            // What routing looks like now, so the first change after `start` is reported as a
+            // change (an update already in this seed arrives as an empty diff).
+            let mut diff = TopologyDiff::default();
+            for (name, slot) in &shared.directory.load().services {
+                let table = slot.table.load();
+                let members = table
+                    .members
+                    .iter()
+                    .map(|m| (m.state.address(), EndpointHealth::from(m.health)))
+                    .collect();
+                diff.last.insert(name.to_string(), members);
+            }
+            *task = Some(runtime.spawn(Inner::run(self.inner.clone(), rx, diff)));
             Ok(())
         }
 
@@ -408,8 +420,41 @@ mod manager {
             self.subscribers.lock().retain(|s| s.send(event.clone()).is_ok());
         }
 
-        async fn run(inner: DataArc<Inner>, mut events: tokio::sync::mpsc::UnboundedReceiver<ControlEvent>) {
-            let mut diff = TopologyDiff::default();
+        /// Unbinds the keys of a removed endpoint `batch_size` at a time, one batch per
+        /// `batch_interval`, publishing each batch with what is still pending.
+        async fn unbind_in_batches(
+            inner: DataArc<Inner>,
+            service: String,
+            address: SocketAddr,
+            batch_size: usize,
+            batch_interval: Duration,
+        ) {
+            loop {
+                let Some(shared) = inner.shared.upgrade() else {
+                    return;
+                };
+                let moved = shared.affinity.unbind(&service, address, batch_size);
+                if moved == 0 {
+                    return;
+                }
+                let mut event = RebalanceEvent::new(service.clone(), RebalanceTrigger::Topology, 0);
+                event.affinity_keys_moved = moved;
+                event.affinity_keys_pending = shared.affinity.count_bound(&service, address);
+                let done = event.affinity_keys_pending == 0;
+                drop(shared);
+                inner.publish(&event);
+                if done {
+                    return;
+                }
+                tokio::time::sleep(batch_interval).await;
+            }
+        }
+
+        async fn run(
+            inner: DataArc<Inner>,
+            mut events: tokio::sync::mpsc::UnboundedReceiver<ControlEvent>,
+            mut diff: TopologyDiff,
+        ) {
             while let Some(event) = events.recv().await {
                 let Some(shared) = inner.shared.upgrade() else {
                     return;
@@ -418,11 +463,39 @@ mod manager {
                 match event {
                     ControlEvent::Published(update) => {
                         let mut event = diff.apply(&update);
+                        // Under `Gradual`, the keys of removed endpoints are unbound in
+                        // batches (each key still moves at once on its own next request: the
+                        // endpoint is gone); progress is published per batch.
+                        let batched: Vec<SocketAddr> = match &strategy {
+                            RebalanceStrategy::Gradual {
+                                batch_size,
+                                batch_interval,
+                                ..
+                            } => {
+                                for &address in &event.removed {
+                                    let (inner, service) = (inner.clone(), update.service.clone());
+                                    let (batch_size, batch_interval) = (*batch_size, *batch_interval);
+                                    tokio::spawn(async move {
+                                        Self::unbind_in_batches(
+                                            inner,
+                                            service,
+                                            address,
+                                            batch_size,
+                                            batch_interval,
+                                        )
+                                        .await;
+                                    });
+                                }
+                                event.removed.clone()
+                            }
+                            _ => Vec::new(),
+                        };
                         // Keys bound to endpoints that can no longer serve them.
                         let gone: Vec<SocketAddr> = event
                             .removed
                             .iter()
                             .copied()
+                            .filter(|a| !batched.contains(a))
                             .chain(event.health_changed.iter().filter_map(|(a, h)| {
                                 let leaves = match h {
                                     EndpointHealth::Healthy => false,

@@ -821,13 +821,14 @@ async fn topology_changes_are_reported_and_removed_endpoints_released() {
             .any(|e| e.health_changed.contains(&(addr(1), EndpointHealth::Down))),
         "{seen:?}"
     );
-    let removal = seen
-        .iter()
-        .find(|e| e.removed.contains(&addr(0)))
-        .expect("removal reported");
+    assert!(
+        seen.iter().any(|e| e.removed.contains(&addr(0))),
+        "removal reported: {seen:?}"
+    );
     assert_eq!(
-        removal.affinity_keys_moved, 30,
-        "keys of a removed endpoint move at once"
+        seen.iter().map(|e| e.affinity_keys_moved).sum::<usize>(),
+        30,
+        "keys of a removed endpoint are unbound (in one batch of up to 100 here): {seen:?}"
     );
     // The held request outlives the 300 ms drain timeout: released as timed out.
     let release = seen
@@ -869,4 +870,62 @@ async fn rebalance_bad_input() {
         lb.drain("nope", &ep(0)).await,
         Err(Error::UnknownService { .. })
     ));
+}
+
+#[tokio::test]
+async fn gradual_rebalancing_unbinds_a_removed_endpoints_keys_in_batches() {
+    let config = LoadBalancerConfig {
+        rebalance: RebalanceConfig {
+            strategy: RebalanceStrategy::Gradual {
+                drain_timeout: Duration::from_secs(10),
+                batch_size: 40,
+                batch_interval: Duration::from_millis(50),
+            },
+        },
+        ..Default::default()
+    };
+    let (registry, lb) = lb_with(
+        (0..3).map(ep).collect(),
+        LoadBalancingStrategy::RoundRobin,
+        config,
+    )
+    .await;
+    let lb = Arc::new(lb);
+    lb.start().await.unwrap();
+    lb.rebalancer().start().await.unwrap();
+    let mut events = lb.rebalancer().subscribe();
+    for k in 0..150 {
+        lb.affinity().set_affinity("svc", &key(k), ep(2)).await.unwrap();
+    }
+    registry.deregister("svc", &ep(2)).await.unwrap();
+    // The endpoint is gone: a key whose batch has not come yet still moves on its request.
+    assert_ne!(
+        lb.select_with_affinity("svc", &key(149)).unwrap().address,
+        addr(2)
+    );
+    let mut batches = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+            Ok(Some(event)) if event.affinity_keys_moved > 0 => {
+                batches.push((event.affinity_keys_moved, event.affinity_keys_pending));
+                if event.affinity_keys_pending == 0 {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(batches.len() >= 3, "bounded batches with progress: {batches:?}");
+    assert!(batches.iter().all(|(moved, _)| *moved <= 40), "{batches:?}");
+    assert_eq!(batches.iter().map(|(m, _)| m).sum::<usize>(), 149, "{batches:?}");
+    assert_eq!(batches.last().unwrap().1, 0);
+    assert!(
+        batches.windows(2).all(|w| w[1].1 < w[0].1),
+        "pending shrinks: {batches:?}"
+    );
+    for k in 0..150 {
+        assert_ne!(lb.select_with_affinity("svc", &key(k)).unwrap().address, addr(2));
+    }
+    lb.stop().await.unwrap();
 }
