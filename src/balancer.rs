@@ -115,6 +115,25 @@ impl Shared {
         }))
     }
 
+    /// Every service's members and their health in the current snapshots.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn current_topology(&self) -> Vec<(String, Vec<(SocketAddr, EndpointHealth)>)> {
+        self.directory
+            .load()
+            .services
+            .iter()
+            .map(|(name, slot)| {
+                let table = slot.table.load();
+                let members = table
+                    .members
+                    .iter()
+                    .map(|m| (m.state.address(), EndpointHealth::from(m.health)))
+                    .collect();
+                (name.to_string(), members)
+            })
+            .collect()
+    }
+
     /// The routable members of `service` now (healthy, not draining), with the table version.
     #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     pub(crate) fn routable_set(
@@ -508,6 +527,12 @@ impl IntegratedLoadBalancer {
         let table = slot.table.load();
         let pin = self.shared.choose_with_affinity(&table, slot, key)?;
         Ok(Pick::new(pin, table.version))
+    }
+
+    /// Every service's members and their health in the current snapshots.
+    #[cfg(feature = "runtime")]
+    pub(crate) fn current_topology(&self) -> Vec<(String, Vec<(SocketAddr, EndpointHealth)>)> {
+        self.shared.current_topology()
     }
 
     /// Calls `watcher` for every control-plane event from now on (pools follow routing so).

@@ -15,9 +15,9 @@
 //!
 //! # Invariants
 //!
-//! * Recording is one `fetch_add` on the bucket plus one on the sum (and a `fetch_max` only
-//!   when a new maximum is seen, a `fetch_or` only the first time a range of 64 buckets is
-//!   used): no lock, no allocation after the first record.
+//! * Recording is one `fetch_add` on the bucket (plus a `fetch_max` only when a new maximum is
+//!   seen, a `fetch_or` only the first time a range of 64 buckets is used): no lock, no
+//!   allocation after the first record. The sum is estimated from the buckets at read time.
 //! * A snapshot's count is the sum of its buckets: counts are never reported from a separate
 //!   counter that could disagree.
 #![deny(unsafe_code)]
@@ -57,6 +57,30 @@ fn bounds(i: usize) -> (u64, u64) {
     ((1 << e) + (sub << k), 1 << k)
 }
 
+/// The nearest rank of percentile `p` (0..=100) among `count` values, in integer arithmetic
+/// (`(99.9 / 100.0) * 1000.0` is `999.0000000000001` in floating point, which would make p99.9
+/// of 1,000 values the largest one).
+pub(crate) fn nearest_rank(p: f64, count: u64) -> u64 {
+    // p in units of 1e-6 %: exact for every percentile written with up to six decimals.
+    let micro = (p * 1e6).round() as u128;
+    let rank = (u128::from(count) * micro).div_ceil(100_000_000);
+    (rank as u64).clamp(1, count.max(1))
+}
+
+/// The sum of the values in `chunks`, each by its bucket's midpoint (at most the maximum).
+fn estimate_sum(mask: u64, chunks: &[[u64; CHUNK]], max_ns: u64) -> u64 {
+    let sum: u128 = chunk_ids(mask)
+        .zip(chunks)
+        .flat_map(|(c, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(move |(j, n)| u128::from(representative(c * CHUNK + j).min(max_ns)) * u128::from(*n))
+        })
+        .sum();
+    u64::try_from(sum).unwrap_or(u64::MAX)
+}
+
 /// The value bucket `i` stands for (its midpoint).
 fn representative(i: usize) -> u64 {
     let (low, width) = bounds(i);
@@ -70,7 +94,6 @@ pub(crate) struct AtomicHistogram {
     /// Bit `c` set: some bucket of chunk `c` (buckets `64c..64c+64`) was recorded into, so a
     /// snapshot scans only the chunks in use (latencies usually span a few powers of two).
     chunks: AtomicU64,
-    sum_ns: AtomicU64,
     max_ns: AtomicU64,
 }
 
@@ -94,7 +117,6 @@ impl AtomicHistogram {
             self.chunks.fetch_or(chunk, Ordering::Relaxed);
         }
         buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
         if ns > self.max_ns.load(Ordering::Relaxed) {
             self.max_ns.fetch_max(ns, Ordering::Relaxed);
         }
@@ -119,20 +141,24 @@ impl AtomicHistogram {
             }
         }
         let count = chunks.iter().flatten().sum();
+        let max_ns = self.max_ns.load(Ordering::Relaxed);
+        // The sum is estimated from the buckets (each value by its bucket's midpoint, so within
+        // 0.79 %), rather than kept in an atomic: one less atomic add per sample, and no sum
+        // that wraps after a few hundred days of heavy traffic.
         LatencyHistogram {
             mask,
+            sum_ns: estimate_sum(mask, &chunks, max_ns),
             chunks,
             count,
-            sum_ns: self.sum_ns.load(Ordering::Relaxed),
-            max_ns: self.max_ns.load(Ordering::Relaxed),
+            max_ns,
         }
     }
 }
 
 /// Recorded latencies of an endpoint, a service or the whole balancer: a snapshot.
 ///
-/// Percentiles are within 0.79 % of the recorded value they stand for (see the module docs of
-/// the bucket layout); count, sum and maximum are exact.
+/// Percentiles, the sum and the mean are within 0.79 % of the recorded values (see the module
+/// docs of the bucket layout); count and maximum are exact.
 ///
 /// # Examples
 ///
@@ -216,7 +242,7 @@ impl LatencyHistogram {
         } else {
             percent.clamp(0.0, 100.0)
         };
-        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let rank = nearest_rank(p, self.count);
         let mut seen = 0;
         for (i, n) in self.buckets() {
             seen += n;
@@ -253,10 +279,7 @@ impl LatencyHistogram {
     pub fn count_at_most(&self, bound: Duration) -> u64 {
         let bound = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
         self.buckets()
-            .take_while(|(i, _)| {
-                let (low, width) = bounds(*i);
-                low + width - 1 <= bound
-            })
+            .take_while(|(i, _)| self.upper(*i) <= bound)
             .map(|(_, n)| n)
             .sum()
     }
@@ -270,8 +293,7 @@ impl LatencyHistogram {
         let mut seen = 0;
         for &bound in bounds_ns {
             while let Some(&(i, n)) = buckets.peek() {
-                let (low, width) = bounds(i);
-                if low + width - 1 <= bound {
+                if self.upper(i) <= bound {
                     seen += n;
                     buckets.next();
                 } else {
@@ -298,6 +320,16 @@ impl LatencyHistogram {
         *self = acc.finish();
     }
 
+    /// The largest value bucket `i` may hold (the top bucket holds everything up to the max).
+    fn upper(&self, i: usize) -> u64 {
+        let (low, width) = bounds(i);
+        if i == BUCKETS - 1 {
+            (low + width - 1).max(self.max_ns)
+        } else {
+            low + width - 1
+        }
+    }
+
     /// Non-empty buckets `(index, count)` in order.
     fn buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
         chunk_ids(self.mask).zip(&self.chunks).flat_map(|(c, chunk)| {
@@ -316,7 +348,6 @@ pub(crate) struct LatencyAccumulator {
     mask: u64,
     dense: Vec<[u64; CHUNK]>,
     count: u64,
-    sum_ns: u64,
     max_ns: u64,
 }
 
@@ -335,16 +366,16 @@ impl LatencyAccumulator {
             }
         }
         self.count += h.count;
-        self.sum_ns = self.sum_ns.saturating_add(h.sum_ns);
         self.max_ns = self.max_ns.max(h.max_ns);
     }
 
     pub(crate) fn finish(self) -> LatencyHistogram {
+        let chunks: Vec<[u64; CHUNK]> = chunk_ids(self.mask).map(|c| self.dense[c]).collect();
         LatencyHistogram {
             mask: self.mask,
-            chunks: chunk_ids(self.mask).map(|c| self.dense[c]).collect(),
+            sum_ns: estimate_sum(self.mask, &chunks, self.max_ns),
+            chunks,
             count: self.count,
-            sum_ns: self.sum_ns,
             max_ns: self.max_ns,
         }
     }
@@ -394,17 +425,48 @@ mod tests {
         values.sort_unstable();
         let snap = h.snapshot();
         assert_eq!(snap.count(), values.len() as u64);
-        assert_eq!(snap.sum(), Duration::from_nanos(values.iter().sum()));
+        let exact_sum: u64 = values.iter().sum();
+        let err = (snap.sum().as_nanos() as f64 - exact_sum as f64).abs() / exact_sum as f64;
+        assert!(err <= 1.0 / 128.0, "sum within 0.79 %: {err}");
         assert_eq!(snap.max(), Some(Duration::from_nanos(*values.last().unwrap())));
         for p in [1.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9, 99.99, 100.0] {
-            let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
-            let exact = values[rank.max(1) - 1] as f64;
+            let rank = nearest_rank(p, values.len() as u64) as usize;
+            let exact = values[rank - 1] as f64;
             let ours = snap.percentile(p).unwrap().as_nanos() as f64;
             assert!(
                 (ours - exact).abs() / exact <= 0.01,
                 "p{p}: ours {ours} exact {exact}"
             );
         }
+    }
+
+    #[test]
+    fn nearest_rank_is_exact_where_floating_point_is_not() {
+        assert_eq!(nearest_rank(99.9, 1_000), 999);
+        assert_eq!(nearest_rank(99.9, 10_000), 9_990);
+        assert_eq!(nearest_rank(7.0, 100), 7);
+        assert_eq!(nearest_rank(50.0, 3), 2);
+        assert_eq!(nearest_rank(0.0, 10), 1);
+        assert_eq!(nearest_rank(100.0, 10), 10);
+        // 999 values at 1 ms and one at 5 s: p99.9 is 1 ms.
+        let h = AtomicHistogram::default();
+        for _ in 0..999 {
+            h.record(Duration::from_millis(1));
+        }
+        h.record(Duration::from_secs(5));
+        let p = h.snapshot().p999().unwrap();
+        assert!(p < Duration::from_micros(1_010), "{p:?}");
+    }
+
+    #[test]
+    fn the_top_bucket_ends_at_the_maximum() {
+        let h = AtomicHistogram::default();
+        h.record(Duration::from_secs(200));
+        h.record(Duration::MAX);
+        let snap = h.snapshot();
+        assert_eq!(snap.count_at_most(Duration::from_secs(100)), 0);
+        assert_eq!(snap.count_at_most(Duration::MAX), 2);
+        assert_eq!(snap.count(), 2);
     }
 
     #[test]

@@ -339,14 +339,8 @@ mod manager {
             // What routing looks like now, so the first change after `start` is reported as a
             // change (an update already in this seed arrives as an empty diff).
             let mut diff = TopologyDiff::default();
-            for (name, slot) in &shared.directory.load().services {
-                let table = slot.table.load();
-                let members = table
-                    .members
-                    .iter()
-                    .map(|m| (m.state.address(), EndpointHealth::from(m.health)))
-                    .collect();
-                diff.last.insert(name.to_string(), members);
+            for (name, members) in shared.current_topology() {
+                diff.last.insert(name, members.into_iter().collect());
             }
             *task = Some(runtime.spawn(Inner::run(self.inner.clone(), rx, diff)));
             Ok(())

@@ -791,3 +791,42 @@ async fn pool_exposition_passes_promtool() {
     drop(held);
     common::promtool_check(&text);
 }
+
+#[tokio::test]
+async fn an_endpoint_shared_by_two_services_keeps_its_pool_until_both_let_it_go() {
+    let server = Server::start().await;
+    let other = Server::start().await;
+    let registry = Arc::new(ServiceRegistry::new());
+    registry.register("a", server.endpoint()).await.unwrap();
+    registry
+        .register_batch("b", vec![server.endpoint(), other.endpoint()])
+        .await
+        .unwrap();
+    let lb = IntegratedLoadBalancer::new(
+        registry.clone(),
+        LoadBalancingStrategy::RoundRobin,
+        LoadBalancerConfig::default(),
+    )
+    .await
+    .unwrap();
+    lb.start().await.unwrap();
+    // Follows a balancer whose services were published before: it knows both already.
+    let pool = ConnectionPool::new(config(4), TcpConnector::new()).unwrap();
+    pool.follow(&lb);
+    drop(pool.acquire(&server.endpoint()).await.unwrap());
+    assert_eq!(pool.stats(&server.endpoint()).unwrap().idle, 1);
+
+    // Leaves `a` (and is released there): `b` still routes to it, so its pool stays usable.
+    registry.deregister("a", &server.endpoint()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = pool.stats(&server.endpoint()).expect("still pooled for b");
+    assert_eq!(stats.idle, 1, "not drained while b serves it: {stats:?}");
+    drop(pool.acquire(&server.endpoint()).await.unwrap());
+    assert_eq!(server.accepted(), 1, "and reused");
+
+    // Leaves `b` too: drained, then released, then its pool is gone.
+    registry.deregister("b", &server.endpoint()).await.unwrap();
+    eventually("pool removed", || pool.stats(&server.endpoint()).is_none()).await;
+    eventually("connection closed", || server.open() == 0).await;
+    lb.stop().await.unwrap();
+}

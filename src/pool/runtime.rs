@@ -593,9 +593,23 @@ impl<C: Connector> ConnectionPool<C> {
     /// when the pool is dropped or the balancer stops.
     pub fn follow(&self, balancer: &crate::IntegratedLoadBalancer) {
         let weak: DataWeak<Inner<C>> = DataArc::downgrade(&self.inner);
-        // address -> services it is a member of; addresses drained because of a service.
-        let mut members: HashMap<SocketAddr, HashSet<String>> = HashMap::new();
-        let mut drained: HashMap<SocketAddr, HashSet<String>> = HashMap::new();
+        // Per address, per service of the balancer that has it: whether it is draining there.
+        // A pool is drained while no service has its address as a non-draining member.
+        let mut membership: HashMap<SocketAddr, HashMap<String, bool>> = HashMap::new();
+        // What routing looks like now (later publications are applied on top of it).
+        for (service, endpoints) in balancer.current_topology() {
+            for (address, health) in endpoints {
+                membership
+                    .entry(address)
+                    .or_default()
+                    .insert(service.clone(), health == EndpointHealth::Draining);
+            }
+        }
+        let settle =
+            |pool: &ConnectionPool<C>, address: SocketAddr, services: Option<&HashMap<String, bool>>| {
+                let serving = services.is_some_and(|s| s.values().any(|draining| !draining));
+                pool.set_draining(address, !serving);
+            };
         balancer.subscribe_control(Box::new(move |event: &ControlEvent| {
             let Some(inner) = weak.upgrade() else {
                 return false;
@@ -603,42 +617,45 @@ impl<C: Connector> ConnectionPool<C> {
             let pool = ConnectionPool { inner };
             match event {
                 ControlEvent::Published(update) => {
-                    let now: HashMap<SocketAddr, EndpointHealth> = update.endpoints.iter().copied().collect();
-                    // Members that left this service.
-                    let left: Vec<SocketAddr> = members
-                        .iter()
-                        .filter(|(a, s)| {
-                            s.contains(&update.service) && (update.removed || !now.contains_key(a))
-                        })
-                        .map(|(a, _)| *a)
-                        .collect();
-                    for address in left {
-                        if let Some(s) = members.get_mut(&address) {
-                            s.remove(&update.service);
-                        }
-                        drained.entry(address).or_default().insert(update.service.clone());
-                        pool.set_draining(address, true);
-                    }
-                    if !update.removed {
-                        for (&address, &health) in &now {
-                            members.entry(address).or_default().insert(update.service.clone());
-                            let set = drained.entry(address).or_default();
-                            if health == EndpointHealth::Draining {
-                                set.insert(update.service.clone());
-                                pool.set_draining(address, true);
-                            } else if set.remove(&update.service) && set.is_empty() {
-                                pool.set_draining(address, false);
+                    let now: HashMap<SocketAddr, EndpointHealth> = if update.removed {
+                        HashMap::new()
+                    } else {
+                        update.endpoints.iter().copied().collect()
+                    };
+                    let mut touched: HashSet<SocketAddr> = now.keys().copied().collect();
+                    // Members that left this service: draining here until released.
+                    for (address, services) in membership.iter_mut() {
+                        if !now.contains_key(address) {
+                            if let Some(draining) = services.get_mut(&update.service) {
+                                *draining = true;
+                                touched.insert(*address);
                             }
                         }
                     }
+                    for (&address, &health) in &now {
+                        membership
+                            .entry(address)
+                            .or_default()
+                            .insert(update.service.clone(), health == EndpointHealth::Draining);
+                    }
+                    for address in touched {
+                        settle(&pool, address, membership.get(&address));
+                    }
                 }
-                ControlEvent::Released { released, .. } => {
+                ControlEvent::Released { service, released } => {
                     let address = released.address;
-                    let still_member = members.get(&address).is_some_and(|s| !s.is_empty());
-                    if !still_member {
-                        members.remove(&address);
-                        drained.remove(&address);
-                        pool.remove_address(address);
+                    if let Some(services) = membership.get_mut(&address) {
+                        services.remove(service);
+                        if services.is_empty() {
+                            membership.remove(&address);
+                        }
+                    }
+                    match membership.get(&address) {
+                        // No service of this balancer has it any more: drop its pool.
+                        None => {
+                            pool.remove_address(address);
+                        }
+                        Some(services) => settle(&pool, address, Some(services)),
                     }
                 }
             }
@@ -656,6 +673,8 @@ impl<C: Connector> ConnectionPool<C> {
         let weak = DataArc::downgrade(&self.inner);
         let interval = self.inner.config.maintenance_interval;
         tokio::spawn(async move {
+            // If the runtime shuts down (the task is dropped), the next acquire starts a new one.
+            let _alive = MaintenanceAlive(weak.clone());
             loop {
                 tokio::time::sleep(interval).await;
                 let Some(inner) = weak.upgrade() else {
@@ -687,7 +706,13 @@ impl<C: Connector> ConnectionPool<C> {
                 let this = self.clone();
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    match this.connect(&pool).await {
+                    let mut refill = Refill {
+                        pool: pool.clone(),
+                        armed: true,
+                    };
+                    let connected = this.connect(&pool).await;
+                    refill.armed = false;
+                    match connected {
                         Ok(conn) => {
                             let tracked = Tracked {
                                 conn,
@@ -731,6 +756,34 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+/// Clears the pool's "maintenance running" flag when the maintenance task ends or is dropped.
+struct MaintenanceAlive<C: Connector>(DataWeak<Inner<C>>);
+
+impl<C: Connector> Drop for MaintenanceAlive<C> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.maintenance.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A slot reserved by the maintenance task for a `min_connections` refill, given back if the
+/// refill is dropped before it finishes (runtime shutdown).
+struct Refill<T> {
+    pool: DataArc<EndpointPool<T>>,
+    armed: bool,
+}
+
+impl<T> Drop for Refill<T> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut after = Aftermath::default();
+            self.pool.slots.connect_failed(&mut after);
+            self.pool.finish(after);
+        }
+    }
 }
 
 /// Gives the slot back if a connect is abandoned (the acquire future dropped mid-connect).

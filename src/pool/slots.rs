@@ -195,11 +195,14 @@ impl<T> Slots<T> {
             return Err(Refused::Closed);
         }
         while let Some(mut idle) = s.idle.pop() {
+            // Counted out before the caller's check runs: if `reusable` (a connector's
+            // `is_valid`) panics, the connection is dropped and `open` is already exact.
+            s.open -= 1;
             if reusable(&mut idle.tracked, idle.since_ms) {
+                s.open += 1;
                 return Ok(Acquired::Idle(idle.tracked));
             }
             after.closed.push(idle.tracked.conn);
-            s.open -= 1;
         }
         if s.open < self.max && s.queue.is_empty() {
             s.open += 1;
@@ -313,15 +316,16 @@ impl<T> Slots<T> {
     /// Closes idle connections that `keep(connection, idle_since_ms)` rejects.
     pub(crate) fn reap(&self, mut keep: impl FnMut(&mut Tracked<T>, u64) -> bool, after: &mut Aftermath<T>) {
         let mut s = self.state.lock();
-        let mut i = 0;
-        while i < s.idle.len() {
-            let since = s.idle[i].since_ms;
-            if keep(&mut s.idle[i].tracked, since) {
-                i += 1;
+        // Taken out and counted out first, put back one by one: a panicking `keep` leaves
+        // `open` exact (the ones not yet put back are dropped, that is, closed).
+        let idle = std::mem::take(&mut s.idle);
+        s.open -= idle.len();
+        for mut i in idle {
+            if keep(&mut i.tracked, i.since_ms) {
+                s.idle.push(i);
+                s.open += 1;
             } else {
-                let idle = s.idle.remove(i);
-                after.closed.push(idle.tracked.conn);
-                s.open -= 1;
+                after.closed.push(i.tracked.conn);
             }
         }
     }
