@@ -440,28 +440,31 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// TCP health checks every 100 ms: out after 2 failures, back after 2 successes.
+fn fast_tcp_checks() -> tai_loadbalancer::HealthCheckConfig {
+    tai_loadbalancer::HealthCheckConfig {
+        enabled: true,
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(50),
+        unhealthy_threshold: 2,
+        healthy_threshold: 2,
+        grace_period: Duration::ZERO,
+        jitter: Duration::from_millis(10),
+        check: tai_loadbalancer::HealthCheckKind::Tcp,
+        ..Default::default()
+    }
+}
+
 /// A fifth backend, "epsilon", joins under active TCP health checks (every 100 ms, out after 2
 /// failures, back after 2 successes); it is killed, excluded, restarted on the same port and
 /// let back in, while picks continue.
 async fn health_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
-    use tai_loadbalancer::{HealthCheckConfig, HealthCheckKind};
-
     let (addr, task) = serve("epsilon", Duration::ZERO, "127.0.0.1:0".parse()?).await?;
     registry.register("checked", Endpoint::new(addr, None)).await?;
     let (other, _other_task) = serve("zeta", Duration::ZERO, "127.0.0.1:0".parse()?).await?;
     registry.register("checked", Endpoint::new(other, None)).await?;
     let config = LoadBalancerConfig {
-        health_check: HealthCheckConfig {
-            enabled: true,
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(50),
-            unhealthy_threshold: 2,
-            healthy_threshold: 2,
-            grace_period: Duration::ZERO,
-            jitter: Duration::from_millis(10),
-            check: HealthCheckKind::Tcp,
-            ..Default::default()
-        },
+        health_check: fast_tcp_checks(),
         ..Default::default()
     };
     let lb = IntegratedLoadBalancer::new(registry.clone(), LoadBalancingStrategy::RoundRobin, config).await?;
@@ -682,22 +685,12 @@ async fn sessions_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> 
 /// primary takes all traffic; killed, its traffic goes to the first backup; restarted, it
 /// takes over again. Then the seed's `FailoverManager` walking the same group by hand.
 async fn failover_demo(registry: &Arc<ServiceRegistry>) -> Result<(), BoxError> {
-    use tai_loadbalancer::{FailoverConfig, FailoverManager, HealthCheckConfig, HealthCheckKind};
+    use tai_loadbalancer::{FailoverConfig, FailoverManager};
 
     let (names, endpoints, tasks) = start_backends(&["primary", "backup-1", "backup-2"]).await?;
     registry.register_batch("critical", endpoints.clone()).await?;
     let config = LoadBalancerConfig {
-        health_check: HealthCheckConfig {
-            enabled: true,
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(50),
-            unhealthy_threshold: 2,
-            healthy_threshold: 2,
-            grace_period: Duration::ZERO,
-            jitter: Duration::from_millis(10),
-            check: HealthCheckKind::Tcp,
-            ..Default::default()
-        },
+        health_check: fast_tcp_checks(),
         ..Default::default()
     };
     let lb = Arc::new(

@@ -640,12 +640,34 @@ async fn bad_config_is_a_typed_error_naming_the_field() {
             },
             "pool.max_lifetime",
         ),
+        (
+            PoolConfig {
+                maintenance_interval: Duration::ZERO,
+                ..Default::default()
+            },
+            "pool.maintenance_interval",
+        ),
+        (
+            PoolConfig {
+                max_waiters: tai_loadbalancer::MAX_POOL_SIZE + 1,
+                ..Default::default()
+            },
+            "pool.max_waiters",
+        ),
+        (
+            PoolConfig {
+                max_connections: tai_loadbalancer::MAX_POOL_SIZE + 1,
+                ..Default::default()
+            },
+            "pool.max_connections",
+        ),
     ] {
         match ConnectionPool::new(config, TcpConnector::new()) {
             Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
             other => panic!("{field}: {other:?}"),
         }
     }
+    PoolConfig::default().validate().unwrap();
 }
 
 #[test]
