@@ -278,15 +278,11 @@ impl LatencyHistogram {
     /// its upper end is at most `bound`). For cumulative histogram buckets (Prometheus `le`).
     pub fn count_at_most(&self, bound: Duration) -> u64 {
         let bound = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX);
-        self.buckets()
-            .take_while(|(i, _)| self.upper(*i) <= bound)
-            .map(|(_, n)| n)
-            .sum()
+        self.cumulative_counts(&[bound])[0]
     }
 
     /// For each bound (ascending), how many latencies are at most it (as
     /// [`count_at_most`](Self::count_at_most)), in one pass.
-    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
     pub(crate) fn cumulative_counts(&self, bounds_ns: &[u64]) -> Vec<u64> {
         let mut out = Vec::with_capacity(bounds_ns.len());
         let mut buckets = self.buckets().peekable();

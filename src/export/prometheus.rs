@@ -298,26 +298,28 @@ fn render_text(families: &[Family<'_>]) -> String {
     out
 }
 
+/// Adds a family to `out`, unless it has no samples.
+fn push<'m>(
+    out: &mut Vec<Family<'m>>,
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    samples: impl IntoIterator<Item = (Labels<'m>, Sample<'m>)>,
+) {
+    let samples: Vec<_> = samples.into_iter().collect();
+    if !samples.is_empty() {
+        out.push(Family {
+            name,
+            help,
+            kind,
+            samples,
+        });
+    }
+}
+
 /// Every family of a snapshot (families without samples are left out).
 /// `endpoint_names` holds every endpoint's address as text, in snapshot order.
 fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec<Family<'m>> {
-    fn push<'m>(
-        out: &mut Vec<Family<'m>>,
-        name: &'static str,
-        help: &'static str,
-        kind: Kind,
-        samples: impl IntoIterator<Item = (Labels<'m>, Sample<'m>)>,
-    ) {
-        let samples: Vec<_> = samples.into_iter().collect();
-        if !samples.is_empty() {
-            out.push(Family {
-                name,
-                help,
-                kind,
-                samples,
-            });
-        }
-    }
     let mut out = Vec::new();
     let endpoints = || {
         m.services
@@ -536,48 +538,28 @@ pub fn encode_pool_prometheus<C: crate::Connector>(pool: &crate::ConnectionPool<
         })
     };
     let mut families: Vec<Family<'_>> = Vec::new();
-    fn push<'m>(
-        families: &mut Vec<Family<'m>>,
-        name: &'static str,
-        help: &'static str,
-        kind: Kind,
-        samples: Vec<(Labels<'m>, Sample<'m>)>,
-    ) {
-        if !samples.is_empty() {
-            families.push(Family {
-                name,
-                help,
-                kind,
-                samples,
-            });
-        }
-    }
     push(
         &mut families,
         "tai_lb_pool_connections",
         "Open pooled connections by state.",
         Kind::Gauge,
-        rows()
-            .flat_map(|(l, s)| {
-                [
-                    (with(&l, "state", "idle"), Sample::Gauge(s.idle as i64)),
-                    (with(&l, "state", "in_use"), Sample::Gauge(s.in_use as i64)),
-                    (
-                        with(&l, "state", "connecting"),
-                        Sample::Gauge(s.connecting as i64),
-                    ),
-                ]
-            })
-            .collect(),
+        rows().flat_map(|(l, s)| {
+            [
+                (with(&l, "state", "idle"), Sample::Gauge(s.idle as i64)),
+                (with(&l, "state", "in_use"), Sample::Gauge(s.in_use as i64)),
+                (
+                    with(&l, "state", "connecting"),
+                    Sample::Gauge(s.connecting as i64),
+                ),
+            ]
+        }),
     );
     push(
         &mut families,
         "tai_lb_pool_waiters",
         "Callers waiting for a pooled connection.",
         Kind::Gauge,
-        rows()
-            .map(|(l, s)| (l, Sample::Gauge(s.waiters as i64)))
-            .collect(),
+        rows().map(|(l, s)| (l, Sample::Gauge(s.waiters as i64))),
     );
     for (name, help, value) in [
         (
@@ -611,7 +593,7 @@ pub fn encode_pool_prometheus<C: crate::Connector>(pool: &crate::ConnectionPool<
             name,
             help,
             Kind::Counter,
-            rows().map(|(l, s)| (l, Sample::Counter(value(s)))).collect(),
+            rows().map(|(l, s)| (l, Sample::Counter(value(s)))),
         );
     }
     render_text(&families)

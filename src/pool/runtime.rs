@@ -429,29 +429,17 @@ impl<C: Connector> ConnectionPool<C> {
         &self,
         pool: DataArc<EndpointPool<C::Connection>>,
     ) -> Result<PooledConnection<C::Connection>, Error> {
-        let mut reservation = Reservation {
-            pool: &pool,
-            armed: true,
+        // Held across the connect: a failed connect, or this future dropped mid-connect,
+        // gives the slot back (to the next waiter).
+        let reservation = Reservation::new(&pool);
+        let conn = self.connect(&pool).await?;
+        reservation.keep();
+        pool.slots.connected();
+        let tracked = Tracked {
+            conn,
+            created_ms: self.inner.clock.now_ms(),
         };
-        let conn = self.connect(&pool).await;
-        reservation.armed = false;
-        drop(reservation);
-        match conn {
-            Ok(conn) => {
-                pool.slots.connected();
-                let tracked = Tracked {
-                    conn,
-                    created_ms: self.inner.clock.now_ms(),
-                };
-                Ok(PooledConnection::new(pool.clone(), tracked))
-            }
-            Err(e) => {
-                let mut after = Aftermath::default();
-                pool.slots.connect_failed(&mut after);
-                pool.finish(after);
-                Err(e)
-            }
-        }
+        Ok(PooledConnection::new(pool, tracked))
     }
 
     /// One connect, bounded by `connect_timeout`, counted.
@@ -706,28 +694,17 @@ impl<C: Connector> ConnectionPool<C> {
                 let this = self.clone();
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    let mut refill = Refill {
-                        pool: pool.clone(),
-                        armed: true,
-                    };
-                    let connected = this.connect(&pool).await;
-                    refill.armed = false;
-                    match connected {
-                        Ok(conn) => {
-                            let tracked = Tracked {
-                                conn,
-                                created_ms: this.inner.clock.now_ms(),
-                            };
-                            let mut after = Aftermath::default();
-                            pool.slots
-                                .add_reserved(tracked, this.inner.clock.now_ms(), &mut after);
-                            pool.finish(after);
-                        }
-                        Err(_) => {
-                            let mut after = Aftermath::default();
-                            pool.slots.connect_failed(&mut after);
-                            pool.finish(after);
-                        }
+                    let reservation = Reservation::new(&pool);
+                    if let Ok(conn) = this.connect(&pool).await {
+                        reservation.keep();
+                        let tracked = Tracked {
+                            conn,
+                            created_ms: this.inner.clock.now_ms(),
+                        };
+                        let mut after = Aftermath::default();
+                        pool.slots
+                            .add_reserved(tracked, this.inner.clock.now_ms(), &mut after);
+                        pool.finish(after);
                     }
                 });
             }
@@ -769,27 +746,24 @@ impl<C: Connector> Drop for MaintenanceAlive<C> {
     }
 }
 
-/// A slot reserved by the maintenance task for a `min_connections` refill, given back if the
-/// refill is dropped before it finishes (runtime shutdown).
-struct Refill<T> {
-    pool: DataArc<EndpointPool<T>>,
-    armed: bool,
-}
-
-impl<T> Drop for Refill<T> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut after = Aftermath::default();
-            self.pool.slots.connect_failed(&mut after);
-            self.pool.finish(after);
-        }
-    }
-}
-
-/// Gives the slot back if a connect is abandoned (the acquire future dropped mid-connect).
+/// A slot reserved for a connect (by an acquire or a `min_connections` refill): given back
+/// to the next waiter when dropped, unless [`keep`](Self::keep) says the connect succeeded.
+/// Covers a failed connect and a future dropped mid-connect (a cancelled acquire, a runtime
+/// shutting down) alike.
 struct Reservation<'a, T> {
     pool: &'a EndpointPool<T>,
     armed: bool,
+}
+
+impl<'a, T> Reservation<'a, T> {
+    fn new(pool: &'a EndpointPool<T>) -> Self {
+        Self { pool, armed: true }
+    }
+
+    /// The connect succeeded: the slot now belongs to the new connection.
+    fn keep(mut self) {
+        self.armed = false;
+    }
 }
 
 impl<T> Drop for Reservation<'_, T> {
