@@ -146,7 +146,10 @@ impl LoadBalancerConfig {
     pub fn validate(&self) -> Result<(), Error> {
         self.health_check.validate()?;
         #[cfg(not(feature = "grpc"))]
-        if matches!(self.health_check.check, crate::HealthCheckKind::Grpc { .. }) {
+        if matches!(
+            self.health_check.check,
+            crate::HealthCheckKind::Grpc { .. } | crate::HealthCheckKind::GrpcWatch { .. }
+        ) {
             return Err(Error::invalid_config(
                 "health_check.check.kind",
                 "gRPC health checks need the `grpc` cargo feature",

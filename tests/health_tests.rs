@@ -368,6 +368,333 @@ async fn grpc_health_check_follows_serving_status() {
     lb.stop().await.unwrap();
 }
 
+// ===== gRPC health Watch =====
+
+/// A gRPC server on a loopback ephemeral port serving `routes`; stops with the runtime.
+#[cfg(feature = "grpc")]
+async fn serve_grpc(routes: tonic::service::Routes) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+/// The service whose health the `Watch` tests report through tonic-health.
+#[cfg(feature = "grpc")]
+struct Watched;
+
+#[cfg(feature = "grpc")]
+impl tonic::server::NamedService for Watched {
+    const NAME: &'static str = "test.Watched";
+}
+
+/// Checks every 100 ms, thresholds of one.
+#[cfg(feature = "grpc")]
+fn watch_checks(check: HealthCheckKind) -> HealthCheckConfig {
+    HealthCheckConfig {
+        unhealthy_threshold: 1,
+        healthy_threshold: 1,
+        timeout: Duration::from_millis(80),
+        ..fast_checks(check)
+    }
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_watch_push_is_reflected_well_within_the_interval() {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_serving::<Watched>().await;
+    let addr = serve_grpc(tonic::service::Routes::new(health_service)).await;
+    let config = LoadBalancerConfig {
+        health_check: HealthCheckConfig {
+            enabled: true,
+            // Long: a scheduled check could not explain a change seen within a second.
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 1,
+            healthy_threshold: 1,
+            grace_period: Duration::ZERO,
+            jitter: Duration::from_millis(100),
+            max_concurrent: 4,
+            check: HealthCheckKind::grpc_watch(<Watched as tonic::server::NamedService>::NAME),
+        },
+        panic_threshold_percent: 0,
+        ..Default::default()
+    };
+    let endpoint = Endpoint::new(addr, None);
+    let (_registry, lb) = balancer(vec![endpoint.clone()], LoadBalancingStrategy::RoundRobin, config).await;
+    let status = || futures_ready(lb.health_checks().get_health_status("svc", &endpoint)).unwrap();
+    // The first check (first checks are spread over one interval) opens the stream.
+    wait_for(Duration::from_secs(7), "the first check", || status().checks >= 1).await;
+    let first = status();
+    assert!(first.is_healthy(), "{first:?}");
+
+    reporter.set_not_serving::<Watched>().await;
+    let took = wait_for(Duration::from_secs(3), "the NOT_SERVING push to exclude", || {
+        routable(&lb).is_empty()
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "NOT_SERVING took {took:?}");
+    let s = status();
+    assert_eq!(s.state, HealthState::Unhealthy);
+    assert!(s.last_error.as_deref().unwrap().contains("NOT_SERVING"), "{s:?}");
+    assert_eq!(s.checks, first.checks + 1, "one re-check per push: {s:?}");
+    assert!(matches!(lb.pick("svc"), Err(Error::NoHealthyEndpoints { .. })));
+
+    reporter.set_serving::<Watched>().await;
+    let took = wait_for(Duration::from_secs(3), "the SERVING push to restore", || {
+        routable(&lb) == vec![addr]
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "SERVING took {took:?}");
+    assert!(status().is_healthy());
+    lb.stop().await.unwrap();
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_watch_asks_about_its_own_service_name() {
+    use tai_loadbalancer::HealthCheckManager;
+    use tonic_health::ServingStatus;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("a", ServingStatus::Serving).await;
+    reporter.set_service_status("b", ServingStatus::NotServing).await;
+    let addr = serve_grpc(tonic::service::Routes::new(health_service)).await;
+    let endpoint = Endpoint::new(addr, None);
+    let registry = Arc::new(ServiceRegistry::new());
+    registry.register("svc", endpoint.clone()).await.unwrap();
+    let manager = |service: &str| {
+        HealthCheckManager::new(
+            registry.clone(),
+            watch_checks(HealthCheckKind::grpc_watch(service)),
+        )
+    };
+    let (a, b, unknown) = (
+        manager("a").await.unwrap(),
+        manager("b").await.unwrap(),
+        manager("c").await.unwrap(),
+    );
+    for m in [&a, &b, &unknown] {
+        m.start().await.unwrap();
+    }
+    let status = |m: &HealthCheckManager| futures_ready(m.get_health_status("svc", &endpoint)).unwrap();
+    wait_for(Duration::from_secs(3), "first checks", || {
+        [&a, &b, &unknown].iter().all(|m| status(m).checks >= 2)
+    })
+    .await;
+    assert!(status(&a).is_healthy(), "{:?}", status(&a));
+    let sb = status(&b);
+    assert_eq!(sb.state, HealthState::Unhealthy);
+    assert!(sb.last_error.unwrap().contains("NOT_SERVING"));
+    // tonic-health answers NOT_FOUND for a name it does not know: a failure, no fallback.
+    assert_eq!(status(&unknown).state, HealthState::Unhealthy);
+
+    reporter.set_service_status("a", ServingStatus::NotServing).await;
+    reporter.set_service_status("b", ServingStatus::Serving).await;
+    wait_for(Duration::from_secs(3), "the statuses to swap", || {
+        !status(&a).is_healthy() && status(&b).is_healthy()
+    })
+    .await;
+    assert!(status(&a).last_error.unwrap().contains("NOT_SERVING"));
+}
+
+/// A `grpc.health.v1.Health` service whose status the test sets, which can refuse `Watch`,
+/// counting calls and the `Watch` streams open.
+#[cfg(feature = "grpc")]
+struct ScriptedHealth {
+    status: tokio::sync::watch::Sender<tonic_health::pb::health_check_response::ServingStatus>,
+    watch_unimplemented: bool,
+    checks: AtomicUsize,
+    watches: AtomicUsize,
+    open_streams: Arc<AtomicUsize>,
+}
+
+#[cfg(feature = "grpc")]
+impl ScriptedHealth {
+    fn new(watch_unimplemented: bool) -> Arc<Self> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        Arc::new(Self {
+            status: tokio::sync::watch::Sender::new(ServingStatus::Serving),
+            watch_unimplemented,
+            checks: AtomicUsize::new(0),
+            watches: AtomicUsize::new(0),
+            open_streams: Arc::default(),
+        })
+    }
+
+    fn set(&self, status: tonic_health::pb::health_check_response::ServingStatus) {
+        self.status.send_replace(status);
+    }
+
+    async fn serve(self: &Arc<Self>) -> SocketAddr {
+        serve_grpc(tonic::service::Routes::new(
+            tonic_health::pb::health_server::HealthServer::from_arc(self.clone()),
+        ))
+        .await
+    }
+}
+
+/// Counts down an open `Watch` stream when the server drops it.
+#[cfg(feature = "grpc")]
+struct OpenStream(Arc<AtomicUsize>);
+
+#[cfg(feature = "grpc")]
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(feature = "grpc")]
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for ScriptedHealth {
+    async fn check(
+        &self,
+        _request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        Ok(tonic::Response::new(tonic_health::pb::HealthCheckResponse {
+            status: *self.status.borrow() as i32,
+        }))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    async fn watch(
+        &self,
+        _request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        use tokio_stream::StreamExt;
+
+        self.watches.fetch_add(1, Ordering::SeqCst);
+        if self.watch_unimplemented {
+            return Err(tonic::Status::unimplemented("Watch is not implemented here"));
+        }
+        self.open_streams.fetch_add(1, Ordering::SeqCst);
+        let open = OpenStream(self.open_streams.clone());
+        let stream = tokio_stream::wrappers::WatchStream::new(self.status.subscribe()).map(move |status| {
+            let _open = &open;
+            Ok(tonic_health::pb::HealthCheckResponse {
+                status: status as i32,
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_watch_falls_back_to_check_when_watch_is_unimplemented() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let server = ScriptedHealth::new(true);
+    let addr = server.serve().await;
+    let endpoint = Endpoint::new(addr, None);
+    let registry = Arc::new(ServiceRegistry::new());
+    registry.register("svc", endpoint.clone()).await.unwrap();
+    let manager =
+        tai_loadbalancer::HealthCheckManager::new(registry, watch_checks(HealthCheckKind::grpc_watch("")))
+            .await
+            .unwrap();
+    manager.start().await.unwrap();
+    let status = || futures_ready(manager.get_health_status("svc", &endpoint)).unwrap();
+    wait_for(Duration::from_secs(3), "checks", || status().checks >= 3).await;
+    let s = status();
+    assert!(
+        s.is_healthy() && s.failed_checks == 0,
+        "the fallback answers: {s:?}"
+    );
+    assert!(server.checks.load(Ordering::SeqCst) >= 3);
+
+    server.set(ServingStatus::NotServing);
+    wait_for(Duration::from_secs(3), "NOT_SERVING by Check", || {
+        !status().is_healthy()
+    })
+    .await;
+    assert!(status().last_error.unwrap().contains("NOT_SERVING"));
+    server.set(ServingStatus::Serving);
+    wait_for(Duration::from_secs(3), "SERVING by Check", || {
+        status().is_healthy()
+    })
+    .await;
+    assert_eq!(
+        server.watches.load(Ordering::SeqCst),
+        1,
+        "UNIMPLEMENTED is remembered for the endpoint"
+    );
+    manager.stop().await.unwrap();
+}
+
+#[cfg(feature = "grpc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_watch_keeps_one_stream_and_closes_it_with_the_endpoint_or_the_checks() {
+    let server = ScriptedHealth::new(false);
+    let addr = server.serve().await;
+    let endpoint = Endpoint::new(addr, None);
+    let registry = Arc::new(ServiceRegistry::new());
+    registry.register("svc", endpoint.clone()).await.unwrap();
+    let manager = tai_loadbalancer::HealthCheckManager::new(
+        registry.clone(),
+        watch_checks(HealthCheckKind::grpc_watch("")),
+    )
+    .await
+    .unwrap();
+    manager.start().await.unwrap();
+    let status = || futures_ready(manager.get_health_status("svc", &endpoint)).unwrap();
+    let open = || server.open_streams.load(Ordering::SeqCst);
+    wait_for(Duration::from_secs(3), "checks", || status().checks >= 5).await;
+    assert!(status().is_healthy());
+    assert_eq!(
+        server.watches.load(Ordering::SeqCst),
+        1,
+        "one stream serves every check"
+    );
+    assert_eq!(
+        server.checks.load(Ordering::SeqCst),
+        0,
+        "no Check while Watch works"
+    );
+    assert_eq!(open(), 1);
+
+    // An endpoint that leaves the registry loses its stream.
+    registry.deregister("svc", &endpoint).await.unwrap();
+    wait_for(Duration::from_secs(3), "the stream to close", || open() == 0).await;
+    // Back, it gets a new one.
+    registry.register("svc", endpoint.clone()).await.unwrap();
+    wait_for(Duration::from_secs(3), "a new stream", || open() == 1).await;
+    // Stopping the checks closes it too.
+    manager.stop().await.unwrap();
+    wait_for(Duration::from_secs(3), "the stream to close on stop", || {
+        open() == 0
+    })
+    .await;
+
+    // And so does dropping a manager.
+    let manager = tai_loadbalancer::HealthCheckManager::new(
+        registry.clone(),
+        watch_checks(HealthCheckKind::grpc_watch("")),
+    )
+    .await
+    .unwrap();
+    manager.start().await.unwrap();
+    wait_for(Duration::from_secs(3), "a stream", || open() == 1).await;
+    drop(manager);
+    wait_for(Duration::from_secs(3), "the stream to close on drop", || {
+        open() == 0
+    })
+    .await;
+}
+
 // ===== the state machine, with custom checks =====
 
 /// A check whose verdict per address is set by the test; counts calls and concurrency.

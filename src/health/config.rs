@@ -176,6 +176,26 @@ pub enum HealthCheckKind {
         #[serde(default)]
         service: String,
     },
+    /// The standard `grpc.health.v1.Health/Watch` for `service` (`""`: the server as a
+    /// whole), where the server supports it; healthy when the latest status streamed is
+    /// `SERVING`. Needs the `grpc` feature.
+    ///
+    /// Each endpoint keeps one long-lived `Watch` stream (one connection, opened by its
+    /// first check and reopened by the check after it ends). A check reads the latest
+    /// status the stream sent, and when that status *changes* (a `NOT_SERVING` push, say)
+    /// the endpoint is checked again at once instead of at the next `interval`; the
+    /// thresholds still apply, each check counting once. For an endpoint whose server
+    /// answers `UNIMPLEMENTED` to `Watch`, the check falls back to
+    /// [`Grpc`](Self::Grpc)'s `Check`, and keeps to it while the endpoint is checked.
+    ///
+    /// The stream's connection sends HTTP/2 PINGs every `max(interval, 30 s)` to notice a
+    /// peer that vanished without closing it. Streams close when their endpoint leaves the
+    /// registry and when the checks stop.
+    GrpcWatch {
+        /// The service name asked about.
+        #[serde(default)]
+        service: String,
+    },
     /// Your own check (not expressible in TOML).
     #[serde(skip)]
     Custom(DataArc<dyn HealthCheck>),
@@ -194,6 +214,35 @@ impl HealthCheckKind {
     /// The gRPC health check of `service`.
     pub fn grpc(service: impl Into<String>) -> Self {
         Self::Grpc {
+            service: service.into(),
+        }
+    }
+
+    /// The gRPC health check of `service` over a `Watch` stream (falling back to `Check`
+    /// where the server does not implement `Watch`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tai_loadbalancer::{HealthCheckConfig, HealthCheckKind};
+    ///
+    /// let check = HealthCheckKind::grpc_watch("greeter");
+    /// assert_eq!(
+    ///     check,
+    ///     HealthCheckKind::GrpcWatch {
+    ///         service: "greeter".into()
+    ///     }
+    /// );
+    /// assert_ne!(check, HealthCheckKind::grpc("greeter"));
+    /// let config = HealthCheckConfig {
+    ///     enabled: true,
+    ///     check,
+    ///     ..Default::default()
+    /// };
+    /// config.validate().unwrap();
+    /// ```
+    pub fn grpc_watch(service: impl Into<String>) -> Self {
+        Self::GrpcWatch {
             service: service.into(),
         }
     }
@@ -221,6 +270,7 @@ impl PartialEq for HealthCheckKind {
                 },
             ) => a == b && sa == sb && ha == hb,
             (Self::Grpc { service: a }, Self::Grpc { service: b }) => a == b,
+            (Self::GrpcWatch { service: a }, Self::GrpcWatch { service: b }) => a == b,
             (Self::Custom(a), Self::Custom(b)) => DataArc::ptr_eq(a, b),
             _ => false,
         }
@@ -242,6 +292,7 @@ impl fmt::Debug for HealthCheckKind {
                 .field("host", host)
                 .finish(),
             Self::Grpc { service } => f.debug_struct("Grpc").field("service", service).finish(),
+            Self::GrpcWatch { service } => f.debug_struct("GrpcWatch").field("service", service).finish(),
             Self::Custom(_) => f.write_str("Custom(..)"),
         }
     }
@@ -401,7 +452,7 @@ impl HealthCheckConfig {
                     }
                 }
             }
-            HealthCheckKind::Grpc { service } => {
+            HealthCheckKind::Grpc { service } | HealthCheckKind::GrpcWatch { service } => {
                 if service.chars().any(char::is_control) {
                     return Err(bad(
                         "health_check.check.service",
@@ -546,6 +597,45 @@ mod tests {
                 .to_string()
                 .contains("slow_start.aggression")
         );
+    }
+
+    #[test]
+    fn grpc_watch_kind() {
+        let kind = HealthCheckKind::grpc_watch("a");
+        assert_eq!(kind, HealthCheckKind::GrpcWatch { service: "a".into() });
+        assert_ne!(kind, HealthCheckKind::grpc("a"));
+        assert_ne!(kind, HealthCheckKind::grpc_watch("b"));
+        assert_eq!(format!("{kind:?}"), r#"GrpcWatch { service: "a" }"#);
+        let parsed: HealthCheckKind = toml::from_str("kind = \"grpc_watch\"\nservice = \"a\"").unwrap();
+        assert_eq!(parsed, kind);
+        let parsed: HealthCheckKind = toml::from_str("kind = \"grpc_watch\"").unwrap();
+        assert_eq!(parsed, HealthCheckKind::grpc_watch(""));
+        let config = HealthCheckConfig {
+            check: HealthCheckKind::grpc_watch("a\u{7}"),
+            ..Default::default()
+        };
+        match config.validate() {
+            Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, "health_check.check.service"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[cfg(not(feature = "grpc"))]
+    #[test]
+    fn grpc_kinds_need_the_grpc_feature() {
+        for check in [HealthCheckKind::grpc(""), HealthCheckKind::grpc_watch("")] {
+            let config = crate::LoadBalancerConfig {
+                health_check: HealthCheckConfig {
+                    check,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            match config.validate() {
+                Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, "health_check.check.kind"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::probe::Probe;
+use super::probe::{Probe, Recheck};
 use super::{HealthState, HealthStatus};
 use crate::control::queue::Ack;
 use crate::control::{Command, HealthSource, MembershipSource};
@@ -32,6 +32,9 @@ struct Target {
     registered_at: Instant,
     next_due: Instant,
     checking: bool,
+    /// The probe asked for a re-check while a check was in progress: the next one is due as
+    /// soon as this one is recorded (its answer may predate the change).
+    recheck: bool,
     status: HealthStatus,
 }
 
@@ -117,12 +120,13 @@ impl HealthCheckManager {
 
     /// Builds the manager without attaching it (the balancer attaches it itself).
     pub(crate) fn create(registry: DataArc<ServiceRegistry>, config: HealthCheckConfig) -> Self {
-        let probe = Probe::new(&config.check);
         Self {
-            inner: DataArc::new(Inner {
+            // The probe holds a weak reference to ask for re-checks: its background tasks
+            // (watch streams) never keep the manager alive.
+            inner: DataArc::new_cyclic(|inner| Inner {
+                probe: Probe::new(&config, inner.clone() as DataWeak<dyn Recheck>),
                 config,
                 registry,
-                probe,
                 state: Mutex::new(State::default()),
                 wake: tokio::sync::Notify::new(),
                 sinks: Mutex::new(Vec::new()),
@@ -179,7 +183,8 @@ impl HealthCheckManager {
         Ok(())
     }
 
-    /// Stops checking (in-flight probes are abandoned). Statuses stay readable. Idempotent.
+    /// Stops checking (in-flight probes are abandoned, `Watch` streams closed). Statuses
+    /// stay readable. Idempotent.
     pub async fn stop(&self) -> Result<(), Error> {
         self.stop_now();
         Ok(())
@@ -192,6 +197,8 @@ impl HealthCheckManager {
             task.abort();
             tracing::debug!("health checks stopped");
         }
+        // After the flag, so a check still finishing cannot open a stream again.
+        self.inner.probe.stop();
     }
 
     /// Whether checks are running.
@@ -323,6 +330,7 @@ impl Inner {
                                         // Spread first checks over one interval.
                                         next_due: now + Self::random_delay(self.config.interval),
                                         checking: false,
+                                        recheck: false,
                                         status: HealthStatus::new(),
                                     },
                                 );
@@ -332,6 +340,10 @@ impl Inner {
                 }
             }
         }
+        // Close what the probe keeps (watch streams) for addresses no longer checked.
+        let state = self.state.lock();
+        self.probe
+            .retain(|address| state.services.values().any(|t| t.contains_key(&address)));
     }
 
     /// Marks due targets as being checked and returns them, with the next due time.
@@ -399,6 +411,12 @@ impl Inner {
             Err(_) => Err(format!("timed out after {:?}", self.config.timeout)),
         };
         let latency = started.elapsed();
+        // Stopped while the check ran: it is abandoned, not recorded (a `Watch` check sees
+        // its stream closed by `stop` and would otherwise count a failure).
+        // Acquire pairs with the Release in `stop_now`.
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
         if let Err(reason) = &result {
             tracing::debug!(%reason, latency_us = latency.as_micros() as u64, "health check failed");
         }
@@ -423,7 +441,11 @@ impl Inner {
             return false; // removed (or re-registered) while the check ran
         };
         target.checking = false;
-        target.next_due = now + config.interval + Self::random_delay(config.jitter);
+        target.next_due = if std::mem::take(&mut target.recheck) {
+            now
+        } else {
+            now + config.interval + Self::random_delay(config.jitter)
+        };
         let in_grace = now.saturating_duration_since(target.registered_at) < config.grace_period;
         let status = &mut target.status;
         status.checks += 1;
@@ -476,6 +498,28 @@ impl Inner {
         };
         for sink in sinks {
             sink.health_changed(service);
+        }
+    }
+}
+
+impl Recheck for Inner {
+    fn recheck(&self, address: SocketAddr) {
+        let now = Instant::now();
+        let mut found = false;
+        {
+            let mut state = self.state.lock();
+            for target in state.services.values_mut().filter_map(|t| t.get_mut(&address)) {
+                found = true;
+                if target.checking {
+                    target.recheck = true;
+                } else {
+                    target.next_due = now;
+                }
+            }
+        }
+        if found {
+            tracing::debug!(%address, "health re-check requested");
+            self.wake.notify_one();
         }
     }
 }

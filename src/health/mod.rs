@@ -1,8 +1,8 @@
 //! Health: active checks of every endpoint, and the status types they report.
 //!
 //! This module owns the *active* side of health: [`HealthCheckManager`] probes the endpoints
-//! of a registry (TCP connect, HTTP `GET`, gRPC `grpc.health.v1`, or your own
-//! [`HealthCheck`]) on the runtime, applies the thresholds and the grace period, and tells
+//! of a registry (TCP connect, HTTP `GET`, gRPC `grpc.health.v1` `Check` or `Watch`, or
+//! your own [`HealthCheck`]) on the runtime, applies the thresholds and the grace period, and tells
 //! the balancers that subscribed when an endpoint changes state. It never touches a routing
 //! table: the balancer's control plane reads the manager's verdicts and publishes a new
 //! table, so membership and health always travel in one snapshot. The *passive* side
@@ -20,6 +20,8 @@
 #![deny(unsafe_code)]
 
 pub(crate) mod config;
+#[cfg(feature = "grpc")]
+mod grpc_watch;
 #[cfg(feature = "runtime")]
 mod manager;
 #[cfg(feature = "runtime")]

@@ -1,13 +1,25 @@
-//! The probes behind each [`HealthCheckKind`]: TCP connect, HTTP/1.1 `GET`, gRPC health, or
-//! a custom check. Timeouts are applied by the caller.
+//! The probes behind each [`HealthCheckKind`]: TCP connect, HTTP/1.1 `GET`, gRPC health
+//! (`Check`, or `Watch` streams), or a custom check. Timeouts are applied by the caller.
 #![deny(unsafe_code)]
 
 use std::fmt;
+use std::net::SocketAddr;
 
 use super::HealthCheck;
+#[cfg(feature = "grpc")]
+use super::grpc_watch::WatchProbe;
+use crate::HealthCheckConfig;
 use crate::endpoint::Endpoint;
 use crate::health::config::{HealthCheckKind, StatusRange};
-use crate::sync::DataArc;
+use crate::sync::{DataArc, DataWeak};
+
+/// Who a probe asks to check an endpoint again at once (the manager), when the probe learns
+/// on its own that the endpoint's health changed (a `Watch` stream's push).
+#[cfg_attr(not(feature = "grpc"), allow(dead_code))] // only `Watch` probes push
+pub(super) trait Recheck: Send + Sync {
+    /// Makes every target at `address` due now and wakes the scheduler.
+    fn recheck(&self, address: SocketAddr);
+}
 
 /// A probe, built once from the configured kind.
 pub(super) enum Probe {
@@ -21,12 +33,17 @@ pub(super) enum Probe {
     Grpc {
         service: String,
     },
+    #[cfg(feature = "grpc")]
+    GrpcWatch(WatchProbe),
     Custom(DataArc<dyn HealthCheck>),
 }
 
 impl Probe {
-    pub(super) fn new(kind: &HealthCheckKind) -> Self {
-        match kind {
+    /// The probe of `config.check`; `recheck` hears the pushes of probes that have them.
+    pub(super) fn new(config: &HealthCheckConfig, recheck: DataWeak<dyn Recheck>) -> Self {
+        #[cfg(not(feature = "grpc"))]
+        let _ = recheck;
+        match &config.check {
             HealthCheckKind::Tcp => Probe::Tcp,
             HealthCheckKind::Http {
                 path,
@@ -41,10 +58,14 @@ impl Probe {
             HealthCheckKind::Grpc { service } => Probe::Grpc {
                 service: service.clone(),
             },
-            // Refused by `HealthCheckConfig::validate` without the `grpc` feature; probing
+            #[cfg(feature = "grpc")]
+            HealthCheckKind::GrpcWatch { service } => {
+                Probe::GrpcWatch(WatchProbe::new(service.clone(), config.interval, recheck))
+            }
+            // Refused by `LoadBalancerConfig::validate` without the `grpc` feature; probing
             // would fail every time, so fall back to the connect check the gRPC check implies.
             #[cfg(not(feature = "grpc"))]
-            HealthCheckKind::Grpc { .. } => Probe::Tcp,
+            HealthCheckKind::Grpc { .. } | HealthCheckKind::GrpcWatch { .. } => Probe::Tcp,
             HealthCheckKind::Custom(check) => Probe::Custom(check.clone()),
         }
     }
@@ -62,7 +83,28 @@ impl Probe {
             Probe::Http { path, expected, host } => http(endpoint, path, *expected, host.as_deref()).await,
             #[cfg(feature = "grpc")]
             Probe::Grpc { service } => grpc(endpoint, service).await,
+            #[cfg(feature = "grpc")]
+            Probe::GrpcWatch(watch) => watch.check(endpoint).await,
             Probe::Custom(check) => check.check(endpoint).await,
+        }
+    }
+
+    /// Releases what the probe keeps for addresses for which `keep` is false (the streams
+    /// of endpoints no longer checked). `keep` is not called by probes that keep nothing.
+    pub(super) fn retain(&self, keep: impl FnMut(SocketAddr) -> bool) {
+        #[cfg(feature = "grpc")]
+        if let Probe::GrpcWatch(watch) = self {
+            watch.retain(keep);
+        }
+        #[cfg(not(feature = "grpc"))]
+        let _ = keep;
+    }
+
+    /// Releases everything the probe keeps, and keeps nothing from now on (checks stopped).
+    pub(super) fn stop(&self) {
+        #[cfg(feature = "grpc")]
+        if let Probe::GrpcWatch(watch) = self {
+            watch.stop();
         }
     }
 }
@@ -103,9 +145,9 @@ async fn http(
     }
 }
 
-/// The standard `grpc.health.v1.Health/Check`.
+/// The standard `grpc.health.v1.Health/Check`, over a fresh connection.
 #[cfg(feature = "grpc")]
-async fn grpc(endpoint: &Endpoint, service: &str) -> Result<(), String> {
+pub(super) async fn grpc(endpoint: &Endpoint, service: &str) -> Result<(), String> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
@@ -135,6 +177,8 @@ impl fmt::Debug for Probe {
             Probe::Http { path, .. } => write!(f, "Http({path})"),
             #[cfg(feature = "grpc")]
             Probe::Grpc { service } => write!(f, "Grpc({service:?})"),
+            #[cfg(feature = "grpc")]
+            Probe::GrpcWatch(watch) => fmt::Debug::fmt(watch, f),
             Probe::Custom(_) => f.write_str("Custom"),
         }
     }

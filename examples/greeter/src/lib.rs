@@ -1,0 +1,237 @@
+//! The `greeter.v1.Greeter` gRPC service that tai-loadbalancer's demo, end-to-end tests and
+//! benches call: the generated code ([`pb`]), a service whose replies name the instance that
+//! answered and which can be told to wait, fail or refuse ([`NamedGreeter`]), and a loopback
+//! server with the standard health service that can be killed abruptly and restarted on the
+//! same port ([`GreeterServer`]).
+//!
+//! Code generation runs at build time with `tonic-prost-build` and the vendored `protoc` of
+//! `protoc-bin-vendored` (no system package needed).
+
+/// Generated messages, client and server of `greeter.v1`.
+#[allow(missing_docs, clippy::all, unreachable_pub)]
+pub mod pb {
+    tonic::include_proto!("greeter.v1");
+}
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use pb::greeter_client::GreeterClient;
+use pb::greeter_server::Greeter;
+pub use pb::{HelloReply, HelloRequest};
+use tonic::{Request, Response, Status};
+pub use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// The gRPC service name of the greeter (for health checks).
+pub const SERVICE_NAME: &str = "greeter.v1.Greeter";
+
+/// The full path of `SayHello` (for retry policies).
+pub const SAY_HELLO_PATH: &str = "/greeter.v1.Greeter/SayHello";
+
+/// Counters and switches shared by a greeter and its owner.
+#[derive(Debug, Default)]
+pub struct GreeterState {
+    /// Calls answered with a reply.
+    pub served: AtomicU64,
+    /// Calls answered `UNAVAILABLE` because [`refuse`](Self::refuse) was set.
+    pub refused: AtomicU64,
+    /// Calls that reached the handler (all of them).
+    pub received: AtomicU64,
+    /// When set, every call is answered `UNAVAILABLE` at once.
+    pub refuse: AtomicBool,
+}
+
+/// A greeter that answers as `name`.
+#[derive(Clone, Debug)]
+pub struct NamedGreeter {
+    name: String,
+    state: Arc<GreeterState>,
+}
+
+impl NamedGreeter {
+    /// A greeter answering as `name`, with its counters in `state`.
+    pub fn new(name: impl Into<String>, state: Arc<GreeterState>) -> Self {
+        Self {
+            name: name.into(),
+            state,
+        }
+    }
+
+    /// The tonic service to add to a `tonic::transport::Server`.
+    pub fn into_service(self) -> pb::greeter_server::GreeterServer<Self> {
+        pb::greeter_server::GreeterServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Greeter for NamedGreeter {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        self.state.received.fetch_add(1, Ordering::Relaxed);
+        if self.state.refuse.load(Ordering::Relaxed) {
+            self.state.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unavailable(format!("{} refuses calls", self.name)));
+        }
+        let request = request.into_inner();
+        if request.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(u64::from(request.delay_ms))).await;
+        }
+        if request.fail_with != 0 {
+            return Err(Status::new(tonic::Code::from(request.fail_with), "asked to fail"));
+        }
+        self.state.served.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(HelloReply {
+            message: format!("Hello, {}!", request.name),
+            server: self.name.clone(),
+        }))
+    }
+}
+
+/// A greeter server on loopback, with `grpc.health.v1` (reporting `SERVING` for the server and
+/// for [`SERVICE_NAME`]), running on its own thread and runtime so that [`kill`](Self::kill)
+/// drops every connection at once, like a crashed process.
+#[derive(Debug)]
+pub struct GreeterServer {
+    name: String,
+    address: SocketAddr,
+    state: Arc<GreeterState>,
+    health: HealthReporter,
+    running: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl GreeterServer {
+    /// Starts `name` on an ephemeral port of 127.0.0.1.
+    pub fn start(name: &str) -> std::io::Result<Self> {
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Starts `name` on `address` (a loopback address; port 0 for an ephemeral one).
+    pub fn start_on(name: &str, address: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with_state(name, address, Arc::new(GreeterState::default()))
+    }
+
+    fn start_with_state(name: &str, address: SocketAddr, state: Arc<GreeterState>) -> std::io::Result<Self> {
+        if !address.ip().is_loopback() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "greeter servers listen on loopback only",
+            ));
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let greeter = NamedGreeter::new(name, state.clone()).into_service();
+        let reporter = health.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("greeter-{name}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let bound = async {
+                        let socket = if address.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()?
+                        } else {
+                            tokio::net::TcpSocket::new_v6()?
+                        };
+                        socket.set_reuseaddr(true)?;
+                        socket.bind(address)?;
+                        socket.listen(1024)
+                    }
+                    .await;
+                    let listener = match bound {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    reporter.set_service_status("", ServingStatus::Serving).await;
+                    reporter
+                        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+                        .await;
+                    let _ = ready_tx.send(listener.local_addr());
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    let server = tonic::transport::Server::builder()
+                        .add_service(health_service)
+                        .add_service(greeter)
+                        .serve_with_incoming(incoming);
+                    tokio::select! {
+                        _ = server => {}
+                        _ = stop_rx => {}
+                    }
+                });
+                // Dropping the runtime drops every connection task: peers see the sockets close.
+                drop(runtime);
+            })?;
+        let address = ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("greeter thread ended before listening"))??;
+        Ok(Self {
+            name: name.to_owned(),
+            address,
+            state,
+            health,
+            running: Some((stop_tx, thread)),
+        })
+    }
+
+    /// The server's name (in its replies).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address it listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Its counters and switches.
+    pub fn state(&self) -> &Arc<GreeterState> {
+        &self.state
+    }
+
+    /// Whether it is running.
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Stops it abruptly: the listener and every connection close at once, calls in progress
+    /// are cut off (as when a process crashes). Returns when the sockets are closed.
+    pub fn kill(&mut self) {
+        if let Some((stop, thread)) = self.running.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+    }
+
+    /// Starts it again on the same port, with the same counters.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        let restarted = Self::start_with_state(&self.name, self.address, self.state.clone())?;
+        *self = restarted;
+        Ok(())
+    }
+
+    /// Sets what its health service answers for `service` (`""`: the server as a whole).
+    pub async fn set_health(&self, service: &str, status: ServingStatus) {
+        self.health.set_service_status(service, status).await;
+    }
+}
+
+impl Drop for GreeterServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
