@@ -529,6 +529,44 @@ impl IntegratedLoadBalancer {
         Ok(Pick::new(pin, table.version))
     }
 
+    /// A guarded pick for one attempt of a call that may be retried: routed by `route`, and
+    /// if that lands on an address in `avoid` (tried already by this call), the first other
+    /// routable member from a random start instead. An affinity key is not rebound by such a
+    /// detour. Costs one table scan only when a detour is needed.
+    #[cfg(feature = "grpc")]
+    pub(crate) fn pick_route(
+        &self,
+        service: &str,
+        route: Route<'_>,
+        avoid: &[SocketAddr],
+    ) -> Result<Pick, Error> {
+        let directory = self.shared.directory.load();
+        let slot = Shared::slot_by_name(&directory, service)?;
+        let table = slot.table.load();
+        let pin = match route {
+            Route::Strategy => self.shared.choose(&table, slot, None)?,
+            Route::Hash(hash) => self.shared.choose(&table, slot, Some(hash))?,
+            Route::Affinity(key) => {
+                validate_key(key)?;
+                self.shared.choose_with_affinity(&table, slot, key)?
+            }
+        };
+        if !avoid.contains(&pin.address()) {
+            return Ok(Pick::new(pin, table.version));
+        }
+        let routable = &table.local().routable;
+        let n = routable.len();
+        let start = crate::sync::random_below(n.max(1));
+        (0..n)
+            .map(|i| &routable[(start + i) % n])
+            .find(|pin| !avoid.contains(&pin.address()))
+            .map(|pin| Pick::new(pin, table.version))
+            .ok_or_else(|| Error::NoHealthyEndpoints {
+                service: table.service.clone(),
+                total: table.members.len(),
+            })
+    }
+
     /// Every service's members and their health in the current snapshots.
     #[cfg(feature = "runtime")]
     pub(crate) fn current_topology(&self) -> Vec<(String, Vec<(SocketAddr, EndpointHealth)>)> {
@@ -977,6 +1015,18 @@ impl RoutingUpdates {
 }
 
 // ===== impl ServiceHandle =====
+
+/// How one attempt of a balanced call is routed.
+#[cfg(feature = "grpc")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Route<'a> {
+    /// The service's strategy.
+    Strategy,
+    /// Consistent hash of a key (already hashed).
+    Hash(u64),
+    /// Session affinity by key.
+    Affinity(&'a str),
+}
 
 /// One service of an [`IntegratedLoadBalancer`], resolved once: picks skip the name lookup.
 ///

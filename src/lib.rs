@@ -26,6 +26,8 @@ mod endpoint;
 mod error;
 mod export;
 mod failover;
+#[cfg(feature = "grpc")]
+mod grpc;
 mod health;
 mod histogram;
 mod pick;
@@ -57,6 +59,11 @@ pub use export::{MetricsServer, serve_metrics};
 #[cfg(feature = "prometheus")]
 pub use export::{PrometheusCollector, encode_prometheus, encode_prometheus_snapshot};
 pub use failover::{FailoverConfig, FailoverManager, FailoverStats};
+#[cfg(feature = "grpc")]
+pub use grpc::{
+    BalancedBody, BalancedChannel, BalancedChannelBuilder, BoxError, Idempotent, KeyExtractorFn,
+    MAX_ATTEMPTS, MAX_CONNECTIONS_PER_ENDPOINT, ResponseFuture, RetryPolicy,
+};
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;
 pub use health::config::{

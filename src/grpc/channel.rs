@@ -1,0 +1,689 @@
+//! [`BalancedChannel`]: a `tower::Service<http::Request<_>>` that generated tonic clients
+//! accept, routing every call through the balancer's data plane.
+//!
+//! Per call: the routing key is read from the request (a header, or a custom extractor), one
+//! endpoint is picked from the current snapshot (a wait-free load, no lock), the call is sent
+//! on that endpoint's tonic `Channel` (HTTP/2, created on first use, `connections_per_endpoint`
+//! connections each), and its gRPC status and latency are recorded on the pick when the
+//! response ends: passive health, metrics and the least-connections load all see it.
+//!
+//! Invariants:
+//! - `poll_ready` is always ready: readiness never hangs on one endpoint (tower #824); a sick
+//!   endpoint is out of the snapshot (health checks, outlier detection), and a call that still
+//!   meets one fails over to another within the [`RetryPolicy`].
+//! - Every pick is ended exactly once: recorded when the response ends, or released when the
+//!   call or its response body is dropped (cancellation, deadline): in-flight counts return
+//!   to 0.
+//! - Endpoints released by the balancer (removed and drained) lose their channel here; calls
+//!   still holding a clone finish on it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin as StdPin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::{HeaderValue, Request, Response};
+use tokio::time::Instant;
+use tonic::Code;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower::{Service, ServiceExt};
+
+use super::body::{BalancedBody, FailureCodes, Recorder, Replay, grpc_status};
+use super::retry::{Idempotent, RetryBudget, RetryPolicy, format_grpc_timeout, parse_grpc_timeout};
+use crate::balancer::{IntegratedLoadBalancer, Route};
+use crate::control::ControlEvent;
+use crate::endpoint::Endpoint;
+use crate::error::Error;
+use crate::pick::Outcome;
+use crate::pick::consistent::hash_key;
+use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::{DataArc, DataWeak, Mutex, SnapshotCell};
+
+/// Errors a [`BalancedChannel`] returns: a `tonic::Status` (no endpoint, deadline) or the
+/// endpoint channel's transport error, which tonic turns into a status.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The most connections a [`BalancedChannel`] opens per endpoint.
+pub const MAX_CONNECTIONS_PER_ENDPOINT: usize = 64;
+
+/// Reads a routing key from a call's request head.
+pub type KeyExtractorFn = dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync;
+
+/// Where a call's routing key comes from, and what it does.
+#[derive(Clone)]
+enum KeySource {
+    Header(HeaderName),
+    Custom(DataArc<KeyExtractorFn>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyMode {
+    /// Sticky sessions through the balancer's affinity table.
+    Affinity,
+    /// Consistent hash (no table; the owner moves only when membership changes).
+    Hash,
+}
+
+#[derive(Clone)]
+struct RequestKey {
+    source: KeySource,
+    mode: KeyMode,
+}
+
+impl RequestKey {
+    fn extract(&self, parts: &http::request::Parts) -> Option<String> {
+        match &self.source {
+            KeySource::Header(name) => parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned),
+            KeySource::Custom(extract) => extract(parts).filter(|k| !k.is_empty()),
+        }
+    }
+}
+
+impl fmt::Debug for RequestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.source {
+            KeySource::Header(name) => name.as_str(),
+            KeySource::Custom(_) => "<custom>",
+        };
+        f.debug_struct("RequestKey")
+            .field("source", &source)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// Builds a [`BalancedChannel`]; see [`BalancedChannel::builder`].
+#[derive(Debug)]
+pub struct BalancedChannelBuilder {
+    lb: DataArc<IntegratedLoadBalancer>,
+    service: String,
+    key: Option<RequestKey>,
+    key_error: Option<Error>,
+    retry: RetryPolicy,
+    timeout: Option<Duration>,
+    connect_timeout: Duration,
+    connections_per_endpoint: usize,
+    failure_codes: FailureCodes,
+}
+
+impl BalancedChannelBuilder {
+    /// Sticky sessions keyed by a request header / gRPC metadata key (for example
+    /// `x-session-id`): the first call of a key goes to the key's consistent-hash owner and
+    /// later calls stick to the endpoint it got, through the balancer's
+    /// [`AffinityManager`](crate::AffinityManager), until that endpoint leaves or fails. Calls
+    /// without the header are routed by the strategy.
+    pub fn affinity_header(mut self, name: &str) -> Self {
+        self.key = self.header_key(name, KeyMode::Affinity);
+        self
+    }
+
+    /// Consistent hashing on a request header / metadata key: a key always goes to the same
+    /// endpoint while membership is unchanged, on every instance of the client. Calls without
+    /// the header are routed by the strategy.
+    pub fn hash_header(mut self, name: &str) -> Self {
+        self.key = self.header_key(name, KeyMode::Hash);
+        self
+    }
+
+    /// Sticky sessions keyed by `extract` (`None`: route that call by the strategy).
+    pub fn affinity_key(
+        mut self,
+        extract: impl Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.key = Some(RequestKey {
+            source: KeySource::Custom(DataArc::new(extract)),
+            mode: KeyMode::Affinity,
+        });
+        self
+    }
+
+    /// Consistent hashing on the key `extract` returns (`None`: route by the strategy).
+    pub fn hash_key(
+        mut self,
+        extract: impl Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.key = Some(RequestKey {
+            source: KeySource::Custom(DataArc::new(extract)),
+            mode: KeyMode::Hash,
+        });
+        self
+    }
+
+    fn header_key(&mut self, name: &str, mode: KeyMode) -> Option<RequestKey> {
+        match HeaderName::try_from(name) {
+            Ok(name) => Some(RequestKey {
+                source: KeySource::Header(name),
+                mode,
+            }),
+            Err(e) => {
+                self.key_error = Some(Error::InvalidConfig {
+                    field: "grpc.key_header".to_owned(),
+                    reason: format!("{name:?} is not a valid header name: {e}"),
+                });
+                None
+            }
+        }
+    }
+
+    /// When calls are retried on another endpoint (default: [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// A deadline for calls that carry none (`grpc-timeout`); calls that carry one keep the
+    /// earlier of the two. Sent to the server as `grpc-timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// How long connecting to one endpoint may take (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 connections per endpoint, calls spread over them in turn (default 1; raise it
+    /// when one connection's concurrent-stream limit, often 100, is the bottleneck).
+    pub fn connections_per_endpoint(mut self, connections: usize) -> Self {
+        self.connections_per_endpoint = connections;
+        self
+    }
+
+    /// The gRPC status codes that count as the endpoint's failure in passive health and error
+    /// metrics (default: `UNKNOWN`, `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE`,
+    /// `DATA_LOSS`). Other codes describe the request, not the endpoint.
+    pub fn failure_codes(mut self, codes: &[Code]) -> Self {
+        self.failure_codes = FailureCodes::of(codes);
+        self
+    }
+
+    /// Validates the settings and builds the channel. Endpoint connections open on first use.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the setting (`grpc.*`, `retry.*`),
+    /// [`Error::InvalidServiceName`].
+    pub fn build(self) -> Result<BalancedChannel, Error> {
+        if let Some(error) = self.key_error {
+            return Err(error);
+        }
+        crate::registry::validate_service_name(&self.service)?;
+        self.retry.validate()?;
+        let bad = |field: &str, reason: &str| Error::InvalidConfig {
+            field: format!("grpc.{field}"),
+            reason: reason.to_owned(),
+        };
+        if !(1..=MAX_CONNECTIONS_PER_ENDPOINT).contains(&self.connections_per_endpoint) {
+            return Err(bad(
+                "connections_per_endpoint",
+                &format!("must be between 1 and {MAX_CONNECTIONS_PER_ENDPOINT}"),
+            ));
+        }
+        if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(300) {
+            return Err(bad("connect_timeout", "must be between 1 ns and 5 minutes"));
+        }
+        if let Some(timeout) = self.timeout {
+            if timeout.is_zero() || timeout > Duration::from_secs(100_000) {
+                return Err(bad("timeout", "must be between 1 ns and 100000 s"));
+            }
+        }
+        let channels = DataArc::new(EndpointChannels {
+            map: SnapshotCell::new(crate::sync::Arc::new(HashMap::new())),
+            create: Mutex::new(()),
+            connect_timeout: self.connect_timeout,
+            per_endpoint: self.connections_per_endpoint,
+        });
+        follow_releases(&self.lb, &self.service, &channels);
+        Ok(BalancedChannel {
+            inner: DataArc::new(Inner {
+                budget: self.retry.budget(),
+                lb: self.lb,
+                service: self.service,
+                key: self.key,
+                retry: self.retry,
+                timeout: self.timeout,
+                failure_codes: self.failure_codes,
+                channels,
+            }),
+        })
+    }
+}
+
+/// A balanced gRPC channel: give it to a generated tonic client
+/// (`GreeterClient::new(channel)`) and every call is routed by the balancer.
+///
+/// - **Routing**: the balancer's strategy (round robin, least connections, weighted, ...), or
+///   a key per call ([`affinity_header`](BalancedChannelBuilder::affinity_header),
+///   [`hash_header`](BalancedChannelBuilder::hash_header), or a custom extractor), over the
+///   current snapshot of the service: endpoints that are unhealthy, ejected or draining are
+///   not in it. Registry changes (added, removed, drained endpoints) apply to the next call,
+///   without rebuilding the client.
+/// - **Outcome**: the gRPC status (from the trailers, or a trailers-only answer) and the
+///   latency up to the end of the response are recorded on the endpoint: passive health,
+///   metrics, least-connections load.
+/// - **Failover**: a call that fails before reaching a server, or any failed call of an
+///   idempotent method, is retried on another endpoint per the [`RetryPolicy`] and its retry
+///   budget.
+/// - **Deadlines**: `grpc-timeout` (tonic's `Request::set_timeout`) or the channel's
+///   [`timeout`](BalancedChannelBuilder::timeout) bounds the call, retries included, and
+///   reaches the server; a call dropped by its caller releases its endpoint at once.
+///
+/// Cloning is cheap (one reference count); clones share connections and the retry budget.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use tai_loadbalancer::{BalancedChannel, Endpoint, IntegratedLoadBalancer, LoadBalancingStrategy,
+///     RetryPolicy, ServiceRegistry};
+///
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let registry = Arc::new(ServiceRegistry::new());
+/// registry.register("greeter", Endpoint::new("127.0.0.1:50051".parse()?, None)).await?;
+/// let lb = Arc::new(
+///     IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::LeastConnections, Default::default()).await?,
+/// );
+/// let channel = BalancedChannel::builder(lb, "greeter")
+///     .affinity_header("x-session-id")
+///     .retry(RetryPolicy::default().idempotent_method("/greeter.v1.Greeter/SayHello"))
+///     .build()?;
+/// // let mut client = GreeterClient::new(channel);
+/// # let _ = channel;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct BalancedChannel {
+    inner: DataArc<Inner>,
+}
+
+impl BalancedChannel {
+    /// A builder for a channel to `service` of `lb`.
+    pub fn builder(lb: DataArc<IntegratedLoadBalancer>, service: &str) -> BalancedChannelBuilder {
+        BalancedChannelBuilder {
+            lb,
+            service: service.to_owned(),
+            key: None,
+            key_error: None,
+            retry: RetryPolicy::default(),
+            timeout: None,
+            connect_timeout: Duration::from_secs(1),
+            connections_per_endpoint: 1,
+            failure_codes: FailureCodes::DEFAULT,
+        }
+    }
+
+    /// A channel to `service` of `lb` with the default settings.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidServiceName`].
+    pub fn new(lb: DataArc<IntegratedLoadBalancer>, service: &str) -> Result<Self, Error> {
+        Self::builder(lb, service).build()
+    }
+
+    /// The service this channel calls.
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The balancer this channel routes with.
+    pub fn balancer(&self) -> &IntegratedLoadBalancer {
+        &self.inner.lb
+    }
+
+    /// Endpoints that currently have connections open or opening through this channel.
+    pub fn connected_endpoints(&self) -> Vec<SocketAddr> {
+        let mut addresses: Vec<SocketAddr> = self.inner.channels.map.load().keys().copied().collect();
+        addresses.sort_unstable();
+        addresses
+    }
+}
+
+impl fmt::Debug for BalancedChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalancedChannel")
+            .field("service", &self.inner.service)
+            .field("key", &self.inner.key)
+            .field("retry", &self.inner.retry)
+            .field("timeout", &self.inner.timeout)
+            .finish()
+    }
+}
+
+impl Service<Request<Body>> for BalancedChannel {
+    type Response = Response<BalancedBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the endpoint is chosen per call, from endpoints that are up.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+        ResponseFuture(Box::pin(self.inner.clone().call(request)))
+    }
+}
+
+/// The response future of a [`BalancedChannel`] call.
+pub struct ResponseFuture(StdPin<Box<dyn Future<Output = Result<Response<BalancedBody>, BoxError>> + Send>>);
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<BalancedBody>, BoxError>;
+
+    fn poll(mut self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
+struct Inner {
+    lb: DataArc<IntegratedLoadBalancer>,
+    service: String,
+    key: Option<RequestKey>,
+    retry: RetryPolicy,
+    budget: RetryBudget,
+    timeout: Option<Duration>,
+    failure_codes: FailureCodes,
+    channels: DataArc<EndpointChannels>,
+}
+
+/// How an attempt ended, when the call may go on to another endpoint.
+enum Failed {
+    /// The endpoint's channel failed the call (transport error).
+    Error(BoxError),
+    /// A trailers-only `UNAVAILABLE` answer.
+    Unavailable(Response<Body>),
+}
+
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+impl Inner {
+    async fn call(self: DataArc<Self>, request: Request<Body>) -> Result<Response<BalancedBody>, BoxError> {
+        let (mut parts, body) = request.into_parts();
+        let started = Instant::now();
+        let header_timeout = parts
+            .headers
+            .get(&GRPC_TIMEOUT)
+            .and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let timeout = match (header_timeout, self.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = timeout.map(|t| started + t);
+        let key = self.key.as_ref().and_then(|k| k.extract(&parts));
+        let route = match (&key, self.key.as_ref().map(|k| k.mode)) {
+            (Some(key), Some(KeyMode::Affinity)) => Route::Affinity(key),
+            (Some(key), Some(KeyMode::Hash)) => Route::Hash(hash_key(key)),
+            _ => Route::Strategy,
+        };
+        let idempotent =
+            parts.extensions.get::<Idempotent>().is_some() || self.retry.is_idempotent(parts.uri.path());
+        self.budget.deposit();
+        let mut replay = Replay::read(body, self.retry.max_replay_bytes).await?;
+
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last: Option<Failed> = None;
+        for attempt in 1..=self.retry.max_attempts {
+            let pick = match self.lb.pick_route(&self.service, route, &tried) {
+                Ok(pick) => pick,
+                Err(error) => return last.map_or_else(|| Err(no_endpoint(&error)), finish_failed),
+            };
+            let Some(body) = replay.next_body() else {
+                break; // a partial body cannot be sent twice (not reached: retries check)
+            };
+            if let Some(deadline) = deadline {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    drop(pick);
+                    return Err(deadline_exceeded(timeout));
+                }
+                if let Ok(value) = HeaderValue::from_str(&format_grpc_timeout(remaining)) {
+                    parts.headers.insert(GRPC_TIMEOUT.clone(), value);
+                }
+            }
+            let request = Request::from_parts(parts.clone(), body);
+            let channel = self.channels.channel(pick.endpoint());
+            let attempt_started = Instant::now();
+            let sent = send(channel, request);
+            let result = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, sent).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        let latency = attempt_started.elapsed();
+                        pick.record(self.failure_codes.outcome(Code::DeadlineExceeded), Some(latency));
+                        return Err(deadline_exceeded(timeout));
+                    }
+                },
+                None => sent.await,
+            };
+            let may_retry = |before_server: bool| {
+                attempt < self.retry.max_attempts
+                    && (before_server || idempotent)
+                    && replay.is_replayable()
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                    && self.budget.withdraw()
+            };
+            match result {
+                Ok(response) => {
+                    let latency = attempt_started.elapsed();
+                    match grpc_status(response.headers()) {
+                        // Trailers-only: the call is over.
+                        Some(Code::Cancelled | Code::DeadlineExceeded)
+                            if deadline.is_some_and(|d| Instant::now() >= d) =>
+                        {
+                            // The server's timer (set from our grpc-timeout) won the race
+                            // with ours; tonic servers answer CANCELLED. It is our deadline.
+                            pick.record(self.failure_codes.outcome(Code::DeadlineExceeded), Some(latency));
+                            return Err(deadline_exceeded(timeout));
+                        }
+                        Some(code) => {
+                            let address = pick.address();
+                            pick.record(self.failure_codes.outcome(code), Some(latency));
+                            if code == Code::Unavailable && may_retry(true) {
+                                tracing::debug!(service = %self.service, endpoint = %address, attempt, "UNAVAILABLE, retrying on another endpoint");
+                                tried.push(address);
+                                last = Some(Failed::Unavailable(response));
+                                continue;
+                            }
+                            return Ok(response.map(|b| BalancedBody::new(b, None)));
+                        }
+                        None => {
+                            let recorder = Recorder {
+                                pick,
+                                started: attempt_started,
+                                failure_codes: self.failure_codes,
+                            };
+                            return Ok(response.map(|b| BalancedBody::new(b, Some(recorder))));
+                        }
+                    }
+                }
+                Err(error) if timed_out(&*error) => {
+                    // The endpoint channel's own grpc-timeout timer fired first (it races
+                    // ours): the caller sees the same DEADLINE_EXCEEDED either way.
+                    let latency = attempt_started.elapsed();
+                    pick.record(self.failure_codes.outcome(Code::DeadlineExceeded), Some(latency));
+                    return Err(deadline_exceeded(timeout));
+                }
+                Err(error) => {
+                    let address = pick.address();
+                    let before_server = never_reached_server(&*error);
+                    pick.record(Outcome::Failure, None);
+                    if may_retry(before_server) {
+                        tracing::debug!(service = %self.service, endpoint = %address, attempt, before_server, %error, "call failed, retrying on another endpoint");
+                        tried.push(address);
+                        last = Some(Failed::Error(error));
+                        continue;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        last.map_or_else(|| Err(no_endpoint(&Error::Stopped)), finish_failed)
+    }
+}
+
+fn finish_failed(failed: Failed) -> Result<Response<BalancedBody>, BoxError> {
+    match failed {
+        Failed::Error(error) => Err(error),
+        Failed::Unavailable(response) => Ok(response.map(|b| BalancedBody::new(b, None))),
+    }
+}
+
+fn no_endpoint(error: &Error) -> BoxError {
+    Box::new(tonic::Status::unavailable(error.to_string()))
+}
+
+fn deadline_exceeded(timeout: Option<Duration>) -> BoxError {
+    let timeout = timeout.unwrap_or_default();
+    Box::new(tonic::Status::deadline_exceeded(format!(
+        "deadline of {timeout:?} exceeded (tai-loadbalancer)"
+    )))
+}
+
+async fn send(mut channel: Channel, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+    channel.ready().await?;
+    Ok(channel.call(request).await?)
+}
+
+/// Whether a transport error proves the request never reached a server: the connection
+/// could not be made (tonic's `ConnectError`), or hyper gave up before sending it.
+/// Whether `error` is tonic's deadline timer (`TimeoutExpired`) anywhere in its chain.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+fn never_reached_server(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_canceled() {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The endpoints' tonic channels, created on first use.
+struct EndpointChannels {
+    map: SnapshotCell<HashMap<SocketAddr, crate::sync::Arc<Connections>>>,
+    create: Mutex<()>,
+    connect_timeout: Duration,
+    per_endpoint: usize,
+}
+
+/// One endpoint's connections.
+struct Connections {
+    channels: Box<[Channel]>,
+    next: AtomicUsize,
+}
+
+impl Connections {
+    fn next(&self) -> Channel {
+        let i = if self.channels.len() == 1 {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()
+        };
+        self.channels[i].clone()
+    }
+}
+
+impl EndpointChannels {
+    fn channel(&self, endpoint: &Endpoint) -> Channel {
+        if let Some(connections) = self.map.load().get(&endpoint.address) {
+            return connections.next();
+        }
+        let _creating = self.create.lock();
+        let map = self.map.load_full();
+        if let Some(connections) = map.get(&endpoint.address) {
+            return connections.next();
+        }
+        let channels: Box<[Channel]> = (0..self.per_endpoint)
+            .map(|_| self.connect(endpoint.address))
+            .collect();
+        let connections = crate::sync::Arc::new(Connections {
+            channels,
+            next: AtomicUsize::new(0),
+        });
+        let channel = connections.next();
+        let mut map = HashMap::clone(&map);
+        map.insert(endpoint.address, connections);
+        self.map.store(crate::sync::Arc::new(map));
+        channel
+    }
+
+    fn connect(&self, address: SocketAddr) -> Channel {
+        let uri = http::Uri::builder()
+            .scheme("http")
+            .authority(address.to_string())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default();
+        tonic::transport::Endpoint::from(uri)
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy()
+    }
+
+    fn remove(&self, address: SocketAddr) {
+        let _creating = self.create.lock();
+        let map = self.map.load_full();
+        if map.contains_key(&address) {
+            let mut map = HashMap::clone(&map);
+            map.remove(&address);
+            self.map.store(crate::sync::Arc::new(map));
+        }
+    }
+}
+
+/// Drops an endpoint's channel once the balancer has released it from `service`.
+fn follow_releases(lb: &IntegratedLoadBalancer, service: &str, channels: &DataArc<EndpointChannels>) {
+    let weak: DataWeak<EndpointChannels> = DataArc::downgrade(channels);
+    let service = service.to_owned();
+    lb.subscribe_control(Box::new(move |event: &ControlEvent| {
+        let Some(channels) = weak.upgrade() else {
+            return false;
+        };
+        if let ControlEvent::Released {
+            service: released_from,
+            released,
+        } = event
+        {
+            if *released_from == service {
+                channels.remove(released.address);
+            }
+        }
+        true
+    }));
+}
