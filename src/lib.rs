@@ -21,6 +21,8 @@ mod affinity;
 mod balancer;
 mod config;
 mod control;
+#[cfg(feature = "runtime")]
+mod discovery;
 pub mod docs;
 mod endpoint;
 mod error;
@@ -47,6 +49,8 @@ pub use config::{
     ConsistentHashConfig, ControlPlaneConfig, LoadBalancerConfig, MAX_HASH_SLOTS, MIN_HASH_SLOTS,
     ServiceConfig,
 };
+#[cfg(feature = "runtime")]
+pub use discovery::{Discovery, DiscoveryRunner, DiscoverySink, MembershipUpdate, SourceHealth, SourceStats};
 pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
 pub use error::Error;
 #[cfg(feature = "metrics")]

@@ -224,6 +224,94 @@ impl ServiceRegistry {
         Ok(())
     }
 
+    /// Makes `endpoints` the whole membership of `service`, as one change (one version, one
+    /// table rebuild per balancer): addresses not listed are removed, listed ones are added
+    /// or have their metadata replaced. The service is created if needed; an empty list
+    /// leaves it registered with no endpoints. This is how a discovery source publishes a
+    /// full snapshot.
+    ///
+    /// # Errors
+    ///
+    /// As [`register_batch`](Self::register_batch); a rejected call changes nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tai_loadbalancer::{Endpoint, ServiceRegistry};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let registry = ServiceRegistry::new();
+    /// registry.register("api", Endpoint::new("127.0.0.1:5001".parse()?, None)).await?;
+    /// registry
+    ///     .replace("api", vec![Endpoint::new("127.0.0.1:5002".parse()?, None)])
+    ///     .await?;
+    /// let addresses: Vec<_> = registry.endpoints("api").await?.iter().map(|e| e.address).collect();
+    /// assert_eq!(addresses, ["127.0.0.1:5002".parse()?]);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn replace(&self, service: impl Into<String>, endpoints: Vec<Endpoint>) -> Result<(), Error> {
+        let service = service.into();
+        validate_service_name(&service)?;
+        let wanted = validated_batch(&service, endpoints)?;
+        let delivery = self.change_or_create(&service, |record| {
+            if record.endpoints == wanted {
+                return Ok(false);
+            }
+            record.endpoints = wanted;
+            Ok(true)
+        })?;
+        delivery.complete().await;
+        Ok(())
+    }
+
+    /// Applies incremental changes to `service` as one change: `upserts` are added or have
+    /// their metadata replaced, then `removals` are removed (addresses not present are
+    /// ignored, so replaying a change is harmless). The service is created if needed.
+    ///
+    /// # Errors
+    ///
+    /// As [`register_batch`](Self::register_batch); a rejected call changes nothing.
+    pub async fn update(
+        &self,
+        service: impl Into<String>,
+        upserts: Vec<Endpoint>,
+        removals: &[SocketAddr],
+    ) -> Result<(), Error> {
+        let service = service.into();
+        validate_service_name(&service)?;
+        let upserts = validated_batch(&service, upserts)?;
+        let delivery = self.change_or_create(&service, |record| {
+            let mut changed = false;
+            for (address, endpoint) in upserts {
+                if record.endpoints.get(&address) != Some(&endpoint) {
+                    record.endpoints.insert(address, endpoint);
+                    changed = true;
+                }
+            }
+            for address in removals {
+                changed |= record.endpoints.remove(address).is_some();
+            }
+            Ok(changed)
+        })?;
+        delivery.complete().await;
+        Ok(())
+    }
+
+    /// As [`change`](Self::change) with `create`, except that a service created by this call
+    /// stays registered even when it ends up empty.
+    fn change_or_create(
+        &self,
+        service: &str,
+        f: impl FnOnce(&mut ServiceRecord) -> Result<bool, Error>,
+    ) -> Result<Delivery, Error> {
+        self.change(service, true, |record| {
+            // A stored record has a version: it was inserted by an applied change.
+            let created = record.version == 0;
+            Ok(f(record)? || created)
+        })
+    }
+
     /// Removes the endpoint with `endpoint.address` from `service` (its metadata is not
     /// compared). The service stays registered, possibly with no endpoints.
     ///
@@ -365,6 +453,22 @@ impl ServiceRegistry {
         }
         delivery.complete()
     }
+}
+
+/// Validates `endpoints` for one batch of `service`: each endpoint, and no address twice.
+fn validated_batch(service: &str, endpoints: Vec<Endpoint>) -> Result<BTreeMap<SocketAddr, Endpoint>, Error> {
+    let mut batch = BTreeMap::new();
+    for endpoint in endpoints {
+        endpoint.validate()?;
+        let address = endpoint.address;
+        if batch.insert(address, endpoint).is_some() {
+            return Err(Error::DuplicateEndpoint {
+                service: DataArc::from(service),
+                address,
+            });
+        }
+    }
+    Ok(batch)
 }
 
 impl MembershipSource for ServiceRegistry {

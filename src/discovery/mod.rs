@@ -1,0 +1,479 @@
+//! Service discovery: sources of membership feeding a [`ServiceRegistry`].
+//!
+//! This module owns the [`Discovery`] trait (a source of membership changes: a file, DNS,
+//! etcd, your own), the [`DiscoverySink`] a source publishes into, and the
+//! [`DiscoveryRunner`] that runs sources on tokio tasks and applies what they publish to one
+//! registry, so every balancer attached to that registry follows them.
+//!
+//! # Invariants
+//!
+//! * **One owner per service**: the first source to publish a service owns it; updates for
+//!   it from any other source are skipped (counted in [`SourceStats::conflicts`], logged).
+//!   Sources compose by owning different services (static + DNS + etcd side by side).
+//! * **Coalescing**: publishing never waits on the registry. Updates queue per service and
+//!   merge (a snapshot replaces what was queued, changes fold into it); the runner applies
+//!   each service's queue as one registry change (one version, one table rebuild per
+//!   balancer), so a burst of thousands of changes costs a few rebuilds.
+//! * **Nothing lost, nothing invented**: a source that fails keeps its last membership in the
+//!   registry (a degraded source never empties a service); only what a source publishes
+//!   changes membership; an update the registry rejects (an invalid endpoint) leaves the
+//!   service as it was and is counted in [`SourceStats::rejected`].
+#![deny(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::endpoint::Endpoint;
+use crate::registry::ServiceRegistry;
+use crate::sync::{DataArc, Mutex};
+
+/// One change of membership published by a source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MembershipUpdate {
+    /// The whole membership of `service` (endpoints not listed are removed).
+    Snapshot {
+        /// The service.
+        service: String,
+        /// Its endpoints.
+        endpoints: Vec<Endpoint>,
+    },
+    /// Incremental changes to `service`.
+    Changes {
+        /// The service.
+        service: String,
+        /// Endpoints added, or whose metadata changed.
+        upserts: Vec<Endpoint>,
+        /// Addresses removed.
+        removals: Vec<SocketAddr>,
+    },
+}
+
+impl MembershipUpdate {
+    /// The service this update is about.
+    pub fn service(&self) -> &str {
+        match self {
+            Self::Snapshot { service, .. } | Self::Changes { service, .. } => service,
+        }
+    }
+}
+
+/// The health of a source, as the source reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SourceHealth {
+    /// Not yet connected or loaded.
+    #[default]
+    Starting,
+    /// Connected and up to date.
+    Healthy,
+    /// Unreachable or failing: its services keep their last membership.
+    Degraded {
+        /// Why, for operators.
+        reason: String,
+    },
+    /// The source ended (its task returned).
+    Stopped,
+}
+
+/// Counters and state of one source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceStats {
+    /// The source's name.
+    pub name: String,
+    /// Its current health.
+    pub health: SourceHealth,
+    /// Updates published by the source.
+    pub updates: u64,
+    /// Registry changes made from them (after coalescing).
+    pub applied: u64,
+    /// Records the source skipped as malformed.
+    pub malformed: u64,
+    /// Updates the registry rejected (invalid endpoints).
+    pub rejected: u64,
+    /// Updates skipped because another source owns the service.
+    pub conflicts: u64,
+    /// Times the source went from healthy (or starting) to degraded.
+    pub degradations: u64,
+    /// The last error the source reported, if any.
+    pub last_error: Option<String>,
+}
+
+/// A source of membership: runs until its sink is closed, publishing what it learns.
+///
+/// Implementations retry their own failures (with backoff) and report them through
+/// [`DiscoverySink::set_health`]; they never publish an empty membership because they could
+/// not reach their store. They validate records themselves ([`Endpoint::validate`]) and
+/// skip malformed ones through [`DiscoverySink::record_malformed`], so the rest of an update
+/// applies: the registry rejects an update with an invalid endpoint as a whole.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::{Discovery, DiscoveryRunner, DiscoverySink, Endpoint, MembershipUpdate, ServiceRegistry, SourceHealth};
+/// use std::sync::Arc;
+///
+/// struct Fixed(Vec<Endpoint>);
+///
+/// #[async_trait::async_trait]
+/// impl Discovery for Fixed {
+///     fn name(&self) -> String {
+///         "fixed".into()
+///     }
+///     async fn run(self: Box<Self>, sink: DiscoverySink) {
+///         sink.publish(MembershipUpdate::Snapshot { service: "api".into(), endpoints: self.0 });
+///         sink.set_health(SourceHealth::Healthy);
+///         sink.closed().await;
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let registry = Arc::new(ServiceRegistry::new());
+/// let runner = DiscoveryRunner::new(registry.clone());
+/// runner.spawn(Fixed(vec![Endpoint::new("127.0.0.1:5001".parse()?, None)]));
+/// runner.synced().await;
+/// assert_eq!(registry.endpoints("api").await?.len(), 1);
+/// runner.shutdown().await;
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[async_trait::async_trait]
+pub trait Discovery: Send + 'static {
+    /// A name for logs and metrics, e.g. `file:/etc/lb/services.toml` or `etcd:/services/`.
+    fn name(&self) -> String;
+
+    /// Runs the source: publishes into `sink` until [`DiscoverySink::closed`] resolves.
+    async fn run(self: Box<Self>, sink: DiscoverySink);
+}
+
+/// What a source publishes into. Cheap to clone; publishing never blocks.
+#[derive(Clone)]
+pub struct DiscoverySink {
+    source: usize,
+    inner: DataArc<RunnerInner>,
+}
+
+impl DiscoverySink {
+    /// Queues `update` for the registry (merged with what is queued for its service).
+    pub fn publish(&self, update: MembershipUpdate) {
+        {
+            let mut state = self.inner.state.lock();
+            if state.closed {
+                return;
+            }
+            state.sources[self.source].stats.updates += 1;
+            let service = update.service().to_owned();
+            match state.owners.get(&service) {
+                Some(&owner) if owner != self.source => {
+                    let owner_name = state.sources[owner].stats.name.clone();
+                    let stats = &mut state.sources[self.source].stats;
+                    stats.conflicts += 1;
+                    tracing::warn!(source = %stats.name, %service, owner = %owner_name,
+                        "discovery update skipped: another source owns this service");
+                    return;
+                }
+                Some(_) => {}
+                None => {
+                    state.owners.insert(service.clone(), self.source);
+                }
+            }
+            let pending = state.pending.remove(&service);
+            let merged = Pending::merge(pending, update);
+            state.pending.insert(service, merged);
+            state.queued_updates += 1;
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Reports the source's health; a change to degraded is logged and counted.
+    pub fn set_health(&self, health: SourceHealth) {
+        let mut state = self.inner.state.lock();
+        let stats = &mut state.sources[self.source].stats;
+        if stats.health == health {
+            return;
+        }
+        match &health {
+            SourceHealth::Degraded { reason } => {
+                stats.degradations += 1;
+                stats.last_error = Some(reason.clone());
+                tracing::warn!(source = %stats.name, %reason, "discovery source degraded: keeping the last membership");
+            }
+            SourceHealth::Healthy => {
+                tracing::info!(source = %stats.name, "discovery source healthy");
+            }
+            _ => {}
+        }
+        stats.health = health;
+    }
+
+    /// Counts a record the source skipped as malformed (and logs `reason`).
+    pub fn record_malformed(&self, reason: &str) {
+        let mut state = self.inner.state.lock();
+        let stats = &mut state.sources[self.source].stats;
+        stats.malformed += 1;
+        tracing::warn!(source = %stats.name, %reason, "discovery record skipped as malformed");
+    }
+
+    /// Whether the runner was shut down (the source should return).
+    pub fn is_closed(&self) -> bool {
+        self.inner.state.lock().closed
+    }
+
+    /// Resolves when the runner is shut down.
+    pub async fn closed(&self) {
+        let mut closed = self.inner.closed.subscribe();
+        // `wait_for` checks the current value first: no shutdown is missed.
+        let _ = closed.wait_for(|closed| *closed).await;
+    }
+}
+
+impl fmt::Debug for DiscoverySink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiscoverySink")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// What is queued for one service: a full membership, or changes since the registry's.
+#[derive(Debug)]
+enum Pending {
+    Snapshot(BTreeMap<SocketAddr, Endpoint>),
+    Changes {
+        upserts: BTreeMap<SocketAddr, Endpoint>,
+        removals: std::collections::BTreeSet<SocketAddr>,
+    },
+}
+
+impl Pending {
+    fn merge(pending: Option<Self>, update: MembershipUpdate) -> Self {
+        match update {
+            // A later snapshot makes whatever was queued irrelevant. (A duplicate address
+            // in one snapshot: the last one wins here, as a map; the registry never sees it.)
+            MembershipUpdate::Snapshot { endpoints, .. } => {
+                Self::Snapshot(endpoints.into_iter().map(|e| (e.address, e)).collect())
+            }
+            MembershipUpdate::Changes {
+                upserts, removals, ..
+            } => {
+                let mut pending = pending.unwrap_or(Self::Changes {
+                    upserts: BTreeMap::new(),
+                    removals: Default::default(),
+                });
+                match &mut pending {
+                    Self::Snapshot(members) => {
+                        for endpoint in upserts {
+                            members.insert(endpoint.address, endpoint);
+                        }
+                        for address in removals {
+                            members.remove(&address);
+                        }
+                    }
+                    Self::Changes {
+                        upserts: queued,
+                        removals: removed,
+                    } => {
+                        for endpoint in upserts {
+                            removed.remove(&endpoint.address);
+                            queued.insert(endpoint.address, endpoint);
+                        }
+                        for address in removals {
+                            queued.remove(&address);
+                            removed.insert(address);
+                        }
+                    }
+                }
+                pending
+            }
+        }
+    }
+}
+
+struct SourceSlot {
+    stats: SourceStats,
+}
+
+#[derive(Default)]
+struct RunnerState {
+    sources: Vec<SourceSlot>,
+    owners: BTreeMap<String, usize>,
+    pending: BTreeMap<String, Pending>,
+    /// Updates published (accepted into `pending`) so far.
+    queued_updates: u64,
+    /// Registry writes made (one per service per round, after coalescing).
+    registry_writes: u64,
+    closed: bool,
+}
+
+struct RunnerInner {
+    registry: DataArc<ServiceRegistry>,
+    state: Mutex<RunnerState>,
+    wake: tokio::sync::Notify,
+    closed: tokio::sync::watch::Sender<bool>,
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+/// Runs [`Discovery`] sources and applies what they publish to a [`ServiceRegistry`].
+///
+/// Needs a tokio runtime (sources and the applier run as tasks on the current one). See
+/// [`Discovery`] for an example.
+pub struct DiscoveryRunner {
+    inner: DataArc<RunnerInner>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl DiscoveryRunner {
+    /// A runner feeding `registry`; starts its applier task on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn`).
+    pub fn new(registry: DataArc<ServiceRegistry>) -> Self {
+        let inner = DataArc::new(RunnerInner {
+            registry,
+            state: Mutex::new(RunnerState::default()),
+            wake: tokio::sync::Notify::new(),
+            closed: tokio::sync::watch::channel(false).0,
+            applied: tokio::sync::watch::channel(0).0,
+        });
+        let applier = tokio::spawn(apply_loop(inner.clone()));
+        Self {
+            inner,
+            tasks: Mutex::new(vec![applier]),
+        }
+    }
+
+    /// Starts `source` on its own task.
+    pub fn spawn(&self, source: impl Discovery) {
+        self.spawn_boxed(Box::new(source));
+    }
+
+    /// Starts a boxed source on its own task.
+    pub fn spawn_boxed(&self, source: Box<dyn Discovery>) {
+        let name = source.name();
+        let index = {
+            let mut state = self.inner.state.lock();
+            state.sources.push(SourceSlot {
+                stats: SourceStats {
+                    name: name.clone(),
+                    ..Default::default()
+                },
+            });
+            state.sources.len() - 1
+        };
+        let sink = DiscoverySink {
+            source: index,
+            inner: self.inner.clone(),
+        };
+        let task = tokio::spawn(async move {
+            source.run(sink.clone()).await;
+            sink.set_health(SourceHealth::Stopped);
+        });
+        self.tasks.lock().push(task);
+    }
+
+    /// Every source's counters and health, in spawn order.
+    pub fn stats(&self) -> Vec<SourceStats> {
+        self.inner
+            .state
+            .lock()
+            .sources
+            .iter()
+            .map(|s| s.stats.clone())
+            .collect()
+    }
+
+    /// Registry writes made so far, after coalescing: an upper bound on the table rebuilds
+    /// discovery caused in each attached balancer (a write that changes nothing rebuilds
+    /// nothing).
+    pub fn registry_writes(&self) -> u64 {
+        self.inner.state.lock().registry_writes
+    }
+
+    /// Resolves once every update published before this call is in the registry (and so in
+    /// every attached balancer's routing).
+    pub async fn synced(&self) {
+        let target = self.inner.state.lock().queued_updates;
+        let mut applied = self.inner.applied.subscribe();
+        let _ = applied.wait_for(|applied| *applied >= target).await;
+    }
+
+    /// Stops every source and the applier; what is in the registry stays.
+    pub async fn shutdown(&self) {
+        self.inner.state.lock().closed = true;
+        self.inner.closed.send_replace(true);
+        self.inner.wake.notify_one();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for DiscoveryRunner {
+    fn drop(&mut self) {
+        self.inner.state.lock().closed = true;
+        self.inner.closed.send_replace(true);
+        self.inner.wake.notify_one();
+    }
+}
+
+impl fmt::Debug for DiscoveryRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiscoveryRunner")
+            .field("sources", &self.stats())
+            .finish()
+    }
+}
+
+/// Takes everything queued and applies it, one registry change per service, until closed.
+async fn apply_loop(inner: DataArc<RunnerInner>) {
+    loop {
+        let (batch, queued) = {
+            let mut state = inner.state.lock();
+            if state.closed && state.pending.is_empty() {
+                return;
+            }
+            (std::mem::take(&mut state.pending), state.queued_updates)
+        };
+        if batch.is_empty() {
+            inner.wake.notified().await;
+            continue;
+        }
+        for (service, pending) in batch {
+            let result = match pending {
+                Pending::Snapshot(members) => {
+                    inner
+                        .registry
+                        .replace(service.as_str(), members.into_values().collect())
+                        .await
+                }
+                Pending::Changes { upserts, removals } => {
+                    let removals: Vec<_> = removals.into_iter().collect();
+                    inner
+                        .registry
+                        .update(service.as_str(), upserts.into_values().collect(), &removals)
+                        .await
+                }
+            };
+            let mut state = inner.state.lock();
+            let owner = state.owners.get(&service).copied();
+            state.registry_writes += 1;
+            match result {
+                Ok(()) => {
+                    if let Some(owner) = owner {
+                        state.sources[owner].stats.applied += 1;
+                    }
+                }
+                Err(error) => {
+                    if let Some(owner) = owner {
+                        let stats = &mut state.sources[owner].stats;
+                        stats.rejected += 1;
+                        stats.last_error = Some(error.to_string());
+                        tracing::warn!(source = %stats.name, %service, %error, "discovery update rejected by the registry");
+                    }
+                }
+            }
+        }
+        inner.applied.send_replace(queued);
+    }
+}
