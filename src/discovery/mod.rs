@@ -104,7 +104,9 @@ pub struct SourceStats {
 /// [`DiscoverySink::set_health`]; they never publish an empty membership because they could
 /// not reach their store. They validate records themselves ([`Endpoint::validate`]) and
 /// skip malformed ones through [`DiscoverySink::record_malformed`], so the rest of an update
-/// applies: the registry rejects an update with an invalid endpoint as a whole.
+/// applies: the registry rejects an update with an invalid endpoint as a whole. A source
+/// reports [`SourceHealth::Healthy`] (or `Degraded`) once its first load is published:
+/// [`DiscoveryRunner::synced`] waits for that.
 ///
 /// # Examples
 ///
@@ -203,6 +205,8 @@ impl DiscoverySink {
             _ => {}
         }
         stats.health = health;
+        drop(state);
+        self.inner.progress.send_modify(|p| *p += 1);
     }
 
     /// Counts a record the source skipped as malformed (and logs `reason`).
@@ -297,8 +301,9 @@ struct RunnerState {
     sources: Vec<SourceSlot>,
     owners: BTreeMap<String, usize>,
     pending: BTreeMap<String, Pending>,
-    /// Updates published (accepted into `pending`) so far.
+    /// Updates published (accepted into `pending`) so far, and applied so far.
     queued_updates: u64,
+    applied_updates: u64,
     /// Registry writes made (one per service per round, after coalescing).
     registry_writes: u64,
     closed: bool,
@@ -309,7 +314,8 @@ struct RunnerInner {
     state: Mutex<RunnerState>,
     wake: tokio::sync::Notify,
     closed: tokio::sync::watch::Sender<bool>,
-    applied: tokio::sync::watch::Sender<u64>,
+    /// Bumped whenever a source's health changes or a round of updates is applied.
+    progress: tokio::sync::watch::Sender<u64>,
 }
 
 /// Runs [`Discovery`] sources and applies what they publish to a [`ServiceRegistry`].
@@ -333,7 +339,7 @@ impl DiscoveryRunner {
             state: Mutex::new(RunnerState::default()),
             wake: tokio::sync::Notify::new(),
             closed: tokio::sync::watch::channel(false).0,
-            applied: tokio::sync::watch::channel(0).0,
+            progress: tokio::sync::watch::channel(0).0,
         });
         let applier = tokio::spawn(apply_loop(inner.clone()));
         Self {
@@ -389,12 +395,27 @@ impl DiscoveryRunner {
         self.inner.state.lock().registry_writes
     }
 
-    /// Resolves once every update published before this call is in the registry (and so in
-    /// every attached balancer's routing).
+    /// Resolves once every source has finished its first load (reported anything but
+    /// [`SourceHealth::Starting`]) and everything published so far is in the registry (and so
+    /// in every attached balancer's routing).
     pub async fn synced(&self) {
-        let target = self.inner.state.lock().queued_updates;
-        let mut applied = self.inner.applied.subscribe();
-        let _ = applied.wait_for(|applied| *applied >= target).await;
+        let mut progress = self.inner.progress.subscribe();
+        loop {
+            progress.borrow_and_update();
+            {
+                let state = self.inner.state.lock();
+                let started = state
+                    .sources
+                    .iter()
+                    .all(|s| s.stats.health != SourceHealth::Starting);
+                if state.closed || (started && state.applied_updates >= state.queued_updates) {
+                    return;
+                }
+            }
+            if progress.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Stops every source and the applier; what is in the registry stays.
@@ -474,6 +495,7 @@ async fn apply_loop(inner: DataArc<RunnerInner>) {
                 }
             }
         }
-        inner.applied.send_replace(queued);
+        inner.state.lock().applied_updates = queued;
+        inner.progress.send_modify(|p| *p += 1);
     }
 }
