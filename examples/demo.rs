@@ -454,7 +454,9 @@ async fn main() -> Result<(), BoxError> {
         "  {:<4} {:<17} {:>9} {:>8} {:>9} {:>9}  {:<10}",
         "", "address", "requests", "errors", "p50", "p99", "health"
     );
-    for endpoint in &service.endpoints {
+    let mut rows: Vec<_> = service.endpoints.iter().collect();
+    rows.sort_by_key(|e| name_of(e.address));
+    for endpoint in rows {
         let percentile = |p: f64| {
             endpoint
                 .latency
@@ -478,7 +480,7 @@ async fn main() -> Result<(), BoxError> {
         println!("  {line}");
     }
 
-    let latencies = latencies.lock().unwrap();
+    let latencies = latencies.lock().unwrap().clone();
     let ok = view.ok.load(Ordering::Relaxed);
     let failed = view.failed.load(Ordering::Relaxed);
     let attempts: u64 = service.endpoints.iter().map(|e| e.selections).sum();

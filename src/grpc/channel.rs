@@ -284,23 +284,28 @@ impl BalancedChannelBuilder {
 ///
 /// # Examples
 ///
-/// ```no_run
+/// ```
 /// use std::sync::Arc;
+/// use tai_lb_greeter::{GreeterClient, GreeterServer, HelloRequest};
 /// use tai_loadbalancer::{BalancedChannel, Endpoint, IntegratedLoadBalancer, LoadBalancingStrategy,
 ///     RetryPolicy, ServiceRegistry};
 ///
-/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = GreeterServer::start("s0")?; // a real gRPC server on 127.0.0.1
 /// let registry = Arc::new(ServiceRegistry::new());
-/// registry.register("greeter", Endpoint::new("127.0.0.1:50051".parse()?, None)).await?;
+/// registry.register("greeter", Endpoint::new(server.address(), None)).await?;
 /// let lb = Arc::new(
 ///     IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::LeastConnections, Default::default()).await?,
 /// );
-/// let channel = BalancedChannel::builder(lb, "greeter")
+/// let channel = BalancedChannel::builder(lb.clone(), "greeter")
 ///     .affinity_header("x-session-id")
 ///     .retry(RetryPolicy::default().idempotent_method("/greeter.v1.Greeter/SayHello"))
 ///     .build()?;
-/// // let mut client = GreeterClient::new(channel);
-/// # let _ = channel;
+/// let mut client = GreeterClient::new(channel);
+/// let reply = client.say_hello(HelloRequest { name: "ada".into(), ..Default::default() }).await?;
+/// assert_eq!(reply.into_inner().server, "s0");
+/// assert_eq!(lb.in_flight("greeter", server.address()), Some(0));
 /// # Ok(())
 /// # }
 /// ```
