@@ -5,8 +5,8 @@
 //!
 //! * `grpc_unary/1_caller/*`: one caller, one call at a time: the latency of a unary RPC
 //!   (criterion's median), the balancer's overhead included.
-//! * `grpc_unary/64_callers/*`: 64 concurrent callers sharing the client: time per call,
-//!   so throughput is its inverse.
+//! * `grpc_unary/64_callers/*`: 64 concurrent callers sharing the client; one iteration is
+//!   one call by each caller, and criterion's `thrpt` is calls per second.
 //!
 //! After criterion, a fixed run per client and concurrency prints p50/p99 call latency
 //! (hdrhistogram) and calls per second.
@@ -146,21 +146,24 @@ fn bench(c: &mut Criterion) {
     let clients = rt.block_on(clients());
 
     let mut group = c.benchmark_group("grpc_unary");
-    group.throughput(Throughput::Elements(1));
     for callers in [1, CALLERS] {
+        // One iteration = one call by each caller, so the time is per round of `callers`
+        // concurrent calls and criterion's throughput is calls per second.
+        group.throughput(Throughput::Elements(callers as u64));
+        let calls = |iters: u64| iters * callers as u64;
         let label = if callers == 1 {
             "1_caller".to_owned()
         } else {
             format!("{callers}_callers")
         };
         group.bench_function(format!("{label}/tai_balanced_channel"), |b| {
-            b.iter_custom(|iters| rt.block_on(run(&clients.ours, callers, iters, None)));
+            b.iter_custom(|iters| rt.block_on(run(&clients.ours, callers, calls(iters), None)));
         });
         group.bench_function(format!("{label}/tonic_balance_list"), |b| {
-            b.iter_custom(|iters| rt.block_on(run(&clients.tonic, callers, iters, None)));
+            b.iter_custom(|iters| rt.block_on(run(&clients.tonic, callers, calls(iters), None)));
         });
         group.bench_function(format!("{label}/direct_single_channel"), |b| {
-            b.iter_custom(|iters| rt.block_on(run(&clients.direct, callers, iters, None)));
+            b.iter_custom(|iters| rt.block_on(run(&clients.direct, callers, calls(iters), None)));
         });
     }
     group.finish();

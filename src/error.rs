@@ -240,6 +240,16 @@ pub enum Error {
         /// The operating system's reason.
         message: String,
     },
+
+    /// An etcd call failed (unreachable, timed out, or refused): registering or
+    /// deregistering an instance (`EtcdRegistration`, feature `etcd`).
+    #[error("etcd {operation} failed: {reason}")]
+    Etcd {
+        /// What was being done (`register`, `deregister`).
+        operation: &'static str,
+        /// The client's error, or the timeout.
+        reason: String,
+    },
 }
 
 fn location(line: Option<usize>, column: Option<usize>) -> String {

@@ -7,6 +7,7 @@
 //! | [`endpoint`](crate::Endpoint), `registry` | membership: what exists (control-plane state) |
 //! | `table`, `pick`, `balancer` | the read path: snapshots, strategies, [`Pick`] guards |
 //! | `control` | the write path: command queue, coalescing, rebuild and publish |
+//! | `discovery` | sources of membership (`FileDiscovery`, `DnsDiscovery`, `EtcdDiscovery`, your own `Discovery`) feeding a registry through a `DiscoveryRunner` (feature `runtime`) |
 //! | `config`, `stats`, `error` | configuration, counters snapshot, errors |
 //! | `sync` | the one door to atomics, `Arc`, locks, threads and entropy (loom-swappable) |
 #![doc(test(attr(deny(warnings))))]
@@ -50,18 +51,32 @@ pub use config::{
     ServiceConfig,
 };
 #[cfg(feature = "runtime")]
-pub use discovery::{Discovery, DiscoveryRunner, DiscoverySink, MembershipUpdate, SourceHealth, SourceStats};
+pub use discovery::{
+    DEFAULT_FILE_POLL_INTERVAL, Discovery, DiscoveryRunner, DiscoverySink, FileDiscovery, MembershipUpdate,
+    SourceHealth, SourceStats, parse_services_toml,
+};
+#[cfg(feature = "etcd")]
+pub use discovery::{
+    DEFAULT_LEASE_TTL, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats, EtcdRegistration,
+    etcd_record,
+};
+#[cfg(feature = "dns")]
+pub use discovery::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};
 pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
 pub use error::Error;
+/// `etcd-client`, re-exported so a client of the same version is at hand (to write records,
+/// or to pass [`ConnectOptions`](etcd_client::ConnectOptions) to [`EtcdConfig`]).
+#[cfg(feature = "etcd")]
+pub use etcd_client;
 #[cfg(feature = "metrics")]
 pub use export::MetricsFacadeExporter;
-#[cfg(all(feature = "prometheus", feature = "runtime"))]
-pub use export::encode_pool_prometheus;
 pub use export::{LATENCY_BUCKETS_SECONDS, MetricsExporter};
 #[cfg(feature = "metrics-server")]
 pub use export::{MetricsServer, serve_metrics};
 #[cfg(feature = "prometheus")]
 pub use export::{PrometheusCollector, encode_prometheus, encode_prometheus_snapshot};
+#[cfg(all(feature = "prometheus", feature = "runtime"))]
+pub use export::{encode_discovery_prometheus, encode_pool_prometheus};
 pub use failover::{FailoverConfig, FailoverManager, FailoverStats};
 #[cfg(feature = "grpc")]
 pub use grpc::{

@@ -5,6 +5,11 @@
 //! [`DiscoveryRunner`] that runs sources on tokio tasks and applies what they publish to one
 //! registry, so every balancer attached to that registry follows them.
 //!
+//! Sources shipped here: [`FileDiscovery`] (a TOML file, feature `runtime`), `DnsDiscovery`
+//! (A/AAAA and SRV records, feature `dns`) and `EtcdDiscovery` (feature `etcd`). Operators
+//! watch them through [`DiscoveryRunner::stats`] or, with `prometheus`,
+//! `encode_discovery_prometheus`.
+//!
 //! # Invariants
 //!
 //! * **One owner per service**: the first source to publish a service owns it; updates for
@@ -27,6 +32,20 @@ use std::net::SocketAddr;
 use crate::endpoint::Endpoint;
 use crate::registry::ServiceRegistry;
 use crate::sync::{DataArc, Mutex};
+
+#[cfg(feature = "dns")]
+mod dns;
+#[cfg(feature = "etcd")]
+mod etcd;
+mod file;
+#[cfg(feature = "dns")]
+pub use dns::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};
+#[cfg(feature = "etcd")]
+pub use etcd::{
+    DEFAULT_LEASE_TTL, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats, EtcdRegistration,
+    etcd_record,
+};
+pub use file::{DEFAULT_FILE_POLL_INTERVAL, FileDiscovery, parse_services_toml};
 
 /// One change of membership published by a source.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,7 +205,8 @@ impl DiscoverySink {
         self.inner.wake.notify_one();
     }
 
-    /// Reports the source's health; a change to degraded is logged and counted.
+    /// Reports the source's health; a change to degraded is logged and counted (a new
+    /// reason while already degraded is logged and kept as `last_error`, not counted again).
     pub fn set_health(&self, health: SourceHealth) {
         let mut state = self.inner.state.lock();
         let stats = &mut state.sources[self.source].stats;
@@ -195,7 +215,10 @@ impl DiscoverySink {
         }
         match &health {
             SourceHealth::Degraded { reason } => {
-                stats.degradations += 1;
+                // A new reason while already degraded is not a new degradation.
+                if !matches!(stats.health, SourceHealth::Degraded { .. }) {
+                    stats.degradations += 1;
+                }
                 stats.last_error = Some(reason.clone());
                 tracing::warn!(source = %stats.name, %reason, "discovery source degraded: keeping the last membership");
             }
@@ -497,5 +520,210 @@ async fn apply_loop(inner: DataArc<RunnerInner>) {
         }
         inner.state.lock().applied_updates = queued;
         inner.progress.send_modify(|p| *p += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::EndpointMetadata;
+    use crate::{IntegratedLoadBalancer, LoadBalancerConfig, LoadBalancingStrategy};
+
+    type Batch = (Vec<MembershipUpdate>, tokio::sync::oneshot::Sender<()>);
+
+    /// Publishes each batch it is sent in one go (no await between updates), then acks.
+    struct Scripted(tokio::sync::mpsc::UnboundedReceiver<Batch>);
+
+    #[async_trait::async_trait]
+    impl Discovery for Scripted {
+        fn name(&self) -> String {
+            "scripted".into()
+        }
+
+        async fn run(mut self: Box<Self>, sink: DiscoverySink) {
+            sink.set_health(SourceHealth::Healthy);
+            loop {
+                let batch = tokio::select! {
+                    _ = sink.closed() => return,
+                    batch = self.0.recv() => batch,
+                };
+                let Some((updates, ack)) = batch else { return };
+                for update in updates {
+                    sink.publish(update);
+                }
+                let _ = ack.send(());
+            }
+        }
+    }
+
+    struct Harness {
+        registry: DataArc<ServiceRegistry>,
+        lb: IntegratedLoadBalancer,
+        runner: DiscoveryRunner,
+        batches: tokio::sync::mpsc::UnboundedSender<Batch>,
+    }
+
+    impl Harness {
+        async fn new() -> Self {
+            let registry = DataArc::new(ServiceRegistry::new());
+            let lb = IntegratedLoadBalancer::new(
+                registry.clone(),
+                LoadBalancingStrategy::RoundRobin,
+                LoadBalancerConfig::default(),
+            )
+            .await
+            .unwrap();
+            let runner = DiscoveryRunner::new(registry.clone());
+            let (batches, inbox) = tokio::sync::mpsc::unbounded_channel();
+            runner.spawn(Scripted(inbox));
+            runner.synced().await;
+            Self {
+                registry,
+                lb,
+                runner,
+                batches,
+            }
+        }
+
+        /// Publishes `updates` as one burst and waits until they are in the registry;
+        /// returns the registry writes they cost.
+        async fn burst(&self, updates: Vec<MembershipUpdate>) -> u64 {
+            let before = self.runner.registry_writes();
+            let (ack, acked) = tokio::sync::oneshot::channel();
+            self.batches.send((updates, ack)).unwrap();
+            acked.await.unwrap();
+            self.runner.synced().await;
+            self.runner.registry_writes() - before
+        }
+
+        /// What the balancer routes `service` over: address and weight, in address order.
+        fn routed(&self, service: &str) -> Vec<(SocketAddr, u32)> {
+            self.lb
+                .service(service)
+                .unwrap()
+                .endpoints()
+                .into_iter()
+                .map(|(e, _)| (e.address, e.weight()))
+                .collect()
+        }
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        let [_, _, hi, lo] = u32::try_from(i).unwrap().to_be_bytes();
+        SocketAddr::from(([127, 1, hi, lo], 9000))
+    }
+
+    fn ep(i: usize, weight: u32) -> Endpoint {
+        Endpoint::new(addr(i), Some(EndpointMetadata::new().with_weight(weight)))
+    }
+
+    fn changes(upserts: Vec<Endpoint>, removals: Vec<SocketAddr>) -> MembershipUpdate {
+        MembershipUpdate::Changes {
+            service: "svc".into(),
+            upserts,
+            removals,
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        // One thread: a burst is published entirely before the applier task runs, so the
+        // coalescing below is deterministic.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_burst_of_5000_changes_coalesces_into_one_registry_write() {
+        rt().block_on(async {
+            let h = Harness::new().await;
+            let version = h.registry.version();
+            // 5,000 changes: 4,000 adds, then 1,000 of them removed one by one.
+            let mut burst: Vec<_> = (0..4_000).map(|i| changes(vec![ep(i, 1)], vec![])).collect();
+            burst.extend((0..1_000).map(|i| changes(vec![], vec![addr(i * 4)])));
+            assert_eq!(burst.len(), 5_000);
+            let writes = h.burst(burst).await;
+            assert_eq!(writes, 1, "5,000 changes to one service: one registry write");
+            assert_eq!(h.registry.version() - version, 1, "one registry version");
+            let routed = h.routed("svc");
+            assert_eq!(routed.len(), 3_000);
+            assert!(routed.iter().all(|(a, _)| !(0..1_000).any(|i| addr(i * 4) == *a)));
+            let stats = &h.runner.stats()[0];
+            assert_eq!(stats.updates, 5_000);
+            assert_eq!(stats.applied, 1);
+            // Two services in one burst: one write each.
+            let writes = h
+                .burst(vec![
+                    changes(vec![ep(1, 2)], vec![]),
+                    MembershipUpdate::Changes {
+                        service: "other".into(),
+                        upserts: vec![ep(7, 1)],
+                        removals: vec![],
+                    },
+                    changes(vec![ep(2, 2)], vec![]),
+                ])
+                .await;
+            assert_eq!(writes, 2);
+            h.runner.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn coalescing_preserves_the_order_of_upserts_and_removals() {
+        rt().block_on(async {
+            let h = Harness::new().await;
+            h.burst(vec![changes(vec![ep(1, 1), ep(2, 1), ep(3, 1)], vec![])])
+                .await;
+            let writes = h
+                .burst(vec![
+                    // removed then re-added: present, with the later metadata
+                    changes(vec![], vec![addr(1)]),
+                    changes(vec![ep(1, 5)], vec![]),
+                    // added then removed: absent (and never routed)
+                    changes(vec![ep(4, 1)], vec![]),
+                    changes(vec![], vec![addr(4)]),
+                    // updated twice: the last wins
+                    changes(vec![ep(2, 3)], vec![]),
+                    changes(vec![ep(2, 4)], vec![]),
+                    // within one update, upserts apply before removals
+                    changes(vec![ep(3, 9)], vec![addr(3)]),
+                    // removing an address that was never there is harmless
+                    changes(vec![], vec![addr(99)]),
+                ])
+                .await;
+            assert_eq!(writes, 1);
+            assert_eq!(h.routed("svc"), vec![(addr(1), 5), (addr(2), 4)]);
+            h.runner.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn a_snapshot_replaces_queued_changes_and_later_changes_fold_into_it() {
+        rt().block_on(async {
+            let h = Harness::new().await;
+            h.burst(vec![changes(vec![ep(1, 1), ep(2, 1)], vec![])]).await;
+            let writes = h
+                .burst(vec![
+                    changes(vec![ep(3, 1)], vec![]),
+                    MembershipUpdate::Snapshot {
+                        service: "svc".into(),
+                        endpoints: vec![ep(5, 1), ep(6, 1)],
+                    },
+                    changes(vec![ep(7, 2)], vec![addr(5)]),
+                ])
+                .await;
+            assert_eq!(writes, 1);
+            // 1 and 2 (registry) and 3 (queued before the snapshot) are gone; 5 removed after.
+            assert_eq!(h.routed("svc"), vec![(addr(6), 1), (addr(7), 2)]);
+            // An empty snapshot empties the service but keeps it known.
+            h.burst(vec![MembershipUpdate::Snapshot {
+                service: "svc".into(),
+                endpoints: vec![],
+            }])
+            .await;
+            assert!(h.routed("svc").is_empty());
+            h.runner.shutdown().await;
+        });
     }
 }

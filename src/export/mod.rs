@@ -31,6 +31,11 @@
 //! | `tai_lb_affinity_entries` | gauge | |
 //! | `tai_lb_affinity_evictions_total`, `tai_lb_affinity_expirations_total` | counter | |
 //!
+//! Discovery sources ([`encode_discovery_prometheus`], with `prometheus` and `runtime`):
+//! `tai_lb_discovery_source_healthy` (gauge, 0/1) and the counters
+//! `tai_lb_discovery_{updates,applied,malformed,rejected,conflicts,degradations}_total`, each
+//! with a `source` label, plus `tai_lb_discovery_registry_writes_total`.
+//!
 //! Endpoints that leave a service leave the exposition with it (their counts stay in the
 //! service's totals in [`LoadBalancerMetrics`]), so label sets do not grow without bound.
 #![deny(unsafe_code)]
@@ -44,10 +49,10 @@ mod server;
 
 #[cfg(feature = "metrics")]
 pub use facade::MetricsFacadeExporter;
-#[cfg(all(feature = "prometheus", feature = "runtime"))]
-pub use prometheus::encode_pool_prometheus;
 #[cfg(feature = "prometheus")]
 pub use prometheus::{PrometheusCollector, encode_prometheus, encode_prometheus_snapshot};
+#[cfg(all(feature = "prometheus", feature = "runtime"))]
+pub use prometheus::{encode_discovery_prometheus, encode_pool_prometheus};
 #[cfg(feature = "metrics-server")]
 pub use server::{MetricsServer, serve_metrics};
 

@@ -88,6 +88,8 @@ fn endpoint_names(m: &LoadBalancerMetrics) -> Vec<String> {
 struct Labels<'m> {
     service: Option<&'m str>,
     endpoint: Option<&'m str>,
+    /// A discovery source's name.
+    source: Option<&'m str>,
     extra: Option<(&'static str, &'static str)>,
 }
 
@@ -97,6 +99,7 @@ impl<'m> Labels<'m> {
             .map(|s| ("service", s))
             .into_iter()
             .chain(self.endpoint.map(|e| ("endpoint", e)))
+            .chain(self.source.map(|s| ("source", s)))
             .chain(self.extra)
     }
 
@@ -110,7 +113,7 @@ fn ep_labels<'m>(service: &'m str, endpoint: &'m str) -> Labels<'m> {
     Labels {
         service: Some(service),
         endpoint: Some(endpoint),
-        extra: None,
+        ..Labels::default()
     }
 }
 
@@ -435,16 +438,16 @@ fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec
                 (
                     Labels {
                         service: Some(&s.service),
-                        endpoint: None,
                         extra: Some(("state", "total")),
+                        ..Labels::default()
                     },
                     Sample::Gauge(s.endpoints_total as i64),
                 ),
                 (
                     Labels {
                         service: Some(&s.service),
-                        endpoint: None,
                         extra: Some(("state", "routable")),
+                        ..Labels::default()
                     },
                     Sample::Gauge(s.endpoints_routable as i64),
                 ),
@@ -596,5 +599,107 @@ pub fn encode_pool_prometheus<C: crate::Connector>(pool: &crate::ConnectionPool<
             rows().map(|(l, s)| (l, Sample::Counter(value(s)))),
         );
     }
+    render_text(&families)
+}
+
+/// A [`DiscoveryRunner`](crate::DiscoveryRunner)'s per-source health and counters in the
+/// Prometheus text format (one `source` label: the source's
+/// [`name`](crate::Discovery::name)), to append to [`encode_prometheus`]'s output or serve
+/// beside it. Alert on `tai_lb_discovery_source_healthy == 0`: the source is degraded (its
+/// services route on their last membership) or has not loaded yet.
+///
+/// | metric | type |
+/// |---|---|
+/// | `tai_lb_discovery_source_healthy` | gauge (1 healthy, 0 starting, degraded or stopped) |
+/// | `tai_lb_discovery_updates_total` | counter: updates published |
+/// | `tai_lb_discovery_applied_total` | counter: registry changes made from them |
+/// | `tai_lb_discovery_malformed_total` | counter: records skipped as malformed |
+/// | `tai_lb_discovery_rejected_total` | counter: updates the registry rejected |
+/// | `tai_lb_discovery_conflicts_total` | counter: updates for a service another source owns |
+/// | `tai_lb_discovery_degradations_total` | counter: changes to degraded |
+/// | `tai_lb_discovery_registry_writes_total` | counter (no label): registry writes, all sources |
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use tai_loadbalancer::{DiscoveryRunner, ServiceRegistry, encode_discovery_prometheus};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let runner = DiscoveryRunner::new(Arc::new(ServiceRegistry::new()));
+/// let text = encode_discovery_prometheus(&runner);
+/// assert!(text.contains("tai_lb_discovery_registry_writes_total 0"));
+/// # });
+/// ```
+#[cfg(feature = "runtime")]
+pub fn encode_discovery_prometheus(runner: &crate::DiscoveryRunner) -> String {
+    let stats = runner.stats();
+    let writes = runner.registry_writes();
+    let rows = || {
+        stats.iter().map(|s| {
+            (
+                Labels {
+                    source: Some(s.name.as_str()),
+                    ..Labels::default()
+                },
+                s,
+            )
+        })
+    };
+    let mut families: Vec<Family<'_>> = Vec::new();
+    push(
+        &mut families,
+        "tai_lb_discovery_source_healthy",
+        "Whether the discovery source is healthy (1) or starting, degraded or stopped (0).",
+        Kind::Gauge,
+        rows().map(|(l, s)| (l, gauge(s.health == crate::SourceHealth::Healthy))),
+    );
+    for (name, help, value) in [
+        (
+            "tai_lb_discovery_updates",
+            "Membership updates published by the source.",
+            (|s: &crate::SourceStats| s.updates) as fn(&crate::SourceStats) -> u64,
+        ),
+        (
+            "tai_lb_discovery_applied",
+            "Registry changes made from the source's updates (after coalescing).",
+            |s| s.applied,
+        ),
+        (
+            "tai_lb_discovery_malformed",
+            "Records the source skipped as malformed.",
+            |s| s.malformed,
+        ),
+        (
+            "tai_lb_discovery_rejected",
+            "Updates from the source the registry rejected.",
+            |s| s.rejected,
+        ),
+        (
+            "tai_lb_discovery_conflicts",
+            "Updates skipped because another source owns the service.",
+            |s| s.conflicts,
+        ),
+        (
+            "tai_lb_discovery_degradations",
+            "Times the source became degraded.",
+            |s| s.degradations,
+        ),
+    ] {
+        push(
+            &mut families,
+            name,
+            help,
+            Kind::Counter,
+            rows().map(|(l, s)| (l, Sample::Counter(value(s)))),
+        );
+    }
+    push(
+        &mut families,
+        "tai_lb_discovery_registry_writes",
+        "Registry writes made by the discovery runner (all sources, after coalescing).",
+        Kind::Counter,
+        [(none(), Sample::Counter(writes))],
+    );
     render_text(&families)
 }

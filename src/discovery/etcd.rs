@@ -1,0 +1,1225 @@
+//! etcd: service discovery ([`EtcdDiscovery`]) and self-registration ([`EtcdRegistration`])
+//! over the etcd v3 API (`etcd-client`), behind the `etcd` feature.
+//!
+//! This module owns the key layout and the record format in etcd, the read-then-watch
+//! protocol that turns a key prefix into [`MembershipUpdate`]s, and the lease that keeps a
+//! registered instance's record alive.
+//!
+//! # Key layout and record format
+//!
+//! One root prefix (default [`DEFAULT_ROOT`], `/services/`) holds every service; each
+//! instance is one key, `<root><service>/<instance-id>`, whose value is a JSON record:
+//!
+//! ```json
+//! {"address": "127.0.0.1:5001", "zone": "a", "region": "eu-1", "weight": 3, "tags": {"v": "2"}}
+//! ```
+//!
+//! `address` (an IP socket address, no host names) is required; the rest is optional
+//! (weight 1 by default). Unknown fields are ignored, so records can carry more than this
+//! crate reads. A record that is not JSON, has a field of the wrong type, an unparsable
+//! address, or fails [`Endpoint::validate`] is skipped and counted
+//! ([`SourceStats::malformed`](crate::SourceStats::malformed)); the rest of the update
+//! applies. A key whose new value is malformed no longer advertises its old address, so that
+//! address leaves the service (nothing invented). When several keys advertise the same
+//! address, the record under the greatest key wins, in every process alike.
+//!
+//! # Invariants
+//!
+//! * **Nothing missed**: each service's prefix is read once (one revision `r`), published as
+//!   a [`MembershipUpdate::Snapshot`], then watched from `r + 1`; every watch response
+//!   becomes at most one [`MembershipUpdate::Changes`] per service. After a disconnect the
+//!   watch resumes after the last revision seen; if etcd compacted that revision away, or the
+//!   cluster is a different one (its id changed, or its revision went backwards), the source
+//!   reads everything again and publishes a fresh snapshot.
+//! * **Nothing lost**: while etcd is unreachable the source publishes nothing, so every
+//!   service keeps its last membership; it reports [`SourceHealth::Degraded`] (logged and
+//!   counted by the sink) and retries with capped exponential backoff and jitter, then
+//!   reports [`SourceHealth::Healthy`] once it is watching again.
+//! * **Same store, same membership**: the membership of a service is a pure function of the
+//!   keys under its prefix, so balancers in different processes fed by the same etcd converge
+//!   to the same endpoints (and so to the same consistent-hash owners).
+//! * A registered instance's key is attached to a lease kept alive by a task; a process that
+//!   dies stops the keepalives and its key is deleted when the lease expires. A lost lease
+//!   (expired or revoked while the process lives) is replaced and the record put again.
+#![deny(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+
+use super::{Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
+use crate::endpoint::{Endpoint, EndpointMetadata};
+use crate::error::{Error, truncate};
+use crate::registry::validate_service_name;
+use crate::sync::DataArc;
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+/// The default root prefix: services live under `/services/<service>/<instance-id>`.
+pub const DEFAULT_ROOT: &str = "/services/";
+
+/// The default lease TTL of an [`EtcdRegistration`].
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Largest gRPC message accepted from etcd (a range read of a big service).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Longest accepted root prefix or instance id.
+const MAX_KEY_PART_LEN: usize = 1024;
+
+/// Where etcd is and how to talk to it: shared by [`EtcdDiscovery`] and
+/// [`EtcdRegistration`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tai_loadbalancer::EtcdConfig;
+///
+/// let config = EtcdConfig::new(["http://127.0.0.1:2379"])
+///     .with_root("/services/")
+///     .with_backoff(Duration::from_millis(100), Duration::from_secs(5));
+/// config.validate()?;
+/// assert_eq!(config.service_prefix("api"), "/services/api/");
+/// # Ok::<_, tai_loadbalancer::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct EtcdConfig {
+    endpoints: Vec<String>,
+    root: String,
+    options: Option<ConnectOptions>,
+    request_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+}
+
+impl EtcdConfig {
+    /// etcd client URLs (`http://127.0.0.1:2379`), root [`DEFAULT_ROOT`], 5 s request
+    /// timeout, backoff from 100 ms to 5 s, HTTP/2 keepalives every 2 s (a dead connection is
+    /// noticed within about 4 s even if no packet says so).
+    pub fn new<I, S>(endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            root: DEFAULT_ROOT.to_owned(),
+            options: None,
+            request_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets the root prefix (must end with `/`).
+    pub fn with_root(mut self, root: impl Into<String>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    /// Uses these `etcd-client` options (credentials, keepalives, ...) instead of the
+    /// defaults.
+    pub fn with_connect_options(mut self, options: ConnectOptions) -> Self {
+        self.options = Some(options);
+        self
+    }
+
+    /// Bounds every request (connect, read, watch creation, lease calls).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the reconnect backoff: the first retry waits about `initial`, each failure
+    /// doubles it up to `max`; every wait is jittered down by up to half.
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max;
+        self
+    }
+
+    /// The root prefix.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The etcd client URLs.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// The key prefix of `service`: `<root><service>/`.
+    pub fn service_prefix(&self, service: &str) -> String {
+        format!("{}{service}/", self.root)
+    }
+
+    /// The key of one instance: `<root><service>/<instance_id>`.
+    pub fn instance_key(&self, service: &str, instance_id: &str) -> String {
+        format!("{}{service}/{instance_id}", self.root)
+    }
+
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the field: no endpoints, an endpoint that is not
+    /// `http://host:port` (or `host:port`; TLS is not built in), a root that is empty, does
+    /// not end with `/` or has control characters, a zero timeout, or a backoff whose initial
+    /// delay is zero or above its maximum.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::invalid_config(
+                "etcd.endpoints",
+                "at least one etcd URL is needed",
+            ));
+        }
+        for endpoint in &self.endpoints {
+            validate_url(endpoint)?;
+        }
+        if self.root.is_empty() || !self.root.ends_with('/') {
+            return Err(Error::invalid_config(
+                "etcd.root",
+                format!("{:?} must be non-empty and end with `/`", truncate(&self.root)),
+            ));
+        }
+        if self.root.len() > MAX_KEY_PART_LEN || self.root.chars().any(char::is_control) {
+            return Err(Error::invalid_config(
+                "etcd.root",
+                "must be at most 1024 bytes without control characters",
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(Error::invalid_config("etcd.request_timeout", "must be positive"));
+        }
+        if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
+            return Err(Error::invalid_config(
+                "etcd.backoff",
+                "the initial delay must be positive and at most the maximum",
+            ));
+        }
+        Ok(())
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
+        self.options.clone().unwrap_or_else(|| {
+            ConnectOptions::new()
+                .with_connect_timeout(self.request_timeout)
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true)
+        })
+    }
+
+    /// Connects, bounded by the request timeout.
+    async fn connect(&self) -> Result<Client, String> {
+        let connect = Client::connect(&self.endpoints, Some(self.connect_options()));
+        bounded(self.request_timeout, "connect", connect).await
+    }
+}
+
+impl fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connect options may hold credentials: not printed.
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("root", &self.root)
+            .field("custom_connect_options", &self.options.is_some())
+            .field("request_timeout", &self.request_timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
+}
+
+fn validate_url(url: &str) -> Result<(), Error> {
+    let bad = |reason: &str| {
+        Err(Error::invalid_config(
+            "etcd.endpoints",
+            format!("{:?}: {reason}", truncate(url)),
+        ))
+    };
+    if url.starts_with("https://") {
+        return bad("https needs TLS, which this build does not include; use http on a trusted network");
+    }
+    let authority = url.strip_prefix("http://").unwrap_or(url);
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    if authority.is_empty()
+        || authority.contains(['/', '?', '#', '@'])
+        || authority.chars().any(char::is_whitespace)
+    {
+        return bad("expected http://host:port");
+    }
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return bad("missing port (expected http://host:port)");
+    };
+    if host.is_empty() || !matches!(port.parse::<u16>(), Ok(p) if p != 0) {
+        return bad("expected http://host:port with a port between 1 and 65535");
+    }
+    Ok(())
+}
+
+/// Runs `fut` (an etcd call) within `timeout`, turning both failures into a reason string.
+async fn bounded<T>(
+    timeout: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("etcd {what}: {error}")),
+        Err(_) => Err(format!("etcd {what}: no answer within {timeout:?}")),
+    }
+}
+
+/// Capped exponential backoff with jitter (each wait is in `[d/2, d]`).
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let full = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = full / 2;
+        let jitter_us = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
+        let jitter = if jitter_us == 0 {
+            0
+        } else {
+            crate::sync::random_u64() % (jitter_us + 1)
+        };
+        half + Duration::from_micros(jitter)
+    }
+}
+
+// ===== records =====
+
+/// The JSON record read from etcd. Unknown fields are ignored; wrong types are errors.
+#[derive(Deserialize)]
+struct WireRecord {
+    address: String,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+}
+
+/// The JSON record written by [`EtcdRegistration`].
+#[derive(Serialize)]
+struct WireRecordOut<'a> {
+    address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<&'a str>,
+    weight: u32,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    tags: &'a BTreeMap<String, String>,
+}
+
+/// The JSON record for `endpoint`, as [`EtcdRegistration`] writes it and [`EtcdDiscovery`]
+/// reads it.
+///
+/// ```
+/// use tai_loadbalancer::{Endpoint, EndpointMetadata, etcd_record};
+///
+/// let endpoint = Endpoint::new("127.0.0.1:5001".parse()?, Some(EndpointMetadata::new().with_zone("a").with_weight(3)));
+/// assert_eq!(etcd_record(&endpoint), r#"{"address":"127.0.0.1:5001","zone":"a","weight":3}"#);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// ```
+pub fn etcd_record(endpoint: &Endpoint) -> String {
+    let meta = endpoint.metadata();
+    let record = WireRecordOut {
+        address: endpoint.address.to_string(),
+        region: meta.region.as_deref(),
+        zone: meta.zone.as_deref(),
+        weight: meta.weight,
+        tags: &meta.tags,
+    };
+    // Serializing strings, integers and a string map cannot fail.
+    serde_json::to_string(&record).unwrap_or_default()
+}
+
+/// Parses one record: the endpoint, or why it is malformed.
+fn parse_record(value: &[u8]) -> Result<Endpoint, String> {
+    let record: WireRecord = serde_json::from_slice(value).map_err(|e| format!("not a valid record: {e}"))?;
+    let address: SocketAddr = record
+        .address
+        .parse()
+        .map_err(|_| format!("bad address {:?} (expected ip:port)", truncate(&record.address)))?;
+    let meta = EndpointMetadata {
+        region: record.region,
+        zone: record.zone,
+        weight: record.weight.unwrap_or(1),
+        tags: record.tags.unwrap_or_default(),
+    };
+    let metadata = (meta != EndpointMetadata::default()).then_some(meta);
+    let endpoint = Endpoint::new(address, metadata);
+    endpoint.validate().map_err(|e| e.to_string())?;
+    Ok(endpoint)
+}
+
+// ===== impl EtcdDiscovery =====
+
+/// Counters of an [`EtcdDiscovery`], readable while it runs (see
+/// [`EtcdDiscovery::stats_handle`]).
+#[derive(Clone, Default)]
+pub struct EtcdDiscoveryStats {
+    inner: DataArc<StatsInner>,
+}
+
+#[derive(Default)]
+struct StatsInner {
+    full_reads: AtomicU64,
+    watch_resumes: AtomicU64,
+    compactions: AtomicU64,
+}
+
+impl EtcdDiscoveryStats {
+    /// Full reads of every prefix (the first load, and resyncs after a compaction or a
+    /// cluster change).
+    pub fn full_reads(&self) -> u64 {
+        self.inner.full_reads.load(Ordering::Relaxed)
+    }
+
+    /// Reconnections that resumed the watch from the last revision seen (no full read).
+    pub fn watch_resumes(&self) -> u64 {
+        self.inner.watch_resumes.load(Ordering::Relaxed)
+    }
+
+    /// Watches etcd cancelled because the revision to resume from was compacted.
+    pub fn compactions(&self) -> u64 {
+        self.inner.compactions.load(Ordering::Relaxed)
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for EtcdDiscoveryStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdDiscoveryStats")
+            .field("full_reads", &self.full_reads())
+            .field("watch_resumes", &self.watch_resumes())
+            .field("compactions", &self.compactions())
+            .finish()
+    }
+}
+
+/// A [`Discovery`] source following services in etcd: the instances under
+/// `<root><service>/` (see [`docs::fleet`](crate::docs::fleet) for the record format and guarantees).
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use tai_loadbalancer::{DiscoveryRunner, EtcdConfig, EtcdDiscovery, ServiceRegistry};
+///
+/// # async fn run() -> Result<(), tai_loadbalancer::Error> {
+/// let registry = Arc::new(ServiceRegistry::new());
+/// let runner = DiscoveryRunner::new(registry.clone());
+/// let config = EtcdConfig::new(["http://127.0.0.1:2379"]);
+/// runner.spawn(EtcdDiscovery::new(config, ["api", "search"])?);
+/// runner.synced().await; // first read published (or etcd reported unreachable)
+/// println!("{:?}", registry.endpoints("api").await);
+/// # Ok(())
+/// # }
+/// # let _ = run; // compiled, not run: it needs etcd
+/// ```
+pub struct EtcdDiscovery {
+    config: EtcdConfig,
+    services: Vec<String>,
+    stats: EtcdDiscoveryStats,
+}
+
+impl EtcdDiscovery {
+    /// A source for `services` under `config`'s root.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a bad `config` (see [`EtcdConfig::validate`]), no
+    /// services, a repeated service; [`Error::InvalidServiceName`] for a name the registry
+    /// would refuse or one containing `/` (it would overlap another service's prefix).
+    pub fn new<I, S>(config: EtcdConfig, services: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        config.validate()?;
+        let services: Vec<String> = services.into_iter().map(Into::into).collect();
+        if services.is_empty() {
+            return Err(Error::invalid_config(
+                "etcd.services",
+                "at least one service is needed",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for service in &services {
+            validate_service_name(service)?;
+            if service.contains('/') {
+                return Err(Error::InvalidServiceName {
+                    name: truncate(service).to_owned(),
+                    reason: "contains `/` (an etcd service prefix is `<root><service>/`)",
+                });
+            }
+            if !seen.insert(service.as_str()) {
+                return Err(Error::invalid_config(
+                    "etcd.services",
+                    format!("service `{}` is listed twice", truncate(service)),
+                ));
+            }
+        }
+        Ok(Self {
+            config,
+            services,
+            stats: EtcdDiscoveryStats::default(),
+        })
+    }
+
+    /// A handle to this source's counters, to keep before the source is spawned.
+    pub fn stats_handle(&self) -> EtcdDiscoveryStats {
+        self.stats.clone()
+    }
+}
+
+impl fmt::Debug for EtcdDiscovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdDiscovery")
+            .field("config", &self.config)
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl Discovery for EtcdDiscovery {
+    fn name(&self) -> String {
+        format!("etcd:{}", self.config.root)
+    }
+
+    async fn run(self: Box<Self>, sink: DiscoverySink) {
+        let mut state = WatchState {
+            services: self
+                .services
+                .iter()
+                .map(|name| ServiceKeys::new(name, self.config.service_prefix(name)))
+                .collect(),
+            cluster_id: None,
+            needs_full_read: true,
+        };
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        loop {
+            let end = tokio::select! {
+                end = self.session(&mut state, &sink, &mut backoff) => end,
+                () = sink.closed() => return,
+            };
+            match end {
+                SessionEnd::Resync => state.needs_full_read = true,
+                SessionEnd::Failed(reason) => {
+                    sink.set_health(SourceHealth::Degraded { reason });
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = sink.closed() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a session (one connection: read, watch) ended.
+enum SessionEnd {
+    /// Read everything again (compaction, another cluster): not a failure of the store.
+    Resync,
+    /// The store failed: degrade, back off, reconnect.
+    Failed(String),
+}
+
+impl From<String> for SessionEnd {
+    fn from(reason: String) -> Self {
+        SessionEnd::Failed(reason)
+    }
+}
+
+struct WatchState {
+    services: Vec<ServiceKeys>,
+    /// The cluster the revisions belong to (from the first read).
+    cluster_id: Option<u64>,
+    needs_full_read: bool,
+}
+
+/// One service's keys and what each advertises.
+struct ServiceKeys {
+    name: String,
+    prefix: String,
+    by_key: BTreeMap<Vec<u8>, Endpoint>,
+    /// The keys advertising each address; the greatest one wins.
+    by_address: BTreeMap<SocketAddr, BTreeSet<Vec<u8>>>,
+    /// The last revision of this prefix seen (read or watched).
+    revision: i64,
+}
+
+impl ServiceKeys {
+    fn new(name: &str, prefix: String) -> Self {
+        Self {
+            name: name.to_owned(),
+            prefix,
+            by_key: BTreeMap::new(),
+            by_address: BTreeMap::new(),
+            revision: 0,
+        }
+    }
+
+    /// The endpoint the service has at `address`, if any key advertises it.
+    fn effective(&self, address: &SocketAddr) -> Option<&Endpoint> {
+        let key = self.by_address.get(address)?.last()?;
+        self.by_key.get(key)
+    }
+
+    /// Forgets `key`; returns the address it advertised.
+    fn remove_key(&mut self, key: &[u8]) -> Option<SocketAddr> {
+        let old = self.by_key.remove(key)?;
+        if let Some(keys) = self.by_address.get_mut(&old.address) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_address.remove(&old.address);
+            }
+        }
+        Some(old.address)
+    }
+
+    /// Applies a put of `kv`; returns the addresses whose endpoint may have changed.
+    fn put(&mut self, kv: &KeyValue, sink: &DiscoverySink, touched: &mut BTreeSet<SocketAddr>) {
+        let key = kv.key().to_vec();
+        touched.extend(self.remove_key(&key));
+        match parse_record(kv.value()) {
+            Ok(endpoint) => {
+                touched.insert(endpoint.address);
+                self.by_address
+                    .entry(endpoint.address)
+                    .or_default()
+                    .insert(key.clone());
+                self.by_key.insert(key, endpoint);
+            }
+            Err(reason) => sink.record_malformed(&format!(
+                "{}: {reason}",
+                String::from_utf8_lossy(truncate_bytes(kv.key()))
+            )),
+        }
+    }
+
+    /// Replaces everything with the keys of a full read; returns the snapshot.
+    fn load(&mut self, kvs: &[KeyValue], sink: &DiscoverySink) -> Vec<Endpoint> {
+        self.by_key.clear();
+        self.by_address.clear();
+        let mut ignored = BTreeSet::new();
+        for kv in kvs {
+            self.put(kv, sink, &mut ignored);
+        }
+        self.by_address
+            .keys()
+            .filter_map(|address| self.effective(address).cloned())
+            .collect()
+    }
+
+    /// The changes to publish for `touched` addresses.
+    fn changes(&self, touched: BTreeSet<SocketAddr>) -> MembershipUpdate {
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for address in touched {
+            match self.effective(&address) {
+                Some(endpoint) => upserts.push(endpoint.clone()),
+                None => removals.push(address),
+            }
+        }
+        MembershipUpdate::Changes {
+            service: self.name.clone(),
+            upserts,
+            removals,
+        }
+    }
+}
+
+fn truncate_bytes(bytes: &[u8]) -> &[u8] {
+    &bytes[..bytes.len().min(256)]
+}
+
+impl EtcdDiscovery {
+    /// One connection: (re)read if needed, watch, follow until something fails.
+    async fn session(
+        &self,
+        state: &mut WatchState,
+        sink: &DiscoverySink,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
+        let timeout = self.config.request_timeout;
+        let client = match self.config.connect().await {
+            Ok(client) => client,
+            Err(reason) => return reason.into(),
+        };
+        if state.needs_full_read {
+            let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
+            let mut cluster_id = None;
+            let mut snapshots = Vec::with_capacity(state.services.len());
+            for service in &mut state.services {
+                let read = kv.get(service.prefix.as_bytes(), Some(GetOptions::new().with_prefix()));
+                let response = match bounded(timeout, "range read", read).await {
+                    Ok(response) => response,
+                    Err(reason) => return reason.into(),
+                };
+                let Some(header) = response.header() else {
+                    return SessionEnd::Failed("etcd range read: response without a header".into());
+                };
+                cluster_id = Some(header.cluster_id());
+                service.revision = header.revision();
+                let endpoints = service.load(response.kvs(), sink);
+                snapshots.push(MembershipUpdate::Snapshot {
+                    service: service.name.clone(),
+                    endpoints,
+                });
+            }
+            // Published only once every prefix is read: a failed read publishes nothing.
+            for snapshot in snapshots {
+                sink.publish(snapshot);
+            }
+            state.cluster_id = cluster_id;
+            state.needs_full_read = false;
+            EtcdDiscoveryStats::bump(&self.stats.inner.full_reads);
+        } else {
+            EtcdDiscoveryStats::bump(&self.stats.inner.watch_resumes);
+        }
+
+        // One watch stream, one watcher per service, with ids 1..=n chosen by us.
+        let mut watch_client = client.watch_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let options = |index: usize, service: &ServiceKeys| {
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(service.revision + 1)
+                .with_watch_id(index as i64 + 1)
+        };
+        let first = watch_client.watch(
+            state.services[0].prefix.as_bytes(),
+            Some(options(0, &state.services[0])),
+        );
+        let mut stream = match bounded(timeout, "watch", first).await {
+            Ok(stream) => stream,
+            Err(reason) => return reason.into(),
+        };
+        for (index, service) in state.services.iter().enumerate().skip(1) {
+            let more = stream.watch(service.prefix.as_bytes(), Some(options(index, service)));
+            if let Err(reason) = bounded(timeout, "watch", more).await {
+                return reason.into();
+            }
+        }
+
+        let mut pending_created = state.services.len();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let message = if pending_created > 0 {
+                match tokio::time::timeout_at(deadline, stream.message()).await {
+                    Ok(message) => message,
+                    Err(_) => {
+                        return SessionEnd::Failed(format!("etcd watch: not created within {timeout:?}"));
+                    }
+                }
+            } else {
+                stream.message().await
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) => return SessionEnd::Failed("etcd watch stream closed".into()),
+                Err(error) => return SessionEnd::Failed(format!("etcd watch: {error}")),
+            };
+            if response.canceled() {
+                if response.compact_revision() > 0 {
+                    EtcdDiscoveryStats::bump(&self.stats.inner.compactions);
+                    tracing::info!(root = %self.config.root, compacted = response.compact_revision(),
+                        "etcd compacted the revision to resume from: reading everything again");
+                    return SessionEnd::Resync;
+                }
+                return SessionEnd::Failed(format!("etcd watch cancelled: {}", response.cancel_reason()));
+            }
+            let Some(index) = usize::try_from(response.watch_id() - 1)
+                .ok()
+                .filter(|&i| i < state.services.len())
+            else {
+                continue; // a progress notification for the whole stream
+            };
+            if response.created() {
+                if let Some(header) = response.header() {
+                    let service = &state.services[index];
+                    if state.cluster_id.is_some_and(|id| id != header.cluster_id())
+                        || header.revision() < service.revision
+                    {
+                        tracing::warn!(root = %self.config.root,
+                            "etcd is another cluster now (new id, or its revision went backwards): reading everything again");
+                        return SessionEnd::Resync;
+                    }
+                }
+                pending_created -= 1;
+                if pending_created == 0 {
+                    sink.set_health(SourceHealth::Healthy);
+                    backoff.reset();
+                }
+            }
+            let service = &mut state.services[index];
+            if response.events().is_empty() {
+                continue;
+            }
+            let mut touched = BTreeSet::new();
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                service.revision = service.revision.max(kv.mod_revision());
+                match event.event_type() {
+                    EventType::Put => service.put(kv, sink, &mut touched),
+                    EventType::Delete => touched.extend(service.remove_key(kv.key())),
+                }
+            }
+            if !touched.is_empty() {
+                sink.publish(service.changes(touched));
+            }
+        }
+    }
+}
+
+// ===== impl EtcdRegistration =====
+
+/// This instance's record in etcd, under a lease kept alive by a background task: the other
+/// half of service discovery.
+///
+/// While it lives, the key `<root><service>/<instance-id>` holds the instance's
+/// [record](etcd_record). Keepalives are sent every third of the TTL; if the lease is lost
+/// (it expired while etcd was unreachable, or was revoked) a new one is granted and the
+/// record put again; if etcd is unreachable the task retries with backoff.
+///
+/// * [`deregister`](Self::deregister) deletes the key and revokes the lease at once;
+/// * [`drain_and_deregister`](Self::drain_and_deregister) deletes the key, then waits: the
+///   balancers stop sending new requests while the ones in flight finish;
+/// * dropping it (or the process dying) stops the keepalives: the key is deleted when the
+///   lease expires, within the TTL.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tai_loadbalancer::{Endpoint, EtcdConfig, EtcdRegistration};
+///
+/// # async fn run() -> Result<(), tai_loadbalancer::Error> {
+/// let config = EtcdConfig::new(["http://127.0.0.1:2379"]);
+/// let me = Endpoint::new("127.0.0.1:5001".parse().unwrap(), None);
+/// let registration = EtcdRegistration::register(&config, "api", "api-1", me, Duration::from_secs(10)).await?;
+/// // ... serve ...
+/// registration.drain_and_deregister(Duration::from_secs(5)).await?;
+/// # Ok(())
+/// # }
+/// # let _ = run; // compiled, not run: it needs etcd
+/// ```
+pub struct EtcdRegistration {
+    key: String,
+    lease: tokio::sync::watch::Receiver<i64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), Error>>>,
+}
+
+/// What the keepalive task needs.
+struct Registrant {
+    config: EtcdConfig,
+    key: String,
+    value: String,
+    ttl_secs: i64,
+    lease: tokio::sync::watch::Sender<i64>,
+}
+
+/// A live lease with its record put.
+struct Held {
+    client: Client,
+    lease_id: i64,
+    keeper: etcd_client::LeaseKeeper,
+    responses: etcd_client::LeaseKeepAliveStream,
+}
+
+impl EtcdRegistration {
+    /// Puts `endpoint`'s record under `<root><service>/<instance_id>` with a lease of
+    /// `lease_ttl` (rounded up to whole seconds; etcd may raise very short TTLs to its
+    /// minimum, about 2 s by default) and starts keeping it alive on the current tokio
+    /// runtime. Returns once the record is in etcd.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a bad `config`, an `instance_id` that is empty, has `/`,
+    /// whitespace or control characters, or a TTL outside 1 s..=1 day;
+    /// [`Error::InvalidServiceName`]; the endpoint's validation errors
+    /// ([`Endpoint::validate`]); [`Error::Etcd`] if etcd cannot be reached or refuses.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn`).
+    pub async fn register(
+        config: &EtcdConfig,
+        service: &str,
+        instance_id: &str,
+        endpoint: Endpoint,
+        lease_ttl: Duration,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        validate_service_name(service)?;
+        if service.contains('/') {
+            return Err(Error::InvalidServiceName {
+                name: truncate(service).to_owned(),
+                reason: "contains `/` (an etcd service prefix is `<root><service>/`)",
+            });
+        }
+        if instance_id.is_empty()
+            || instance_id.len() > MAX_KEY_PART_LEN
+            || instance_id.contains('/')
+            || instance_id.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(Error::invalid_config(
+                "etcd.instance_id",
+                format!(
+                    "{:?} must be 1 to 1024 bytes without `/`, whitespace or control characters",
+                    truncate(instance_id)
+                ),
+            ));
+        }
+        if lease_ttl < Duration::from_secs(1) || lease_ttl > Duration::from_secs(86_400) {
+            return Err(Error::invalid_config(
+                "etcd.lease_ttl",
+                "must be between 1 s and 1 day",
+            ));
+        }
+        endpoint.validate()?;
+        let ttl_secs =
+            i64::try_from(lease_ttl.as_secs() + u64::from(lease_ttl.subsec_nanos() > 0)).unwrap_or(86_400);
+        let (lease_tx, lease_rx) = tokio::sync::watch::channel(0);
+        let registrant = Registrant {
+            config: config.clone(),
+            key: config.instance_key(service, instance_id),
+            value: etcd_record(&endpoint),
+            ttl_secs,
+            lease: lease_tx,
+        };
+        let held = registrant.establish(None).await.map_err(|reason| Error::Etcd {
+            operation: "register",
+            reason,
+        })?;
+        let key = registrant.key.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(registrant.keep_alive(held, stop_rx));
+        Ok(Self {
+            key,
+            lease: lease_rx,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// The key holding this instance's record.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The id of the lease currently holding the record (it changes when a lost lease is
+    /// replaced).
+    pub fn lease_id(&self) -> i64 {
+        *self.lease.borrow()
+    }
+
+    /// Clean shutdown: stops the keepalives, deletes the key (balancers drop this instance
+    /// as soon as they see the delete) and revokes the lease.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Etcd`] if etcd could not be reached to delete the key: the record then
+    /// disappears when its lease expires, within the TTL.
+    pub async fn deregister(self) -> Result<(), Error> {
+        self.stop(Duration::ZERO).await
+    }
+
+    /// Drains, then deregisters: deletes the key at once (new requests stop coming as the
+    /// balancers see the delete), then waits `drain` (the process keeps serving requests in
+    /// flight) and revokes the lease. Returns when it is safe to exit.
+    ///
+    /// # Errors
+    ///
+    /// As [`deregister`](Self::deregister) (the wait happens either way).
+    pub async fn drain_and_deregister(self, drain: Duration) -> Result<(), Error> {
+        self.stop(drain).await
+    }
+
+    async fn stop(mut self, drain: Duration) -> Result<(), Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        let removed = match task.await {
+            Ok(result) => result,
+            Err(error) => Err(Error::Etcd {
+                operation: "deregister",
+                reason: format!("the keepalive task failed: {error}"),
+            }),
+        };
+        tokio::time::sleep(drain).await;
+        removed
+    }
+}
+
+impl Drop for EtcdRegistration {
+    fn drop(&mut self) {
+        // No async clean-up here: the keepalives stop and the lease expires.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl fmt::Debug for EtcdRegistration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdRegistration")
+            .field("key", &self.key)
+            .field("lease_id", &self.lease_id())
+            .finish()
+    }
+}
+
+impl Registrant {
+    /// Connects, grants a lease, puts the record under it, opens the keepalive stream.
+    /// `stale` (a previous lease) is revoked afterwards, best effort: the key has moved.
+    async fn establish(&self, stale: Option<i64>) -> Result<Held, String> {
+        let timeout = self.config.request_timeout;
+        let client = self.config.connect().await?;
+        let mut lease = client.lease_client();
+        let grant = bounded(timeout, "lease grant", lease.grant(self.ttl_secs, None)).await?;
+        let lease_id = grant.id();
+        let mut kv = client.kv_client();
+        let put = kv.put(
+            self.key.as_bytes(),
+            self.value.as_bytes(),
+            Some(PutOptions::new().with_lease(lease_id)),
+        );
+        bounded(timeout, "put", put).await?;
+        self.lease.send_replace(lease_id);
+        let (keeper, responses) = bounded(timeout, "lease keepalive", lease.keep_alive(lease_id)).await?;
+        if let Some(stale) = stale.filter(|&id| id != 0 && id != lease_id) {
+            let _ = bounded(timeout, "lease revoke", lease.revoke(stale)).await;
+        }
+        tracing::info!(key = %self.key, lease_id, ttl = self.ttl_secs, "registered in etcd");
+        Ok(Held {
+            client,
+            lease_id,
+            keeper,
+            responses,
+        })
+    }
+
+    /// One keepalive round trip; `Ok(false)` if the lease is gone.
+    async fn refresh(&self, held: &mut Held) -> Result<bool, String> {
+        let timeout = self.config.request_timeout;
+        bounded(timeout, "lease keepalive", held.keeper.keep_alive()).await?;
+        match bounded(timeout, "lease keepalive", held.responses.message()).await? {
+            Some(response) => Ok(response.ttl() > 0),
+            None => Err("etcd lease keepalive: stream closed".into()),
+        }
+    }
+
+    async fn keep_alive(self, held: Held, mut stop: tokio::sync::oneshot::Receiver<()>) -> Result<(), Error> {
+        let interval = Duration::from_millis((self.ttl_secs as u64 * 1000 / 3).max(200));
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        let mut held = Some(held);
+        let mut last_lease = None;
+        loop {
+            let delay = if held.is_some() {
+                interval
+            } else {
+                backoff.next_delay()
+            };
+            tokio::select! {
+                _ = &mut stop => return self.remove(held).await,
+                () = tokio::time::sleep(delay) => {}
+            }
+            let outcome = match held.as_mut() {
+                Some(current) => {
+                    last_lease = Some(current.lease_id);
+                    match self.refresh(current).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(format!("lease {} was lost", current.lease_id)),
+                        Err(reason) => Err(reason),
+                    }
+                }
+                None => match self.establish(last_lease).await {
+                    Ok(new) => {
+                        backoff.reset();
+                        held = Some(new);
+                        Ok(())
+                    }
+                    Err(reason) => Err(reason),
+                },
+            };
+            if let Err(reason) = outcome {
+                if held.take().is_some() {
+                    tracing::warn!(key = %self.key, %reason, "etcd registration interrupted: registering again");
+                    // A lost lease is replaced at once; a failed store is retried with backoff.
+                    backoff.reset();
+                } else {
+                    tracing::warn!(key = %self.key, %reason, "etcd registration failed: retrying");
+                }
+            }
+        }
+    }
+
+    /// Deletes the key and revokes the lease (reconnecting once if there is no connection).
+    async fn remove(&self, held: Option<Held>) -> Result<(), Error> {
+        let timeout = self.config.request_timeout;
+        let failed = |reason| Error::Etcd {
+            operation: "deregister",
+            reason,
+        };
+        let (client, lease_id) = match held {
+            Some(held) => (held.client, Some(held.lease_id)),
+            None => (self.config.connect().await.map_err(failed)?, None),
+        };
+        let mut kv = client.kv_client();
+        bounded(timeout, "delete", kv.delete(self.key.as_bytes(), None))
+            .await
+            .map_err(failed)?;
+        if let Some(lease_id) = lease_id {
+            let mut lease = client.lease_client();
+            bounded(timeout, "lease revoke", lease.revoke(lease_id))
+                .await
+                .map_err(failed)?;
+        }
+        tracing::info!(key = %self.key, "deregistered from etcd");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_with_defaults_and_ignore_unknown_fields() {
+        let endpoint = parse_record(br#"{"address":"127.0.0.1:5001","extra":{"x":1}}"#).unwrap();
+        assert_eq!(endpoint, Endpoint::new("127.0.0.1:5001".parse().unwrap(), None));
+        let full = parse_record(
+            br#"{"address":"127.0.0.1:5002","zone":"a","region":"r","weight":3,"tags":{"v":"2"}}"#,
+        )
+        .unwrap();
+        assert_eq!(full.weight(), 3);
+        assert_eq!(full.zone(), Some("a"));
+        assert_eq!(full.region(), Some("r"));
+        assert_eq!(full.tag("v"), Some("2"));
+        assert_eq!(parse_record(etcd_record(&full).as_bytes()).unwrap(), full);
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        for bad in [
+            &b"not json"[..],
+            br#"{"zone":"a"}"#,
+            br#"{"address":5001}"#,
+            br#"{"address":"localhost:5001"}"#,
+            br#"{"address":"127.0.0.1"}"#,
+            br#"{"address":"127.0.0.1:5001","weight":"heavy"}"#,
+            br#"{"address":"127.0.0.1:5001","weight":-1}"#,
+            br#"{"address":"127.0.0.1:5001","weight":0}"#,
+            br#"{"address":"127.0.0.1:5001","tags":{"v":2}}"#,
+            br#"{"address":"127.0.0.1:5001","zone":""}"#,
+            br#"{"address":"0.0.0.0:5001"}"#,
+        ] {
+            assert!(parse_record(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let field = |config: EtcdConfig| match config.validate() {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        };
+        let ok = || EtcdConfig::new(["http://127.0.0.1:2379"]);
+        assert!(ok().validate().is_ok());
+        assert!(EtcdConfig::new(["127.0.0.1:2379"]).validate().is_ok());
+        assert_eq!(field(EtcdConfig::new(Vec::<String>::new())), "etcd.endpoints");
+        for url in [
+            "",
+            "http://",
+            "http://127.0.0.1",
+            "http://h:0",
+            "https://h:1",
+            "http://h:1/x",
+            "h :1",
+        ] {
+            assert_eq!(field(EtcdConfig::new([url])), "etcd.endpoints", "{url:?}");
+        }
+        assert_eq!(field(ok().with_root("/services")), "etcd.root");
+        assert_eq!(field(ok().with_root("")), "etcd.root");
+        assert_eq!(
+            field(ok().with_request_timeout(Duration::ZERO)),
+            "etcd.request_timeout"
+        );
+        assert_eq!(
+            field(ok().with_backoff(Duration::from_secs(2), Duration::from_secs(1))),
+            "etcd.backoff"
+        );
+    }
+
+    #[test]
+    fn discovery_rejects_bad_services() {
+        let config = || EtcdConfig::new(["http://127.0.0.1:2379"]);
+        assert!(EtcdDiscovery::new(config(), Vec::<String>::new()).is_err());
+        assert!(matches!(
+            EtcdDiscovery::new(config(), ["a/b"]),
+            Err(Error::InvalidServiceName { .. })
+        ));
+        assert!(matches!(
+            EtcdDiscovery::new(config(), [""]),
+            Err(Error::InvalidServiceName { .. })
+        ));
+        assert!(matches!(
+            EtcdDiscovery::new(config(), ["a", "a"]),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(EtcdDiscovery::new(config(), ["a", "b"]).is_ok());
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let bounds = [(50, 100), (100, 200), (200, 400), (200, 400)];
+        for (low, high) in bounds {
+            let d = backoff.next_delay();
+            assert!(
+                d >= Duration::from_millis(low) && d <= Duration::from_millis(high),
+                "{d:?} not in {low}..={high} ms"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}
