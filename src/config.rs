@@ -201,20 +201,7 @@ impl LoadBalancerConfig {
     ///
     /// Parse errors carry the line and column and name the unknown or mistyped field.
     pub fn from_toml_str(text: &str) -> Result<Self, Error> {
-        let config: Self = toml::from_str(text).map_err(|e| {
-            let (line, column) = match e.span() {
-                Some(span) => {
-                    let (l, c) = line_col(text, span.start);
-                    (Some(l), Some(c))
-                }
-                None => (None, None),
-            };
-            Error::ConfigParse {
-                line,
-                column,
-                message: e.message().to_owned(),
-            }
-        })?;
+        let config: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -246,6 +233,22 @@ impl LoadBalancerConfig {
             .get(service)
             .and_then(|s| s.strategy)
             .unwrap_or(default)
+    }
+}
+
+/// A TOML parse error of `text` as [`Error::ConfigParse`], with its line and column.
+pub(crate) fn toml_error(text: &str, error: &toml::de::Error) -> Error {
+    let (line, column) = match error.span() {
+        Some(span) => {
+            let (l, c) = line_col(text, span.start);
+            (Some(l), Some(c))
+        }
+        None => (None, None),
+    };
+    Error::ConfigParse {
+        line,
+        column,
+        message: error.message().trim_end().to_owned(),
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Metadata, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
+use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -148,7 +148,14 @@ impl RequestHandler for Handler {
         *self.queries.lock().unwrap().entry(owner.clone()).or_default() += 1;
         let (code, answers, additionals) = self.zone.answer(&owner, info.query.query_type());
         metadata.response_code = code;
-        let response = builder.build(metadata, answers.iter(), [], [], additionals.iter());
+        // An empty answer carries the zone's SOA in its authority section, as real
+        // authoritative servers send (it is what makes "no records" authoritative).
+        let soa = answers.is_empty().then(|| {
+            let apex = Name::root();
+            let soa = SOA::new(apex.clone(), apex.clone(), 1, 60, 60, 600, 1);
+            Record::from_rdata(apex, 1, RData::SOA(soa))
+        });
+        let response = builder.build(metadata, answers.iter(), [], soa.iter(), additionals.iter());
         match response_handle.send_response(response).await {
             Ok(info) => info,
             Err(e) => panic!("cannot send a DNS response: {e}"),

@@ -243,3 +243,54 @@ async fn a_missing_file_is_degraded_until_it_appears() {
     .await;
     runner.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_truncated_or_half_written_in_place_never_empties_a_service() {
+    let dir = TempDir::new();
+    write_atomically(&dir.file(), INITIAL);
+    let (_registry, lb, runner) = setup(&dir.file()).await;
+    let api = addrs(&["127.0.0.1:5001", "127.0.0.2:5001"]);
+    let billing = addrs(&["127.0.0.3:6001"]);
+    // Truncated (as `>` or an editor does before writing): degraded, routing unchanged.
+    std::fs::write(dir.file(), "").unwrap();
+    eventually(Duration::from_secs(5), "empty file reported degraded", || {
+        matches!(stats(&runner).health, SourceHealth::Degraded { .. })
+    })
+    .await;
+    assert_eq!(routed(&lb, "api"), api);
+    assert_eq!(routed(&lb, "billing"), billing);
+    // Written slowly in place, a valid-TOML prefix at a time: no poll applies a prefix that
+    // drops the billing service or an api endpoint, because the content is still changing.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(dir.file())
+        .unwrap();
+    let sampler = {
+        let mut worst = (usize::MAX, usize::MAX);
+        let start = Instant::now();
+        let mut written = 0;
+        for line in INITIAL.split_inclusive('\n') {
+            use std::io::Write;
+            file.write_all(line.as_bytes()).unwrap();
+            file.flush().unwrap();
+            written += 1;
+            // Lines arrive 10 ms apart: less than the source's settle time between two reads.
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                worst.0 = worst.0.min(routed(&lb, "api").len());
+                worst.1 = worst.1.min(routed(&lb, "billing").len());
+            }
+        }
+        assert!(written > 10 && start.elapsed() > Duration::from_millis(100));
+        worst
+    };
+    assert_eq!(sampler, (2, 1), "a half-written file was applied");
+    eventually(Duration::from_secs(5), "healthy again once complete", || {
+        stats(&runner).health == SourceHealth::Healthy
+    })
+    .await;
+    assert_eq!(routed(&lb, "api"), api);
+    assert_eq!(routed(&lb, "billing"), billing);
+    runner.shutdown().await;
+}

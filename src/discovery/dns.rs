@@ -20,7 +20,7 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
-use super::{Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
+use super::{Backoff, Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
 use crate::Error;
 use crate::endpoint::{Endpoint, EndpointMetadata};
 use crate::registry::validate_service_name;
@@ -177,7 +177,8 @@ impl DnsConfig {
         self
     }
 
-    /// Spreads each refresh by up to ±`fraction` of its interval (`0.0..=0.5`; default 0.1).
+    /// Brings each refresh forward by up to `fraction` of its interval (`0.0..=0.5`; default
+    /// 0.1), so a fleet does not ask in step and no answer is used past its TTL.
     pub fn with_jitter(mut self, fraction: f64) -> Self {
         self.jitter = fraction;
         self
@@ -292,10 +293,11 @@ impl DnsConfig {
             .map_err(|e| Error::invalid_config("dns", format!("cannot build the resolver: {e}")))
     }
 
-    /// The wait after an answer with `ttl`: bounded, then jittered within the bounds.
+    /// The wait after an answer with `ttl`: bounded, then jittered down (never past the
+    /// record's expiry) within the bounds.
     fn refresh_after(&self, ttl: Duration) -> Duration {
         let base = ttl.clamp(self.min_refresh, self.max_refresh).as_secs_f64();
-        let spread = base * self.jitter * (2.0 * unit_random() - 1.0);
+        let spread = -base * self.jitter * unit_random();
         Duration::from_secs_f64((base + spread).max(0.0)).clamp(self.min_refresh, self.max_refresh)
     }
 }
@@ -303,33 +305,6 @@ impl DnsConfig {
 /// A uniform random number in `[0, 1)`.
 fn unit_random() -> f64 {
     (crate::sync::random_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Capped exponential backoff with jitter (each wait is in `[d/2, d]`).
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            current: initial,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = self.initial;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (d * 2).min(self.max);
-        d.mul_f64(0.5 + 0.5 * unit_random())
-    }
 }
 
 // ===== DnsDiscovery =====
@@ -672,11 +647,19 @@ async fn lookup(resolver: &TokioResolver, name: &str, kind: RecordType) -> Resul
     }
 }
 
-/// `Some` when `error` is an authoritative "no such records" (NXDOMAIN or NODATA): the
-/// negative TTL when the answer carried one.
+/// `Some` when `error` is an authoritative "no such records": NXDOMAIN, or NODATA with the
+/// zone's SOA and no referral (a NOERROR answer that only points to other name servers is a
+/// lame or misconfigured server, not "no instances"). The negative TTL when the answer
+/// carried one.
 fn negative_ttl(error: &NetError) -> Option<Option<Duration>> {
+    use hickory_resolver::proto::op::ResponseCode;
     match error {
-        NetError::Dns(hickory_resolver::net::DnsError::NoRecordsFound(none)) => {
+        NetError::Dns(hickory_resolver::net::DnsError::NoRecordsFound(none))
+            if none.response_code == ResponseCode::NXDomain
+                || (none.response_code == ResponseCode::NoError
+                    && none.soa.is_some()
+                    && none.ns.is_none()) =>
+        {
             Some(none.negative_ttl.map(|s| Duration::from_secs(u64::from(s))))
         }
         _ => None,
@@ -966,18 +949,5 @@ mod tests {
             );
         }
         assert!(seen.len() > 10, "jitter spreads refreshes: {seen:?}");
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_with_jitter() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let waits: Vec<Duration> = (0..5).map(|_| backoff.next_delay()).collect();
-        let caps = [100, 200, 400, 400, 400];
-        for (wait, cap) in waits.iter().zip(caps) {
-            let cap = Duration::from_millis(cap);
-            assert!(*wait >= cap / 2 && *wait <= cap, "{wait:?} vs {cap:?}");
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -51,7 +51,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 
-use super::{Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
+use super::{Backoff, Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
 use crate::endpoint::{Endpoint, EndpointMetadata};
 use crate::error::{Error, truncate};
 use crate::registry::validate_service_name;
@@ -271,41 +271,6 @@ async fn bounded<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(format!("etcd {what}: {error}")),
         Err(_) => Err(format!("etcd {what}: no answer within {timeout:?}")),
-    }
-}
-
-/// Capped exponential backoff with jitter (each wait is in `[d/2, d]`).
-#[derive(Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            next: initial,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let full = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let half = full / 2;
-        let jitter_us = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
-        let jitter = if jitter_us == 0 {
-            0
-        } else {
-            crate::sync::random_u64() % (jitter_us + 1)
-        };
-        half + Duration::from_micros(jitter)
     }
 }
 
@@ -1206,20 +1171,5 @@ mod tests {
             Err(Error::InvalidConfig { .. })
         ));
         assert!(EtcdDiscovery::new(config(), ["a", "b"]).is_ok());
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
-        let bounds = [(50, 100), (100, 200), (200, 400), (200, 400)];
-        for (low, high) in bounds {
-            let d = backoff.next_delay();
-            assert!(
-                d >= Duration::from_millis(low) && d <= Duration::from_millis(high),
-                "{d:?} not in {low}..={high} ms"
-            );
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
     }
 }

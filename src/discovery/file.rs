@@ -32,6 +32,9 @@ const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// A file younger than this is re-read even if its timestamp and size look unchanged.
 const RACY_WINDOW: Duration = Duration::from_secs(2);
 
+/// How long a changed file's content must stay the same before it is applied.
+const SETTLE: Duration = Duration::from_millis(25);
+
 /// A [`Discovery`] source reading services and endpoints from a TOML file, reloaded when it
 /// changes.
 ///
@@ -74,9 +77,10 @@ const RACY_WINDOW: Duration = Duration::from_secs(2);
 /// * **Change detection**: every poll stats the file; its content is read when the
 ///   modification time or size changed, or when the modification time is under two seconds
 ///   old (a rewrite within one timestamp tick keeps both), and the membership is republished
-///   only when the content differs from the last good one. Write the file atomically (write
-///   a temporary file, then rename it over the old one): a poll that catches a half-written
-///   file reports the source degraded until the next poll.
+///   only when the content differs from the last good one. Changed content is applied only
+///   if two reads 25 ms apart agree, and an empty file is an error (the last good membership
+///   stays), so a file being rewritten in place is not taken half-written. Writing it
+///   atomically (a temporary file renamed over the old one) is still best.
 ///
 /// # Examples
 ///
@@ -199,20 +203,7 @@ impl FileDiscovery {
 /// # Ok::<_, Error>(())
 /// ```
 pub fn parse_services_toml(text: &str) -> Result<BTreeMap<String, Vec<Endpoint>>, Error> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let (line, column) = match e.span() {
-            Some(span) => {
-                let (l, c) = line_col(text, span.start);
-                (Some(l), Some(c))
-            }
-            None => (None, None),
-        };
-        Error::ConfigParse {
-            line,
-            column,
-            message: e.message().trim_end().to_owned(),
-        }
-    })?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| crate::config::toml_error(text, &e))?;
     let at = |span: std::ops::Range<usize>, message: String| {
         let (line, column) = line_col(text, span.start);
         Error::ConfigParse {
@@ -393,7 +384,15 @@ impl FileDiscovery {
             if last_stamp == Some(stamp) && !racy {
                 return Ok(Read::Unchanged);
             }
-            Ok(Read::Text(std::fs::read_to_string(&path)?, stamp))
+            // A file being rewritten in place can be caught half-written, and a prefix of
+            // TOML is often valid TOML (with services or endpoints missing). Only content
+            // that reads the same twice, SETTLE apart, is taken; else the next poll retries.
+            let text = std::fs::read_to_string(&path)?;
+            std::thread::sleep(SETTLE);
+            if std::fs::read_to_string(&path)? != text {
+                return Ok(Read::Unchanged);
+            }
+            Ok(Read::Text(text, stamp))
         })
         .await;
         let (text, stamp) = match read {
@@ -412,6 +411,11 @@ impl FileDiscovery {
                 sink.set_health(SourceHealth::Healthy);
             }
             return;
+        }
+        if text.trim().is_empty() {
+            // Truncated for a rewrite, most likely: never read as "no services".
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty");
+            return self.fail(sink, seen, self.io_error(&e));
         }
         let services = match parse_services_toml(&text) {
             Ok(services) => services,

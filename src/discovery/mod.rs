@@ -21,8 +21,10 @@
 //!   balancer), so a burst of thousands of changes costs a few rebuilds.
 //! * **Nothing lost, nothing invented**: a source that fails keeps its last membership in the
 //!   registry (a degraded source never empties a service); only what a source publishes
-//!   changes membership; an update the registry rejects (an invalid endpoint) leaves the
-//!   service as it was and is counted in [`SourceStats::rejected`].
+//!   changes membership; invalid endpoints are dropped at [`DiscoverySink::publish`]
+//!   (counted in [`SourceStats::malformed`]) so one bad record never holds back the changes
+//!   merged with it; a source that panics is reported stopped and its services keep their
+//!   last membership.
 #![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -46,6 +48,45 @@ pub use etcd::{
     etcd_record,
 };
 pub use file::{DEFAULT_FILE_POLL_INTERVAL, FileDiscovery, parse_services_toml};
+
+/// Capped exponential backoff with jitter for sources retrying their store: each wait is in
+/// `[d/2, d]`, where `d` starts at `initial` and doubles per failure up to `max`.
+#[cfg(any(feature = "dns", feature = "etcd"))]
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    initial: std::time::Duration,
+    max: std::time::Duration,
+    next: std::time::Duration,
+}
+
+#[cfg(any(feature = "dns", feature = "etcd"))]
+impl Backoff {
+    pub(crate) fn new(initial: std::time::Duration, max: std::time::Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    /// After a success: the next failure waits about `initial` again.
+    pub(crate) fn reset(&mut self) {
+        self.next = self.initial;
+    }
+
+    pub(crate) fn next_delay(&mut self) -> std::time::Duration {
+        let full = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        let half = full / 2;
+        let jitter_us = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
+        let jitter = if jitter_us == 0 {
+            0
+        } else {
+            crate::sync::random_u64() % jitter_us.saturating_add(1)
+        };
+        half + std::time::Duration::from_micros(jitter)
+    }
+}
 
 /// One change of membership published by a source.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,9 +162,9 @@ pub struct SourceStats {
 ///
 /// Implementations retry their own failures (with backoff) and report them through
 /// [`DiscoverySink::set_health`]; they never publish an empty membership because they could
-/// not reach their store. They validate records themselves ([`Endpoint::validate`]) and
-/// skip malformed ones through [`DiscoverySink::record_malformed`], so the rest of an update
-/// applies: the registry rejects an update with an invalid endpoint as a whole. A source
+/// not reach their store. Records they cannot parse are skipped through
+/// [`DiscoverySink::record_malformed`]; endpoints that parse but are invalid
+/// ([`Endpoint::validate`]) are dropped by [`DiscoverySink::publish`] itself. A source
 /// reports [`SourceHealth::Healthy`] (or `Degraded`) once its first load is published:
 /// [`DiscoveryRunner::synced`] waits for that.
 ///
@@ -175,13 +216,33 @@ pub struct DiscoverySink {
 
 impl DiscoverySink {
     /// Queues `update` for the registry (merged with what is queued for its service).
+    ///
+    /// Endpoints that fail [`Endpoint::validate`] are skipped and counted as malformed (the
+    /// rest of the update applies); an update for an invalid service name is skipped whole
+    /// and counted as rejected. So what reaches the registry is always valid, and one bad
+    /// record never holds back the changes merged with it.
     pub fn publish(&self, update: MembershipUpdate) {
+        let (update, malformed) = sanitize(update);
         {
             let mut state = self.inner.state.lock();
             if state.closed {
                 return;
             }
-            state.sources[self.source].stats.updates += 1;
+            let stats = &mut state.sources[self.source].stats;
+            stats.updates += 1;
+            for reason in &malformed {
+                stats.malformed += 1;
+                tracing::warn!(source = %stats.name, %reason, "discovery record skipped as malformed");
+            }
+            let update = match update {
+                Ok(update) => update,
+                Err(error) => {
+                    stats.rejected += 1;
+                    stats.last_error = Some(error.to_string());
+                    tracing::warn!(source = %stats.name, %error, "discovery update skipped");
+                    return;
+                }
+            };
             let service = update.service().to_owned();
             match state.owners.get(&service) {
                 Some(&owner) if owner != self.source => {
@@ -258,6 +319,58 @@ impl fmt::Debug for DiscoverySink {
         f.debug_struct("DiscoverySink")
             .field("source", &self.source)
             .finish()
+    }
+}
+
+/// Checks an update before it is queued: the service name, and each endpoint (invalid ones
+/// are dropped and described).
+fn sanitize(update: MembershipUpdate) -> (Result<MembershipUpdate, crate::Error>, Vec<String>) {
+    let mut malformed = Vec::new();
+    if let Err(error) = crate::registry::validate_service_name(update.service()) {
+        return (Err(error), malformed);
+    }
+    let mut keep_valid = |endpoints: Vec<Endpoint>| {
+        endpoints
+            .into_iter()
+            .filter(|e| match e.validate() {
+                Ok(()) => true,
+                Err(error) => {
+                    malformed.push(format!("{}: {error}", e.address));
+                    false
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let update = match update {
+        MembershipUpdate::Snapshot { service, endpoints } => MembershipUpdate::Snapshot {
+            service,
+            endpoints: keep_valid(endpoints),
+        },
+        MembershipUpdate::Changes {
+            service,
+            upserts,
+            removals,
+        } => MembershipUpdate::Changes {
+            service,
+            upserts: keep_valid(upserts),
+            removals,
+        },
+    };
+    (Ok(update), malformed)
+}
+
+/// Marks a source stopped when its task ends, normally or by a panic.
+struct StoppedOnDrop(DiscoverySink);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut state = self.0.inner.state.lock();
+            let stats = &mut state.sources[self.0.source].stats;
+            stats.last_error = Some("the source panicked".to_owned());
+            tracing::error!(source = %stats.name, "discovery source panicked: its services keep their last membership");
+        }
+        self.0.set_health(SourceHealth::Stopped);
     }
 }
 
@@ -394,8 +507,10 @@ impl DiscoveryRunner {
             inner: self.inner.clone(),
         };
         let task = tokio::spawn(async move {
-            source.run(sink.clone()).await;
-            sink.set_health(SourceHealth::Stopped);
+            // Dropped when `run` returns or unwinds: a source that panicked is reported as
+            // stopped (with the reason), so `synced` does not wait for it forever.
+            let _stopped = StoppedOnDrop(sink.clone());
+            source.run(sink).await;
         });
         self.tasks.lock().push(task);
     }
@@ -528,6 +643,23 @@ mod tests {
     use super::*;
     use crate::endpoint::EndpointMetadata;
     use crate::{IntegratedLoadBalancer, LoadBalancerConfig, LoadBalancingStrategy};
+
+    #[test]
+    #[cfg(any(feature = "dns", feature = "etcd"))]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        use std::time::Duration;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let bounds = [(50, 100), (100, 200), (200, 400), (200, 400)];
+        for (low, high) in bounds {
+            let d = backoff.next_delay();
+            assert!(
+                d >= Duration::from_millis(low) && d <= Duration::from_millis(high),
+                "{d:?} not in {low}..={high} ms"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
 
     type Batch = (Vec<MembershipUpdate>, tokio::sync::oneshot::Sender<()>);
 
@@ -725,5 +857,67 @@ mod tests {
             assert!(h.routed("svc").is_empty());
             h.runner.shutdown().await;
         });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_invalid_endpoint_is_dropped_and_the_rest_of_the_update_applies() {
+        let h = Harness::new().await;
+        h.burst(vec![MembershipUpdate::Snapshot {
+            service: "svc".into(),
+            endpoints: vec![ep(1, 1), ep(2, 1)],
+        }])
+        .await;
+        // Port 0 is invalid; it arrives merged with a valid upsert and a removal.
+        let bad = Endpoint::new("127.0.0.1:0".parse().unwrap(), None);
+        h.burst(vec![MembershipUpdate::Changes {
+            service: "svc".into(),
+            upserts: vec![bad, ep(3, 5)],
+            removals: vec![addr(1)],
+        }])
+        .await;
+        assert_eq!(h.routed("svc"), vec![(addr(2), 1), (addr(3), 5)]);
+        let stats = &h.runner.stats()[0];
+        assert_eq!((stats.malformed, stats.rejected), (1, 0));
+        // An invalid service name is skipped whole and counted.
+        h.burst(vec![MembershipUpdate::Snapshot {
+            service: " bad name".into(),
+            endpoints: vec![ep(4, 1)],
+        }])
+        .await;
+        assert_eq!(h.runner.stats()[0].rejected, 1);
+        assert_eq!(h.registry.services().await, vec!["svc".to_owned()]);
+        h.runner.shutdown().await;
+    }
+
+    struct Panics;
+
+    #[async_trait::async_trait]
+    impl Discovery for Panics {
+        fn name(&self) -> String {
+            "panics".into()
+        }
+
+        async fn run(self: Box<Self>, sink: DiscoverySink) {
+            sink.publish(MembershipUpdate::Snapshot {
+                service: "kept".into(),
+                endpoints: vec![ep(7, 1)],
+            });
+            panic!("a source bug");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_that_panics_is_reported_stopped_and_its_membership_stays() {
+        let registry = DataArc::new(ServiceRegistry::new());
+        let runner = DiscoveryRunner::new(registry.clone());
+        runner.spawn(Panics);
+        tokio::time::timeout(std::time::Duration::from_secs(5), runner.synced())
+            .await
+            .expect("synced must not wait for a dead source");
+        let stats = &runner.stats()[0];
+        assert_eq!(stats.health, SourceHealth::Stopped);
+        assert_eq!(stats.last_error.as_deref(), Some("the source panicked"));
+        assert_eq!(registry.endpoints("kept").await.unwrap().len(), 1);
+        runner.shutdown().await;
     }
 }
