@@ -727,8 +727,10 @@ impl EtcdDiscovery {
                 }
                 return SessionEnd::Failed(format!("etcd watch cancelled: {}", response.cancel_reason()));
             }
-            let Some(index) = usize::try_from(response.watch_id() - 1)
-                .ok()
+            let Some(index) = response
+                .watch_id()
+                .checked_sub(1)
+                .and_then(|id| usize::try_from(id).ok())
                 .filter(|&i| i < state.services.len())
             else {
                 continue; // a progress notification for the whole stream
