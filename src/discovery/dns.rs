@@ -471,6 +471,11 @@ impl Discovery for DnsDiscovery {
         format!("dns:{}", names.join(","))
     }
 
+    fn services(&self) -> Vec<String> {
+        let services: BTreeSet<String> = self.targets.iter().map(|t| t.service.clone()).collect();
+        services.into_iter().collect()
+    }
+
     async fn run(self: Box<Self>, sink: DiscoverySink) {
         let name = self.name();
         let Self {

@@ -484,6 +484,10 @@ impl Discovery for EtcdDiscovery {
         format!("etcd:{}", self.config.root)
     }
 
+    fn services(&self) -> Vec<String> {
+        self.services.clone()
+    }
+
     async fn run(self: Box<Self>, sink: DiscoverySink) {
         let mut state = WatchState {
             services: self

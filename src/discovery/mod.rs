@@ -12,8 +12,10 @@
 //!
 //! # Invariants
 //!
-//! * **One owner per service**: the first source to publish a service owns it; updates for
-//!   it from any other source are skipped (counted in [`SourceStats::conflicts`], logged).
+//! * **One owner per service**: a source that declares a service ([`Discovery::services`])
+//!   owns it from its spawn on, the earlier spawned winning; an undeclared service goes to
+//!   the first source that publishes it. Updates from any other source are skipped
+//!   (counted in [`SourceStats::conflicts`], logged).
 //!   Sources compose by owning different services (static + DNS + etcd side by side).
 //! * **Coalescing**: publishing never waits on the registry. Updates queue per service and
 //!   merge (a snapshot replaces what was queued, changes fold into it); the runner applies
@@ -202,6 +204,15 @@ pub struct SourceStats {
 pub trait Discovery: Send + 'static {
     /// A name for logs and metrics, e.g. `file:/etc/lb/services.toml` or `etcd:/services/`.
     fn name(&self) -> String;
+
+    /// The services this source is configured for, if it knows them before it runs (DNS and
+    /// etcd sources do; a file source learns them from the file). The runner claims them for
+    /// this source when it is spawned, in spawn order, so which source owns a service does
+    /// not depend on which answers first: every process configured alike agrees. A service
+    /// no source declared goes to the first source that publishes it.
+    fn services(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Runs the source: publishes into `sink` until [`DiscoverySink::closed`] resolves.
     async fn run(self: Box<Self>, sink: DiscoverySink);
@@ -436,6 +447,8 @@ struct SourceSlot {
 struct RunnerState {
     sources: Vec<SourceSlot>,
     owners: BTreeMap<String, usize>,
+    /// Services whose owner was declared at spawn (see [`Discovery::services`]).
+    declared: std::collections::BTreeSet<String>,
     pending: BTreeMap<String, Pending>,
     /// Updates published (accepted into `pending`) so far, and applied so far.
     queued_updates: u64,
@@ -492,6 +505,7 @@ impl DiscoveryRunner {
     /// Starts a boxed source on its own task.
     pub fn spawn_boxed(&self, source: Box<dyn Discovery>) {
         let name = source.name();
+        let declared = source.services();
         let index = {
             let mut state = self.inner.state.lock();
             state.sources.push(SourceSlot {
@@ -500,7 +514,23 @@ impl DiscoveryRunner {
                     ..Default::default()
                 },
             });
-            state.sources.len() - 1
+            let index = state.sources.len() - 1;
+            for service in declared {
+                match state.owners.get(&service) {
+                    // Declared by an earlier source: that one keeps it.
+                    Some(&owner) if state.declared.contains(&service) => {
+                        let owner = state.sources[owner].stats.name.clone();
+                        tracing::warn!(source = %name, %service, %owner,
+                            "discovery source declares a service another source owns: its updates for it will be skipped");
+                    }
+                    // Claimed dynamically (first publish) or not at all: the declaration wins.
+                    _ => {
+                        state.owners.insert(service.clone(), index);
+                        state.declared.insert(service);
+                    }
+                }
+            }
+            index
         };
         let sink = DiscoverySink {
             source: index,
@@ -918,6 +948,70 @@ mod tests {
         assert_eq!(stats.health, SourceHealth::Stopped);
         assert_eq!(stats.last_error.as_deref(), Some("the source panicked"));
         assert_eq!(registry.endpoints("kept").await.unwrap().len(), 1);
+        runner.shutdown().await;
+    }
+
+    /// Publishes one snapshot of `svc` after `delay`; declares `svc` if `declare`.
+    struct Timed {
+        name: &'static str,
+        declare: bool,
+        delay: std::time::Duration,
+        endpoint: usize,
+    }
+
+    #[async_trait::async_trait]
+    impl Discovery for Timed {
+        fn name(&self) -> String {
+            self.name.into()
+        }
+
+        fn services(&self) -> Vec<String> {
+            if self.declare {
+                vec!["svc".into()]
+            } else {
+                Vec::new()
+            }
+        }
+
+        async fn run(self: Box<Self>, sink: DiscoverySink) {
+            tokio::time::sleep(self.delay).await;
+            sink.publish(MembershipUpdate::Snapshot {
+                service: "svc".into(),
+                endpoints: vec![ep(self.endpoint, 1)],
+            });
+            sink.set_health(SourceHealth::Healthy);
+            sink.closed().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_declared_service_belongs_to_its_source_whoever_answers_first() {
+        let registry = DataArc::new(ServiceRegistry::new());
+        let runner = DiscoveryRunner::new(registry.clone());
+        // The declaring source is slow; the undeclared one publishes at once, and loses.
+        runner.spawn(Timed {
+            name: "declares",
+            declare: true,
+            delay: std::time::Duration::from_millis(100),
+            endpoint: 1,
+        });
+        runner.spawn(Timed {
+            name: "eager",
+            declare: false,
+            delay: std::time::Duration::ZERO,
+            endpoint: 2,
+        });
+        runner.synced().await;
+        let addresses: Vec<_> = registry
+            .endpoints("svc")
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.address)
+            .collect();
+        assert_eq!(addresses, vec![addr(1)]);
+        let stats = runner.stats();
+        assert_eq!((stats[0].conflicts, stats[1].conflicts), (0, 1));
         runner.shutdown().await;
     }
 }
