@@ -956,3 +956,50 @@ fn child_process() {
         }
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_cut_off_for_less_than_its_ttl_keeps_its_lease_and_key() {
+    let etcd = etcd_or_skip!();
+    let f = follow(&etcd.url(), &["api"], (100, 1000)).await;
+    let proxy = Proxy::start(etcd.client_port).await;
+    let config = EtcdConfig::new([proxy.url()])
+        .with_request_timeout(Duration::from_millis(400))
+        .with_backoff(Duration::from_millis(100), Duration::from_millis(300));
+    let registration = EtcdRegistration::register(
+        &config,
+        "api",
+        "api-1",
+        Endpoint::new(addr(5001), None),
+        Duration::from_secs(4),
+    )
+    .await
+    .unwrap();
+    wait_until("registered", Duration::from_secs(5), || {
+        members(&f.lb, "api") == expect(&[(5001, 1)])
+    })
+    .await;
+    let lease = registration.lease_id();
+    // Its connection to etcd is cut for 1.5 s (a keepalive round fails), then restored.
+    proxy.set_open(false);
+    let cut = std::time::Instant::now();
+    let mut gone = false;
+    while cut.elapsed() < Duration::from_millis(1_500) {
+        gone |= members(&f.lb, "api").is_empty();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set_open(true);
+    // Well past the next keepalive rounds: still the same lease, never deregistered.
+    let after = std::time::Instant::now();
+    while after.elapsed() < Duration::from_secs(5) {
+        gone |= members(&f.lb, "api").is_empty();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!gone, "a short cut must not take the instance out of the fleet");
+    assert_eq!(
+        registration.lease_id(),
+        lease,
+        "a transient failure must keep the lease"
+    );
+    registration.deregister().await.unwrap();
+    f.runner.shutdown().await;
+}

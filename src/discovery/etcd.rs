@@ -979,6 +979,31 @@ impl fmt::Debug for EtcdRegistration {
 }
 
 impl Registrant {
+    /// The longest one keepalive round may take: a third of the TTL (at least 200 ms).
+    fn round_limit(&self) -> Duration {
+        Duration::from_millis(
+            self.ttl_secs
+                .unsigned_abs()
+                .saturating_mul(1000)
+                .div_euclid(3)
+                .max(200),
+        )
+    }
+
+    /// A new connection and keepalive stream for the lease `held` already has (after a
+    /// transient failure: the lease, and so the key, may well still be alive).
+    async fn reattach(&self, held: &mut Held) -> Result<(), String> {
+        let timeout = self.config.request_timeout.min(self.round_limit());
+        let client = self.config.connect().await?;
+        let mut lease = client.lease_client();
+        let (keeper, responses) =
+            bounded(timeout, "lease keepalive", lease.keep_alive(held.lease_id)).await?;
+        held.client = client;
+        held.keeper = keeper;
+        held.responses = responses;
+        Ok(())
+    }
+
     /// Connects, grants a lease, puts the record under it, opens the keepalive stream.
     /// `stale` (a previous lease) is revoked afterwards, best effort: the key has moved.
     async fn establish(&self, stale: Option<i64>) -> Result<Held, String> {
@@ -1010,7 +1035,8 @@ impl Registrant {
 
     /// One keepalive round trip; `Ok(false)` if the lease is gone.
     async fn refresh(&self, held: &mut Held) -> Result<bool, String> {
-        let timeout = self.config.request_timeout;
+        // A round must end well inside the lease: at most a third of the TTL.
+        let timeout = self.config.request_timeout.min(self.round_limit());
         bounded(timeout, "lease keepalive", held.keeper.keep_alive()).await?;
         match bounded(timeout, "lease keepalive", held.responses.message()).await? {
             Some(response) => Ok(response.ttl() > 0),
@@ -1021,13 +1047,16 @@ impl Registrant {
     async fn keep_alive(self, held: Held, mut stop: tokio::sync::oneshot::Receiver<()>) -> Result<(), Error> {
         let interval = Duration::from_millis((self.ttl_secs as u64 * 1000 / 3).max(200));
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        let ttl = Duration::from_secs(self.ttl_secs.unsigned_abs());
         let mut held = Some(held);
         let mut last_lease = None;
+        let mut renewed = tokio::time::Instant::now();
+        let mut struggling = false;
         loop {
-            let delay = if held.is_some() {
+            let delay = if held.is_some() && !struggling {
                 interval
             } else {
-                backoff.next_delay()
+                backoff.next_delay().min(interval)
             };
             tokio::select! {
                 _ = &mut stop => return self.remove(held).await,
@@ -1037,14 +1066,31 @@ impl Registrant {
                 Some(current) => {
                     last_lease = Some(current.lease_id);
                     match self.refresh(current).await {
-                        Ok(true) => Ok(()),
+                        Ok(true) => {
+                            renewed = tokio::time::Instant::now();
+                            struggling = false;
+                            backoff.reset();
+                            Ok(())
+                        }
                         Ok(false) => Err(format!("lease {} was lost", current.lease_id)),
+                        // A transient failure while the lease may still be alive: keep it, on
+                        // a new connection, rather than re-registering under a new lease.
+                        Err(reason) if renewed.elapsed() < ttl => {
+                            tracing::warn!(key = %self.key, %reason, "etcd lease keepalive failed: retrying on the same lease");
+                            struggling = true;
+                            if let Err(reason) = self.reattach(current).await {
+                                tracing::warn!(key = %self.key, %reason, "etcd reconnect for the keepalive failed");
+                            }
+                            Ok(())
+                        }
                         Err(reason) => Err(reason),
                     }
                 }
                 None => match self.establish(last_lease).await {
                     Ok(new) => {
                         backoff.reset();
+                        renewed = tokio::time::Instant::now();
+                        struggling = false;
                         held = Some(new);
                         Ok(())
                     }
