@@ -118,7 +118,7 @@ impl DnsTarget {
 /// How [`DnsDiscovery`] resolves: name servers, refresh bounds, jitter, timeouts, backoff.
 ///
 /// `DnsConfig::default()` uses the system's resolver configuration (`/etc/resolv.conf`),
-/// refreshes between 5 s and 5 min (within ±10 % of the TTL), gives each query 2 s, and
+/// refreshes between 5 s and 5 min (up to 10 % before the TTL), gives each query 2 s, and
 /// retries failures after 500 ms doubling up to 30 s.
 ///
 /// # Examples
@@ -329,7 +329,7 @@ fn unit_random() -> f64 {
 /// # Refresh
 ///
 /// A target is re-resolved when its answer expires: at the smallest TTL among the records
-/// used, bounded by [`DnsConfig::with_refresh_bounds`], spread by up to ±`jitter` (so a
+/// used, bounded by [`DnsConfig::with_refresh_bounds`], brought forward by up to `jitter` (so a
 /// fleet of clients does not query in lockstep). The resolver's cache is off: every refresh
 /// asks the name server.
 ///
