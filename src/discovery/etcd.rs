@@ -930,9 +930,9 @@ impl EtcdRegistration {
         self.stop(Duration::ZERO).await
     }
 
-    /// Drains, then deregisters: deletes the key at once (new requests stop coming as the
-    /// balancers see the delete), then waits `drain` (the process keeps serving requests in
-    /// flight) and revokes the lease. Returns when it is safe to exit.
+    /// Deregisters, then drains: deletes the key and revokes its lease at once (new
+    /// requests stop coming as the balancers see the delete), then waits `drain` while the
+    /// process keeps serving the requests in flight. Returns when it is safe to exit.
     ///
     /// # Errors
     ///
