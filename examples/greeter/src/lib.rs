@@ -162,7 +162,11 @@ impl GreeterServer {
                         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
                         .await;
                     let _ = ready_tx.send(listener.local_addr());
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    // Replies are small writes: without TCP_NODELAY, Nagle's algorithm holds
+                    // one back until the client's delayed ACK (~40 ms) whenever an earlier
+                    // reply on the connection is still unacknowledged.
+                    let incoming =
+                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                     let server = tonic::transport::Server::builder()
                         .add_service(health_service)
                         .add_service(greeter)
