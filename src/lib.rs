@@ -57,7 +57,7 @@ pub use discovery::{
 };
 #[cfg(feature = "etcd")]
 pub use discovery::{
-    DEFAULT_LEASE_TTL, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats, EtcdRegistration,
+    DEFAULT_LEASE_TTL, DEFAULT_RANGE_PAGE_SIZE, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats, EtcdRegistration,
     etcd_record,
 };
 #[cfg(feature = "dns")]

@@ -110,6 +110,9 @@ impl EtcdServer {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=tai-lb-test={peer}"))
+            // Quiet watches hear how far the store moved every 200 ms (default 10 min), so
+            // the progress-notification resume is testable.
+            .arg("--experimental-watch-progress-notify-interval=200ms")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -229,6 +232,10 @@ async fn follow(url: &str, services: &[&str], backoff: (u64, u64)) -> Follower {
     let config = EtcdConfig::new([url])
         .with_request_timeout(Duration::from_secs(2))
         .with_backoff(Duration::from_millis(backoff.0), Duration::from_millis(backoff.1));
+    follow_with(config, services).await
+}
+
+async fn follow_with(config: EtcdConfig, services: &[&str]) -> Follower {
     let registry = Arc::new(ServiceRegistry::new());
     let lb = IntegratedLoadBalancer::new(
         registry.clone(),
@@ -1002,4 +1009,226 @@ async fn a_registration_cut_off_for_less_than_its_ttl_keeps_its_lease_and_key() 
     );
     registration.deregister().await.unwrap();
     f.runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_service_is_read_in_pages_that_add_up_to_one_revision() {
+    let etcd = etcd_or_skip!();
+    let mut client = etcd.client().await;
+    // 2,500 instances (in transactions of 125 puts: etcd allows 128 operations per txn),
+    // plus keys just outside the prefix on both sides, which must not be read.
+    let mut expected = Vec::new();
+    for batch in 0..20u16 {
+        let ops: Vec<etcd_client::TxnOp> = (0..125u16)
+            .map(|i| {
+                let port = 20_000 + batch * 125 + i;
+                expected.push((port, 1 + u32::from(port % 5)));
+                etcd_client::TxnOp::put(
+                    key("big", &format!("i{port}")),
+                    etcd_record(&ep(port, 1 + u32::from(port % 5))),
+                    None,
+                )
+            })
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    client
+        .put("/services/big", etcd_record(&ep(9001, 1)), None)
+        .await
+        .unwrap();
+    client
+        .put("/services/big0", etcd_record(&ep(9002, 1)), None)
+        .await
+        .unwrap();
+    put(&mut client, "bif", "x", &ep(9003, 1)).await;
+
+    let config = EtcdConfig::new([etcd.url()])
+        .with_request_timeout(Duration::from_secs(5))
+        .with_range_page_size(300);
+    let f = follow_with(config, &["big"]).await;
+    assert_eq!(members(&f.lb, "big"), expect(&expected));
+    assert_eq!(f.stats.full_reads(), 1);
+
+    // Pages read at one revision add up to a state the store really had: a writer moves
+    // instances (one transaction deletes `i<n>`, which sorts early, and puts `late<n>`, which
+    // sorts last) while the pages are read one key at a time, so every real state has exactly
+    // 2,500 instances; pages read at different revisions would see some instances twice.
+    // Nothing written during the read is lost either: the watch starts after its revision.
+    let config = EtcdConfig::new([etcd.url()])
+        .with_request_timeout(Duration::from_secs(5))
+        .with_range_page_size(1);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let mut client = etcd.client().await;
+        let stop = stop.clone();
+        async move {
+            let mut moved = 0u16;
+            while moved < 2_000 && !stop.load(Ordering::Relaxed) {
+                let move_one = etcd_client::Txn::new().and_then(vec![
+                    etcd_client::TxnOp::delete(key("big", &format!("i{}", 20_000 + moved)), None),
+                    etcd_client::TxnOp::put(
+                        key("big", &format!("late{moved:04}")),
+                        etcd_record(&ep(30_000 + moved, 1)),
+                        None,
+                    ),
+                ]);
+                client.txn(move_one).await.unwrap();
+                moved += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            moved
+        }
+    });
+    let g = follow_with(config, &["big"]).await;
+    assert_eq!(
+        members(&g.lb, "big").len(),
+        2_500,
+        "the paged read is one real state"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let moved = writer.await.unwrap();
+    assert!(moved > 0, "the writer ran during the read");
+    let mut want: Vec<(u16, u32)> = expected
+        .iter()
+        .copied()
+        .filter(|&(p, _)| p >= 20_000 + moved)
+        .collect();
+    want.extend((0..moved).map(|i| (30_000 + i, 1)));
+    wait_until(
+        "every move made during the paged read",
+        Duration::from_secs(10),
+        || {
+            let now = members(&g.lb, "big");
+            assert_eq!(now.len(), 2_500, "every published state is a real one");
+            now == expect(&want)
+        },
+    )
+    .await;
+    eprintln!("{moved} instances moved while 2,500 keys were read one per page");
+    assert_eq!(g.stats.full_reads(), 1);
+    f.runner.shutdown().await;
+    g.runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_service_resumes_after_compaction_thanks_to_progress_notifications() {
+    let etcd = etcd_or_skip!();
+    let mut client = etcd.client().await;
+    put(&mut client, "quiet", "a", &ep(5001, 1)).await;
+    let proxy = Proxy::start(etcd.client_port).await;
+    let f = follow(&proxy.url(), &["quiet"], (100, 300)).await;
+    assert_eq!(members(&f.lb, "quiet"), expect(&[(5001, 1)]));
+
+    // The store moves on elsewhere; the quiet watch hears of it by progress notifications.
+    for i in 0..20 {
+        put(&mut client, "busy", &format!("b{i}"), &ep(6000 + i, 1)).await;
+    }
+    let heard = f.stats.progress_notifications();
+    wait_until("two progress notifications", Duration::from_secs(10), || {
+        f.stats.progress_notifications() >= heard + 2
+    })
+    .await;
+
+    // Cut off; etcd compacts everything up to now; a change to the quiet service is made.
+    proxy.set_open(false);
+    wait_until("degraded", Duration::from_secs(15), || {
+        matches!(health(&f.runner), SourceHealth::Degraded { .. })
+    })
+    .await;
+    let revision = client.get("x", None).await.unwrap().header().unwrap().revision();
+    client
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    put(&mut client, "quiet", "b", &ep(5002, 1)).await;
+    proxy.set_open(true);
+    wait_until("the change made while cut off", Duration::from_secs(10), || {
+        members(&f.lb, "quiet") == expect(&[(5001, 1), (5002, 1)])
+    })
+    .await;
+    assert_eq!(
+        (f.stats.full_reads(), f.stats.compactions()),
+        (1, 0),
+        "resumed after the compacted revision, not re-read: {:?}",
+        f.stats
+    );
+    assert!(f.stats.watch_resumes() >= 1);
+    f.runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_services_follow_their_own_prefixes_and_the_greatest_key_wins_an_address() {
+    let etcd = etcd_or_skip!();
+    let mut client = etcd.client().await;
+    put(&mut client, "api", "a", &ep(5001, 1)).await;
+    put(&mut client, "search", "a", &ep(5101, 1)).await;
+    // Two keys advertise 5003 in api: the record under the greatest key ("y") wins.
+    put(&mut client, "api", "x", &ep(5003, 1)).await;
+    put(&mut client, "api", "y", &ep(5003, 7)).await;
+    let f = follow(&etcd.url(), &["api", "search"], (100, 1000)).await;
+    let g = follow(&etcd.url(), &["search", "api"], (100, 1000)).await;
+    for lb in [&f.lb, &g.lb] {
+        assert_eq!(members(lb, "api"), expect(&[(5001, 1), (5003, 7)]));
+        assert_eq!(members(lb, "search"), expect(&[(5101, 1)]));
+    }
+
+    // Each step: both balancers (services listed in either order) show the same thing.
+    // (what, api's members, search's members) as (port, weight).
+    type Step = (&'static str, Vec<(u16, u32)>, Vec<(u16, u32)>);
+    let steps: Vec<Step> = vec![
+        (
+            "delete api/y: api/x's record is the one left",
+            vec![(5001, 1), (5003, 1)],
+            vec![(5101, 1)],
+        ),
+        (
+            "put api/z: the greatest key now",
+            vec![(5001, 1), (5003, 2)],
+            vec![(5101, 1)],
+        ),
+        (
+            "put api/w: not the greatest, no change",
+            vec![(5001, 1), (5003, 2)],
+            vec![(5101, 1)],
+        ),
+        (
+            "delete api/z: api/x wins again",
+            vec![(5001, 1), (5003, 1)],
+            vec![(5101, 1)],
+        ),
+        (
+            "search changes alone",
+            vec![(5001, 1), (5003, 1)],
+            vec![(5101, 1), (5102, 4)],
+        ),
+        (
+            "api/x malformed: api/w's record",
+            vec![(5001, 1), (5003, 9)],
+            vec![(5101, 1), (5102, 4)],
+        ),
+        (
+            "delete api/w: 5003 gone",
+            vec![(5001, 1)],
+            vec![(5101, 1), (5102, 4)],
+        ),
+    ];
+    for (i, (what, api, search)) in steps.into_iter().enumerate() {
+        match i {
+            0 => drop(client.delete(key("api", "y"), None).await.unwrap()),
+            1 => put(&mut client, "api", "z", &ep(5003, 2)).await,
+            2 => put(&mut client, "api", "w", &ep(5003, 9)).await,
+            3 => drop(client.delete(key("api", "z"), None).await.unwrap()),
+            4 => put(&mut client, "search", "b", &ep(5102, 4)).await,
+            5 => drop(client.put(key("api", "x"), "{not json", None).await.unwrap()),
+            _ => drop(client.delete(key("api", "w"), None).await.unwrap()),
+        }
+        for lb in [&f.lb, &g.lb] {
+            wait_until(what, Duration::from_secs(5), || {
+                members(lb, "api") == expect(&api) && members(lb, "search") == expect(&search)
+            })
+            .await;
+        }
+    }
+    f.runner.shutdown().await;
+    g.runner.shutdown().await;
 }

@@ -25,12 +25,14 @@
 //!
 //! # Invariants
 //!
-//! * **Nothing missed**: each service's prefix is read once (one revision `r`), published as
-//!   a [`MembershipUpdate::Snapshot`], then watched from `r + 1`; every watch response
-//!   becomes at most one [`MembershipUpdate::Changes`] per service. After a disconnect the
-//!   watch resumes after the last revision seen; if etcd compacted that revision away, or the
-//!   cluster is a different one (its id changed, or its revision went backwards), the source
-//!   reads everything again and publishes a fresh snapshot.
+//! * **Nothing missed**: each service's prefix is read once (one revision `r`: a big prefix
+//!   is read in pages, every page at `r`), published as a [`MembershipUpdate::Snapshot`],
+//!   then watched from `r + 1`; every watch response becomes at most one
+//!   [`MembershipUpdate::Changes`] per service. After a disconnect the watch resumes after
+//!   the last revision seen (the last event's, or a later one from a progress notification
+//!   of a quiet watch); if etcd compacted that revision away, or the cluster is a different
+//!   one (its id changed, or its revision went backwards), the source reads everything again
+//!   and publishes a fresh snapshot.
 //! * **Nothing lost**: while etcd is unreachable the source publishes nothing, so every
 //!   service keeps its last membership; it reports [`SourceHealth::Degraded`] (logged and
 //!   counted by the sink) and retries with capped exponential backoff and jitter, then
@@ -70,6 +72,12 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Longest accepted root prefix or instance id.
 const MAX_KEY_PART_LEN: usize = 1024;
 
+/// The default number of keys per range-read page.
+pub const DEFAULT_RANGE_PAGE_SIZE: usize = 1000;
+
+/// Largest accepted range-read page.
+const MAX_RANGE_PAGE_SIZE: usize = 100_000;
+
 /// Where etcd is and how to talk to it: shared by [`EtcdDiscovery`] and
 /// [`EtcdRegistration`].
 ///
@@ -94,12 +102,14 @@ pub struct EtcdConfig {
     request_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
+    range_page_size: usize,
 }
 
 impl EtcdConfig {
     /// etcd client URLs (`http://127.0.0.1:2379`), root [`DEFAULT_ROOT`], 5 s request
     /// timeout, backoff from 100 ms to 5 s, HTTP/2 keepalives every 2 s (a dead connection is
-    /// noticed within about 4 s even if no packet says so).
+    /// noticed within about 4 s even if no packet says so), range reads in pages of
+    /// [`DEFAULT_RANGE_PAGE_SIZE`] keys.
     pub fn new<I, S>(endpoints: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -112,6 +122,7 @@ impl EtcdConfig {
             request_timeout: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            range_page_size: DEFAULT_RANGE_PAGE_SIZE,
         }
     }
 
@@ -142,6 +153,19 @@ impl EtcdConfig {
         self
     }
 
+    /// Reads a service's keys `keys` at a time (every page at the revision of the first, so
+    /// the pages add up to one consistent read). Smaller pages keep each etcd response, and
+    /// the time etcd spends on it, small for services with many instances.
+    pub fn with_range_page_size(mut self, keys: usize) -> Self {
+        self.range_page_size = keys;
+        self
+    }
+
+    /// The number of keys per range-read page.
+    pub fn range_page_size(&self) -> usize {
+        self.range_page_size
+    }
+
     /// The root prefix.
     pub fn root(&self) -> &str {
         &self.root
@@ -168,8 +192,8 @@ impl EtcdConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field: no endpoints, an endpoint that is not
     /// `http://host:port` (or `host:port`; TLS is not built in), a root that is empty, does
-    /// not end with `/` or has control characters, a zero timeout, or a backoff whose initial
-    /// delay is zero or above its maximum.
+    /// not end with `/` or has control characters, a zero timeout, a backoff whose initial
+    /// delay is zero or above its maximum, or a range page size outside 1..=100,000.
     pub fn validate(&self) -> Result<(), Error> {
         if self.endpoints.is_empty() {
             return Err(Error::invalid_config(
@@ -201,6 +225,15 @@ impl EtcdConfig {
                 "the initial delay must be positive and at most the maximum",
             ));
         }
+        if !(1..=MAX_RANGE_PAGE_SIZE).contains(&self.range_page_size) {
+            return Err(Error::invalid_config(
+                "etcd.range_page_size",
+                format!(
+                    "{} keys: must be 1 to {MAX_RANGE_PAGE_SIZE}",
+                    self.range_page_size
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -230,6 +263,7 @@ impl fmt::Debug for EtcdConfig {
             .field("request_timeout", &self.request_timeout)
             .field("backoff_initial", &self.backoff_initial)
             .field("backoff_max", &self.backoff_max)
+            .field("range_page_size", &self.range_page_size)
             .finish()
     }
 }
@@ -359,6 +393,7 @@ struct StatsInner {
     full_reads: AtomicU64,
     watch_resumes: AtomicU64,
     compactions: AtomicU64,
+    progress_notifications: AtomicU64,
 }
 
 impl EtcdDiscoveryStats {
@@ -378,6 +413,12 @@ impl EtcdDiscoveryStats {
         self.inner.compactions.load(Ordering::Relaxed)
     }
 
+    /// Progress notifications received: etcd telling a quiet watch how far the store's
+    /// revision has moved, so that a later resume starts from there.
+    pub fn progress_notifications(&self) -> u64 {
+        self.inner.progress_notifications.load(Ordering::Relaxed)
+    }
+
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -389,6 +430,7 @@ impl fmt::Debug for EtcdDiscoveryStats {
             .field("full_reads", &self.full_reads())
             .field("watch_resumes", &self.watch_resumes())
             .field("compactions", &self.compactions())
+            .field("progress_notifications", &self.progress_notifications())
             .finish()
     }
 }
@@ -632,6 +674,60 @@ impl ServiceKeys {
     }
 }
 
+/// The end of the key range of `prefix`: the smallest key greater than every key that starts
+/// with it (etcd's convention: `\0` when there is none).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Reads every key under `prefix`, `page` keys per request, every page at the revision of the
+/// first (one consistent read). Returns the keys, the cluster id and the revision.
+async fn read_prefix(
+    kv: &mut etcd_client::KvClient,
+    prefix: &str,
+    page: usize,
+    timeout: Duration,
+) -> Result<(Vec<KeyValue>, u64, i64), String> {
+    let end = prefix_end(prefix.as_bytes());
+    let limit = i64::try_from(page).unwrap_or(i64::MAX);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut kvs = Vec::new();
+    let mut read_at: Option<(u64, i64)> = None;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
+        if let Some((_, revision)) = read_at {
+            options = options.with_revision(revision);
+        }
+        let mut response = bounded(timeout, "range read", kv.get(from.clone(), Some(options))).await?;
+        let Some(header) = response.header() else {
+            return Err("etcd range read: response without a header".into());
+        };
+        let (cluster_id, revision) = *read_at.get_or_insert((header.cluster_id(), header.revision()));
+        if header.cluster_id() != cluster_id {
+            return Err("etcd range read: the cluster changed between pages".into());
+        }
+        let more = response.more();
+        let page_kvs = response.take_kvs();
+        let Some(last) = page_kvs.last() else {
+            return Ok((kvs, cluster_id, revision));
+        };
+        // The next page starts just after the last key of this one.
+        from = last.key().to_vec();
+        from.push(0);
+        kvs.extend(page_kvs);
+        if !more {
+            return Ok((kvs, cluster_id, revision));
+        }
+    }
+}
+
 fn truncate_bytes(bytes: &[u8]) -> &[u8] {
     &bytes[..bytes.len().min(256)]
 }
@@ -654,17 +750,14 @@ impl EtcdDiscovery {
             let mut cluster_id = None;
             let mut snapshots = Vec::with_capacity(state.services.len());
             for service in &mut state.services {
-                let read = kv.get(service.prefix.as_bytes(), Some(GetOptions::new().with_prefix()));
-                let response = match bounded(timeout, "range read", read).await {
-                    Ok(response) => response,
-                    Err(reason) => return reason.into(),
-                };
-                let Some(header) = response.header() else {
-                    return SessionEnd::Failed("etcd range read: response without a header".into());
-                };
-                cluster_id = Some(header.cluster_id());
-                service.revision = header.revision();
-                let endpoints = service.load(response.kvs(), sink);
+                let (kvs, read_cluster, revision) =
+                    match read_prefix(&mut kv, &service.prefix, self.config.range_page_size, timeout).await {
+                        Ok(read) => read,
+                        Err(reason) => return reason.into(),
+                    };
+                cluster_id = Some(read_cluster);
+                service.revision = revision;
+                let endpoints = service.load(&kvs, sink);
                 snapshots.push(MembershipUpdate::Snapshot {
                     service: service.name.clone(),
                     endpoints,
@@ -688,6 +781,9 @@ impl EtcdDiscovery {
                 .with_prefix()
                 .with_start_revision(service.revision + 1)
                 .with_watch_id(index as i64 + 1)
+                // Quiet prefixes still learn the store's revision, so a reconnect after a
+                // compaction can resume instead of reading everything again.
+                .with_progress_notify()
         };
         let first = watch_client.watch(
             state.services[0].prefix.as_bytes(),
@@ -758,6 +854,14 @@ impl EtcdDiscovery {
             }
             let service = &mut state.services[index];
             if response.events().is_empty() {
+                if !response.created() {
+                    // A progress notification: every event of this prefix up to the
+                    // header's revision has been delivered.
+                    if let Some(header) = response.header() {
+                        service.revision = service.revision.max(header.revision());
+                        EtcdDiscoveryStats::bump(&self.stats.inner.progress_notifications);
+                    }
+                }
                 continue;
             }
             let mut touched = BTreeSet::new();
@@ -1204,6 +1308,18 @@ mod tests {
             field(ok().with_backoff(Duration::from_secs(2), Duration::from_secs(1))),
             "etcd.backoff"
         );
+        assert_eq!(field(ok().with_range_page_size(0)), "etcd.range_page_size");
+        assert_eq!(field(ok().with_range_page_size(100_001)), "etcd.range_page_size");
+        assert!(ok().with_range_page_size(1).validate().is_ok());
+    }
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/services/api/"), b"/services/api0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
     }
 
     #[test]
