@@ -57,8 +57,8 @@ pub use discovery::{
 };
 #[cfg(feature = "etcd")]
 pub use discovery::{
-    DEFAULT_LEASE_TTL, DEFAULT_RANGE_PAGE_SIZE, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats, EtcdRegistration,
-    etcd_record,
+    DEFAULT_LEASE_TTL, DEFAULT_RANGE_PAGE_SIZE, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats,
+    EtcdRegistration, etcd_record,
 };
 #[cfg(feature = "dns")]
 pub use discovery::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};

@@ -35,6 +35,14 @@ struct Zone(Arc<Mutex<ZoneState>>);
 struct ZoneState {
     records: BTreeMap<(String, RecordType), Vec<Record>>,
     servfail: bool,
+    /// Queries answered SERVFAIL whatever the zone holds: `(owner, type)`.
+    failing: BTreeSet<(String, RecordType)>,
+    /// Per owner: how long queries for it wait before they are answered (each request is
+    /// its own task in the server, so a delayed answer holds back no other).
+    delays: BTreeMap<String, Duration>,
+    /// Delayed queries being answered now, and the most there were at once.
+    delayed_now: usize,
+    delayed_peak: usize,
     /// Whether SRV answers carry the targets' A records (glue) in the additional section.
     no_glue: bool,
 }
@@ -92,10 +100,43 @@ impl Zone {
         self.0.lock().unwrap().no_glue = !on;
     }
 
+    /// Makes `(owner, kind)` queries fail with SERVFAIL (`on`), or answer again.
+    fn set_failing(&self, owner: &str, kind: RecordType, on: bool) {
+        let mut state = self.0.lock().unwrap();
+        if on {
+            state.failing.insert((owner.to_owned(), kind));
+        } else {
+            state.failing.remove(&(owner.to_owned(), kind));
+        }
+    }
+
+    fn set_delay(&self, owner: &str, delay: Duration) {
+        self.0.lock().unwrap().delays.insert(owner.to_owned(), delay);
+    }
+
+    fn delay(&self, owner: &str) -> Option<Duration> {
+        self.0.lock().unwrap().delays.get(owner).copied()
+    }
+
+    /// The most delayed queries the server was holding at once.
+    fn delayed_peak(&self) -> usize {
+        self.0.lock().unwrap().delayed_peak
+    }
+
+    fn delayed_query(&self, started: bool) {
+        let mut state = self.0.lock().unwrap();
+        if started {
+            state.delayed_now += 1;
+            state.delayed_peak = state.delayed_peak.max(state.delayed_now);
+        } else {
+            state.delayed_now -= 1;
+        }
+    }
+
     /// The response code, answers and additionals for a query.
     fn answer(&self, owner: &str, kind: RecordType) -> (ResponseCode, Vec<Record>, Vec<Record>) {
         let state = self.0.lock().unwrap();
-        if state.servfail {
+        if state.servfail || state.failing.contains(&(owner.to_owned(), kind)) {
             return (ResponseCode::ServFail, vec![], vec![]);
         }
         let Some(answers) = state.records.get(&(owner.to_owned(), kind)) else {
@@ -146,6 +187,11 @@ impl RequestHandler for Handler {
         };
         let owner = info.query.name().to_string().to_ascii_lowercase();
         *self.queries.lock().unwrap().entry(owner.clone()).or_default() += 1;
+        if let Some(delay) = self.zone.delay(&owner) {
+            self.zone.delayed_query(true);
+            tokio::time::sleep(delay).await;
+            self.zone.delayed_query(false);
+        }
         let (code, answers, additionals) = self.zone.answer(&owner, info.query.query_type());
         metadata.response_code = code;
         // An empty answer carries the zone's SOA in its authority section, as real
@@ -578,6 +624,231 @@ async fn servfail_keeps_the_last_membership_and_degrades() {
     })
     .await;
     assert_eq!(registry.endpoints("api").await.unwrap().len(), 1);
+    runner.shutdown().await;
+}
+
+/// The addresses and weights the balancer routes `service` over.
+fn routed_weights(lb: &IntegratedLoadBalancer, service: &str) -> BTreeMap<SocketAddr, u32> {
+    lb.service(service)
+        .map(|s| {
+            s.endpoints()
+                .into_iter()
+                .map(|(e, _)| (e.address, e.weight()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn weighted(list: &[(&str, u32)]) -> BTreeMap<SocketAddr, u32> {
+    list.iter().map(|(a, w)| (a.parse().unwrap(), *w)).collect()
+}
+
+fn degraded_by(stats: &SourceStats, host: &str) -> bool {
+    is_degraded(stats) && stats.last_error.as_deref().is_some_and(|e| e.contains(host))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_srv_host_keeps_its_addresses_while_the_rest_of_the_answer_applies() {
+    let server = DnsServer::start().await;
+    server.zone.set_glue(false);
+    server.zone.set_srv(
+        "_api._tcp.test.",
+        &[(10, 5, 7001, "a.test."), (10, 5, 7002, "b.test.")],
+        1,
+    );
+    server.zone.set_a("a.test.", &[v4(1)], 1);
+    server.zone.set_a("b.test.", &[v4(2)], 1);
+    let registry = Arc::new(ServiceRegistry::new());
+    let lb = balancer(&registry, LoadBalancingStrategy::Weighted).await;
+    let runner = DiscoveryRunner::new(registry.clone());
+    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
+    runner.synced().await;
+    eventually(Duration::from_secs(3), "both hosts routed", || {
+        routed_weights(&lb, "api") == weighted(&[("127.0.0.1:7001", 5), ("127.0.0.2:7002", 5)])
+    })
+    .await;
+    assert_eq!(stats(&runner, 0).health, SourceHealth::Healthy);
+
+    // b's A lookup fails; meanwhile a moves and b's SRV weight changes. The change to a and
+    // the new weight apply; b keeps its last address.
+    server.zone.set_failing("b.test.", RecordType::A, true);
+    server.zone.set_a("a.test.", &[v4(3)], 1);
+    server.zone.set_srv(
+        "_api._tcp.test.",
+        &[(10, 5, 7001, "a.test."), (10, 7, 7002, "b.test.")],
+        1,
+    );
+    let expected = weighted(&[("127.0.0.3:7001", 5), ("127.0.0.2:7002", 7)]);
+    eventually(
+        Duration::from_secs(4),
+        "a's new address and b's new weight applied, b's address kept",
+        || routed_weights(&lb, "api") == expected,
+    )
+    .await;
+    eventually(Duration::from_secs(2), "degraded naming b.test", || {
+        degraded_by(&stats(&runner, 0), "b.test")
+    })
+    .await;
+
+    // While b fails, the target is retried on the backoff (50..200 ms), not the TTL (1 s),
+    // and nothing is lost.
+    let before = server.queries("b.test.");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let retries = server.queries("b.test.") - before;
+    assert!(retries >= 3, "{retries} lookups of b in 1.2 s");
+    assert_eq!(routed_weights(&lb, "api"), expected);
+    let down = stats(&runner, 0);
+    assert!(degraded_by(&down, "b.test"), "{down:?}");
+    assert_eq!(down.degradations, 1, "{down:?}");
+
+    // b recovers (at a new address): healthy again, with b's new address.
+    server.zone.set_a("b.test.", &[v4(4)], 1);
+    server.zone.set_failing("b.test.", RecordType::A, false);
+    eventually(Duration::from_secs(4), "b recovered, healthy", || {
+        routed_weights(&lb, "api") == weighted(&[("127.0.0.3:7001", 5), ("127.0.0.4:7002", 7)])
+            && stats(&runner, 0).health == SourceHealth::Healthy
+    })
+    .await;
+    runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_resolution_publishes_the_srv_hosts_that_resolve() {
+    let server = DnsServer::start().await;
+    server.zone.set_glue(false);
+    server.zone.set_srv(
+        "_api._tcp.test.",
+        &[(10, 5, 7001, "a.test."), (10, 5, 7002, "b.test.")],
+        1,
+    );
+    server.zone.set_a("a.test.", &[v4(1)], 1);
+    server.zone.set_a("b.test.", &[v4(2)], 1);
+    server.zone.set_failing("b.test.", RecordType::A, true);
+    let registry = Arc::new(ServiceRegistry::new());
+    let lb = balancer(&registry, LoadBalancingStrategy::RoundRobin).await;
+    let runner = DiscoveryRunner::new(registry.clone());
+    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
+    runner.synced().await;
+
+    // a is not held hostage by b: published at the first answer.
+    let registered: BTreeSet<SocketAddr> = registry
+        .endpoints("api")
+        .await
+        .expect("the first answer is published without the failing host")
+        .iter()
+        .map(|e| e.address)
+        .collect();
+    assert_eq!(registered, addrs(&["127.0.0.1:7001"]));
+    let s = stats(&runner, 0);
+    assert!(degraded_by(&s, "b.test"), "{s:?}");
+
+    server.zone.set_failing("b.test.", RecordType::A, false);
+    eventually(Duration::from_secs(4), "b appears once it resolves", || {
+        routed(&lb, "api") == addrs(&["127.0.0.1:7001", "127.0.0.2:7002"])
+            && stats(&runner, 0).health == SourceHealth::Healthy
+    })
+    .await;
+    runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_record_is_counted_when_it_appears_not_at_every_refresh() {
+    let server = DnsServer::start().await;
+    server.zone.set_glue(false);
+    // TTL 0: refreshed at the 200 ms bound.
+    let mut entries = vec![
+        (10, 5, 7001, "a.test."),
+        (10, 5, 0, "a.test."),       // port 0: malformed
+        (10, 5, 7009, "gone.test."), // a host with no addresses: malformed
+    ];
+    server.zone.set_srv("_api._tcp.test.", &entries, 0);
+    server.zone.set_a("a.test.", &[v4(1)], 0);
+    let registry = Arc::new(ServiceRegistry::new());
+    let runner = DiscoveryRunner::new(registry.clone());
+    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
+    runner.synced().await;
+    assert_eq!(stats(&runner, 0).malformed, 2);
+
+    // Several refreshes find the same bad records: not counted again.
+    let before = server.queries("_api._tcp.test.");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let refreshes = server.queries("_api._tcp.test.") - before;
+    assert!(
+        refreshes >= 3,
+        "{refreshes} refreshes in 1.5 s at the 200 ms bound"
+    );
+    let s = stats(&runner, 0);
+    assert_eq!((s.malformed, &s.health), (2, &SourceHealth::Healthy), "{s:?}");
+
+    // A new bad record is counted, once.
+    entries.push((10, 5, 7010, "gone2.test."));
+    server.zone.set_srv("_api._tcp.test.", &entries, 0);
+    eventually(Duration::from_secs(3), "the new bad record counted", || {
+        stats(&runner, 0).malformed == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(stats(&runner, 0).malformed, 3);
+
+    // One that goes away and comes back is new again.
+    entries.pop();
+    server.zone.set_srv("_api._tcp.test.", &entries, 0);
+    let before = server.queries("_api._tcp.test.");
+    eventually(Duration::from_secs(3), "a refresh without it", || {
+        server.queries("_api._tcp.test.") >= before + 2
+    })
+    .await;
+    entries.push((10, 5, 7010, "gone2.test."));
+    server.zone.set_srv("_api._tcp.test.", &entries, 0);
+    eventually(Duration::from_secs(3), "the returning bad record counted", || {
+        stats(&runner, 0).malformed == 4
+    })
+    .await;
+    let got: BTreeSet<SocketAddr> = registry
+        .endpoints("api")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.address)
+        .collect();
+    assert_eq!(got, addrs(&["127.0.0.1:7001"]));
+    runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_target_hosts_are_looked_up_concurrently() {
+    const HOSTS: u8 = 6;
+    const DELAY: Duration = Duration::from_millis(400);
+    let server = DnsServer::start().await;
+    server.zone.set_glue(false);
+    let hosts: Vec<String> = (0..HOSTS).map(|i| format!("h{i}.test.")).collect();
+    let entries: Vec<(u16, u16, u16, &str)> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| (10, 5, 7000 + i as u16, host.as_str()))
+        .collect();
+    server.zone.set_srv("_api._tcp.test.", &entries, 60);
+    for (i, host) in (0..HOSTS).zip(&hosts) {
+        server.zone.set_a(host, &[v4(10 + i)], 60);
+        server.zone.set_delay(host, DELAY);
+    }
+    let registry = Arc::new(ServiceRegistry::new());
+    let runner = DiscoveryRunner::new(registry.clone());
+    let config = config(&server).with_timeout(Duration::from_secs(2));
+    let start = Instant::now();
+    runner.spawn(DnsDiscovery::new(config, [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
+    runner.synced().await;
+    let took = start.elapsed();
+    assert_eq!(registry.endpoints("api").await.unwrap().len(), usize::from(HOSTS));
+    assert_eq!(stats(&runner, 0).health, SourceHealth::Healthy);
+    // The server saw every host's query waiting at the same time (one after another, it
+    // would never hold more than one); timing is printed, not asserted (a noisy machine).
+    assert!(
+        server.zone.delayed_peak() >= usize::from(HOSTS),
+        "at most {} of {HOSTS} host lookups in flight at once",
+        server.zone.delayed_peak()
+    );
+    eprintln!("{HOSTS} hosts answering after {DELAY:?} each: synced in {took:?}");
     runner.shutdown().await;
 }
 

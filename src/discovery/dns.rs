@@ -14,6 +14,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::NetError;
@@ -29,6 +30,9 @@ use crate::registry::validate_service_name;
 const TAG_PRIORITY: &str = "srv_priority";
 /// Tag holding an SRV record's target host.
 const TAG_TARGET: &str = "srv_target";
+/// SRV target hosts looked up at once per resolution (the rest wait for a free slot), so a
+/// large SRV set does not open hundreds of queries in one burst.
+const MAX_CONCURRENT_HOST_LOOKUPS: usize = 16;
 
 // ===== DnsTarget =====
 
@@ -316,11 +320,11 @@ fn unit_random() -> f64 {
 /// * **A / AAAA** target (`DnsTarget::a`, `DnsTarget::aaaa`): one endpoint per address, on
 ///   the target's port, weight 1.
 /// * **SRV** target (`DnsTarget::srv`): one endpoint per record, at the addresses of its
-///   target host (from the answer's additional section, else resolved as A/AAAA) on the
-///   record's port. The SRV weight becomes the endpoint weight (weight 0, "rarely", becomes
-///   1, the smallest valid weight); the priority becomes tag `srv_priority` and the target
-///   host tag `srv_target`. Every priority receives traffic by weight unless
-///   [`DnsConfig::with_lowest_srv_priority_only`] keeps only the lowest (most preferred)
+///   target host (from the answer's additional section, else resolved as A/AAAA, the
+///   hosts concurrently) on the record's port. The SRV weight becomes the endpoint weight
+///   (weight 0, "rarely", becomes 1, the smallest valid weight); the priority becomes tag
+///   `srv_priority` and the target host tag `srv_target`. Every priority receives traffic
+///   by weight unless [`DnsConfig::with_lowest_srv_priority_only`] keeps only the lowest (most preferred)
 ///   priority, as RFC 2782 clients do. A target of `.` ("no service here") contributes
 ///   nothing.
 /// * Several targets may feed one service (an A and an AAAA target for dual stack): its
@@ -345,8 +349,22 @@ fn unit_random() -> f64 {
 ///   records instead would route to instances the zone's owner removed (a drained service
 ///   would never drain), inventing membership. The empty answer is re-asked after its
 ///   negative TTL (the SOA minimum), bounded as above.
-/// * **A bad record** (an SRV port 0, an address that cannot receive traffic) is skipped and
-///   counted as malformed ([`DiscoverySink::record_malformed`]); the rest applies.
+/// * **An SRV target host whose lookup fails** (timeout, SERVFAIL, ...; not "no
+///   addresses", which is a bad record, below) holds back neither the SRV answer nor the
+///   other hosts: the answer applies (new, changed and removed records, the other hosts'
+///   addresses), and the failing host keeps the addresses it had at its last successful
+///   lookup for this target, so nothing is lost. A host that never resolved (the first
+///   resolution, or a host new in the SRV set) has no last addresses: its records
+///   contribute nothing until it resolves, and the rest is published without waiting for
+///   it. Either way the source is [`SourceHealth::Degraded`] (the reason names the host)
+///   and the target is retried after the backoff delay (or its TTL, if sooner) until every
+///   host resolves; then it is healthy again. Last addresses are kept per target, only for
+///   the hosts its current SRV records name.
+/// * **A bad record** (an SRV port 0, an SRV target host without addresses, an address
+///   that cannot receive traffic) is skipped and counted as malformed
+///   ([`DiscoverySink::record_malformed`]); the rest applies. It is counted (and logged)
+///   once, when it appears: a refresh that finds the same bad record again does not count
+///   it again, and one that no longer finds it forgets it (it counts again if it returns).
 ///
 /// # Examples
 ///
@@ -452,16 +470,60 @@ impl DnsDiscovery {
     }
 }
 
-/// One target's answer: its endpoints and how long they are valid.
+/// One target's answer: its endpoints, how long they are valid, and what the target
+/// remembers for its next resolution.
 struct Answer {
     endpoints: Vec<Endpoint>,
     ttl: Duration,
+    /// SRV target hosts whose lookup failed, each with why (empty: a complete answer).
+    unresolved: Vec<(Name, String)>,
+    /// Every bad record met, described (the same record gives the same text each time).
+    malformed: BTreeSet<String>,
+    /// SRV: the addresses used for each target host the records name (fresh, or the last
+    /// known ones of a host whose lookup failed).
+    hosts: BTreeMap<Name, Vec<IpAddr>>,
+}
+
+/// What one target remembers from its previous resolution.
+#[derive(Debug, Default)]
+struct TargetMemory {
+    /// SRV target host -> its addresses at its last successful lookup; only the hosts the
+    /// last SRV answer named (so it never grows past the SRV set).
+    hosts: BTreeMap<Name, Vec<IpAddr>>,
+    /// The bad records of the last answer, already counted and logged.
+    malformed: BTreeSet<String>,
+}
+
+impl TargetMemory {
+    /// Takes in `answer`'s memory, counting (and logging) only the bad records the previous
+    /// answer did not have.
+    fn remember(&mut self, answer: &mut Answer, sink: &DiscoverySink) {
+        for reason in answer.malformed.difference(&self.malformed) {
+            sink.record_malformed(reason);
+        }
+        self.malformed = std::mem::take(&mut answer.malformed);
+        self.hosts = std::mem::take(&mut answer.hosts);
+    }
 }
 
 /// What the per-target tasks tell the coordinator.
 struct Report {
     target: usize,
-    result: Result<Vec<Endpoint>, String>,
+    outcome: Outcome,
+}
+
+/// The result of one resolution of a target.
+enum Outcome {
+    /// An answer: it applies, and the target is healthy.
+    Complete(Vec<Endpoint>),
+    /// An answer that applies, but without fresh addresses for some SRV target hosts
+    /// (`reason` names them): the target counts as failing until they resolve.
+    Partial {
+        endpoints: Vec<Endpoint>,
+        reason: String,
+    },
+    /// No answer: the target keeps its last one.
+    Failed(String),
 }
 
 #[async_trait::async_trait]
@@ -520,23 +582,38 @@ async fn target_loop(
     reports: tokio::sync::mpsc::UnboundedSender<Report>,
 ) {
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    // Kept across failed resolutions: a failure reads no records, so it neither forgets a
+    // host's addresses nor makes a known bad record new again.
+    let mut memory = TargetMemory::default();
     loop {
-        let (result, delay) = match resolve(&resolver, &config, &target, &sink).await {
-            Ok(answer) => {
-                backoff.reset();
-                (Ok(answer.endpoints), config.refresh_after(answer.ttl))
+        let (outcome, delay) = match resolve(&resolver, &config, &target, &memory.hosts).await {
+            Ok(mut answer) => {
+                memory.remember(&mut answer, &sink);
+                let refresh = config.refresh_after(answer.ttl);
+                if answer.unresolved.is_empty() {
+                    backoff.reset();
+                    (Outcome::Complete(answer.endpoints), refresh)
+                } else {
+                    // Retried like a failure, but never later than the answer's TTL.
+                    let delay = backoff.next_delay().min(refresh);
+                    let reason = unresolved_reason(&target, &answer.unresolved, &memory.hosts);
+                    tracing::warn!(service = %target.service, name = %target.name, %reason, retry_in = ?delay,
+                        "DNS resolution incomplete: applying the rest of the answer");
+                    let endpoints = answer.endpoints;
+                    (Outcome::Partial { endpoints, reason }, delay)
+                }
             }
             Err(reason) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(service = %target.service, name = %target.name, %reason, retry_in = ?delay,
                     "DNS resolution failed: keeping the last answer");
-                (Err(reason), delay)
+                (Outcome::Failed(reason), delay)
             }
         };
         if reports
             .send(Report {
                 target: index,
-                result,
+                outcome,
             })
             .is_err()
         {
@@ -544,6 +621,27 @@ async fn target_loop(
         }
         tokio::time::sleep(delay).await;
     }
+}
+
+/// Why an answer is partial: the target, and each unresolved host with whether it kept its
+/// last known addresses.
+fn unresolved_reason(
+    target: &DnsTarget,
+    unresolved: &[(Name, String)],
+    kept: &BTreeMap<Name, Vec<IpAddr>>,
+) -> String {
+    let hosts: Vec<String> = unresolved
+        .iter()
+        .map(|(host, error)| {
+            let keeps = if kept.contains_key(host) {
+                "keeping its last addresses"
+            } else {
+                "no last addresses"
+            };
+            format!("SRV target {host} did not resolve ({keeps}): {error}")
+        })
+        .collect();
+    format!("{}: {}", target.name, hosts.join("; "))
 }
 
 /// Merges the targets' answers per service, publishes changes, and reports health.
@@ -575,18 +673,21 @@ impl Coordinator {
     fn apply(&mut self, report: Report, sink: &DiscoverySink) {
         let index = report.target;
         self.attempted[index] = true;
-        let failure = match report.result {
-            Ok(endpoints) => {
-                self.failing[index] = false;
+        let failure = match report.outcome {
+            Outcome::Complete(endpoints) => {
                 self.answers[index] = Some(endpoints);
                 self.publish(&self.services[index].clone(), sink);
                 None
             }
-            Err(reason) => {
-                self.failing[index] = true;
+            // The answer applies, and the target stays failing until it is complete.
+            Outcome::Partial { endpoints, reason } => {
+                self.answers[index] = Some(endpoints);
+                self.publish(&self.services[index].clone(), sink);
                 Some(reason)
             }
+            Outcome::Failed(reason) => Some(reason),
         };
+        self.failing[index] = failure.is_some();
         if let Some(reason) = failure {
             if !self.degraded {
                 self.degraded = true;
@@ -671,29 +772,26 @@ fn negative_ttl(error: &NetError) -> Option<Option<Duration>> {
     }
 }
 
-/// Resolves `target` once.
+/// Resolves `target` once; `known_hosts` are the SRV target hosts' last known addresses
+/// (used for a host whose lookup fails).
 async fn resolve(
     resolver: &TokioResolver,
     config: &DnsConfig,
     target: &DnsTarget,
-    sink: &DiscoverySink,
+    known_hosts: &BTreeMap<Name, Vec<IpAddr>>,
 ) -> Result<Answer, String> {
     let (kind, port) = match target.kind {
         DnsTargetKind::A { port } => (RecordType::A, port),
         DnsTargetKind::Aaaa { port } => (RecordType::AAAA, port),
-        DnsTargetKind::Srv => return resolve_srv(resolver, config, target, sink).await,
+        DnsTargetKind::Srv => return resolve_srv(resolver, config, target, known_hosts).await,
     };
     let lookup = match lookup(resolver, &target.name, kind).await? {
         Records::Found(lookup) => lookup,
-        Records::None(ttl) => {
-            return Ok(Answer {
-                endpoints: Vec::new(),
-                ttl: ttl.unwrap_or(config.min_refresh),
-            });
-        }
+        Records::None(ttl) => return Ok(Answer::empty(ttl.unwrap_or(config.min_refresh))),
     };
     let mut ttl = u32::MAX;
     let mut endpoints = Vec::new();
+    let mut malformed = BTreeSet::new();
     for record in lookup.answers() {
         let ip = match &record.data {
             RData::A(a) if kind == RecordType::A => IpAddr::V4(a.0),
@@ -701,14 +799,34 @@ async fn resolve(
             _ => continue, // CNAMEs on the way
         };
         ttl = ttl.min(record.ttl);
-        if let Some(endpoint) = checked(Endpoint::new(SocketAddr::new(ip, port), None), target, sink) {
+        if let Some(endpoint) = checked(
+            Endpoint::new(SocketAddr::new(ip, port), None),
+            target,
+            &mut malformed,
+        ) {
             endpoints.push(endpoint);
         }
     }
     Ok(Answer {
         endpoints,
         ttl: ttl_of(ttl, config),
+        unresolved: Vec::new(),
+        malformed,
+        hosts: BTreeMap::new(),
     })
+}
+
+impl Answer {
+    /// An authoritative "no records", valid for `ttl`.
+    fn empty(ttl: Duration) -> Self {
+        Self {
+            endpoints: Vec::new(),
+            ttl,
+            unresolved: Vec::new(),
+            malformed: BTreeSet::new(),
+            hosts: BTreeMap::new(),
+        }
+    }
 }
 
 fn ttl_of(ttl: u32, config: &DnsConfig) -> Duration {
@@ -719,12 +837,12 @@ fn ttl_of(ttl: u32, config: &DnsConfig) -> Duration {
     }
 }
 
-/// `endpoint` if it can receive traffic; else counted as malformed.
-fn checked(endpoint: Endpoint, target: &DnsTarget, sink: &DiscoverySink) -> Option<Endpoint> {
+/// `endpoint` if it can receive traffic; else described into `malformed`.
+fn checked(endpoint: Endpoint, target: &DnsTarget, malformed: &mut BTreeSet<String>) -> Option<Endpoint> {
     match endpoint.validate() {
         Ok(()) => Some(endpoint),
         Err(error) => {
-            sink.record_malformed(&format!("{} ({}): {error}", target.name, target.service));
+            malformed.insert(format!("{} ({}): {error}", target.name, target.service));
             None
         }
     }
@@ -734,16 +852,11 @@ async fn resolve_srv(
     resolver: &TokioResolver,
     config: &DnsConfig,
     target: &DnsTarget,
-    sink: &DiscoverySink,
+    known_hosts: &BTreeMap<Name, Vec<IpAddr>>,
 ) -> Result<Answer, String> {
     let lookup = match lookup(resolver, &target.name, RecordType::SRV).await? {
         Records::Found(lookup) => lookup,
-        Records::None(ttl) => {
-            return Ok(Answer {
-                endpoints: Vec::new(),
-                ttl: ttl.unwrap_or(config.min_refresh),
-            });
-        }
+        Records::None(ttl) => return Ok(Answer::empty(ttl.unwrap_or(config.min_refresh))),
     };
     let mut ttl = u32::MAX;
     let mut records: Vec<(u16, u16, u16, Name)> = Vec::new();
@@ -762,6 +875,7 @@ async fn resolve_srv(
     }
     // Most preferred first: an address listed twice keeps its best record.
     records.sort_by_key(|r| (r.0, std::cmp::Reverse(r.1)));
+    let named: BTreeSet<&Name> = records.iter().map(|r| &r.3).collect();
     // Addresses of the target hosts: from the additional section, else asked for.
     let mut hosts: BTreeMap<Name, Vec<IpAddr>> = BTreeMap::new();
     for record in lookup.additionals() {
@@ -770,27 +884,66 @@ async fn resolve_srv(
             RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
             _ => continue,
         };
-        ttl = ttl.min(record.ttl);
-        hosts.entry(record.name.clone()).or_default().push(ip);
+        if named.contains(&record.name) {
+            ttl = ttl.min(record.ttl);
+            hosts.entry(record.name.clone()).or_default().push(ip);
+        }
+    }
+    // The others, concurrently. A host whose lookup fails keeps its last known addresses
+    // (if any) and makes the answer partial; it never fails the whole target.
+    let missing: Vec<&Name> = named
+        .into_iter()
+        .filter(|host| !hosts.contains_key(*host))
+        .collect();
+    // Concurrently on this task (no spawn), at most MAX_CONCURRENT_HOST_LOOKUPS at once,
+    // results in the order of `missing`.
+    let pending: Vec<_> = missing.iter().map(|host| resolve_host(resolver, host)).collect();
+    let lookups: Vec<_> = futures_util::stream::iter(pending)
+        .buffered(MAX_CONCURRENT_HOST_LOOKUPS)
+        .collect()
+        .await;
+    let mut unresolved = Vec::new();
+    for (host, result) in missing.into_iter().zip(lookups) {
+        match result {
+            Ok((ips, host_ttl)) => {
+                ttl = ttl.min(host_ttl);
+                hosts.insert(host.clone(), ips);
+            }
+            Err(error) => {
+                if let Some(ips) = known_hosts.get(host) {
+                    hosts.insert(host.clone(), ips.clone());
+                }
+                unresolved.push((host.clone(), error));
+            }
+        }
     }
     let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    let mut malformed = BTreeSet::new();
     for (priority, weight, port, host) in records {
-        if !hosts.contains_key(&host) {
-            let (ips, host_ttl) = resolve_host(resolver, &host, target, sink).await?;
-            ttl = ttl.min(host_ttl);
-            hosts.insert(host.clone(), ips);
-        }
         let host_text = host.to_ascii();
+        // `None`: a host that failed with no last addresses; it contributes nothing yet.
+        let Some(ips) = hosts.get(&host) else { continue };
+        if ips.is_empty() {
+            malformed.insert(format!(
+                "{} ({}): SRV target {host_text} has no addresses",
+                target.name, target.service
+            ));
+            continue;
+        }
         let metadata = EndpointMetadata::new()
             .with_weight(u32::from(weight.max(1)))
             .with_tag(TAG_PRIORITY, priority.to_string())
             .with_tag(TAG_TARGET, host_text.trim_end_matches('.'));
-        for ip in hosts.get(&host).into_iter().flatten() {
+        for ip in ips {
             let address = SocketAddr::new(*ip, port);
             if endpoints.contains_key(&address) {
                 continue;
             }
-            if let Some(endpoint) = checked(Endpoint::new(address, Some(metadata.clone())), target, sink) {
+            if let Some(endpoint) = checked(
+                Endpoint::new(address, Some(metadata.clone())),
+                target,
+                &mut malformed,
+            ) {
                 endpoints.insert(address, endpoint);
             }
         }
@@ -798,18 +951,16 @@ async fn resolve_srv(
     Ok(Answer {
         endpoints: endpoints.into_values().collect(),
         ttl: ttl_of(ttl, config),
+        unresolved,
+        malformed,
+        hosts,
     })
 }
 
 /// The addresses of an SRV target host (A, then AAAA if it has no A records), with their
-/// TTL. A host with neither is skipped (counted as malformed): the SRV record points
-/// nowhere.
-async fn resolve_host(
-    resolver: &TokioResolver,
-    host: &Name,
-    target: &DnsTarget,
-    sink: &DiscoverySink,
-) -> Result<(Vec<IpAddr>, u32), String> {
+/// TTL; none (with TTL `u32::MAX`) when it authoritatively has neither: the SRV record
+/// points nowhere.
+async fn resolve_host(resolver: &TokioResolver, host: &Name) -> Result<(Vec<IpAddr>, u32), String> {
     let name = host.to_ascii();
     for kind in [RecordType::A, RecordType::AAAA] {
         if let Records::Found(lookup) = lookup(resolver, &name, kind).await? {
@@ -832,10 +983,6 @@ async fn resolve_host(
             }
         }
     }
-    sink.record_malformed(&format!(
-        "{} ({}): SRV target {name} has no addresses",
-        target.name, target.service
-    ));
     Ok((Vec::new(), u32::MAX))
 }
 

@@ -46,8 +46,8 @@ mod file;
 pub use dns::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};
 #[cfg(feature = "etcd")]
 pub use etcd::{
-    DEFAULT_LEASE_TTL, DEFAULT_RANGE_PAGE_SIZE, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats, EtcdRegistration,
-    etcd_record,
+    DEFAULT_LEASE_TTL, DEFAULT_RANGE_PAGE_SIZE, DEFAULT_ROOT, EtcdConfig, EtcdDiscovery, EtcdDiscoveryStats,
+    EtcdRegistration, etcd_record,
 };
 pub use file::{DEFAULT_FILE_POLL_INTERVAL, FileDiscovery, parse_services_toml};
 
