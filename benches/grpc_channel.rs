@@ -8,8 +8,9 @@
 //! * `grpc_unary/64_callers/*`: 64 concurrent callers sharing the client; one iteration is
 //!   one call by each caller, and criterion's `thrpt` is calls per second.
 //!
-//! After criterion, a fixed run per client and concurrency prints p50/p99 call latency
-//! (hdrhistogram) and calls per second.
+//! After criterion, 15 short rounds per client and concurrency, interleaved in a rotating
+//! order, print p50/p99 call latency (hdrhistogram, all rounds pooled) and the median
+//! round's calls per second with the range.
 //!
 //! Run: `cargo bench --bench grpc_channel -- --warm-up-time 1 --measurement-time 3`.
 
@@ -168,51 +169,50 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
-    // Percentiles and throughput over a fixed number of calls, interleaved so that machine
-    // noise hits every client alike.
+    // Percentiles and throughput over many short rounds, interleaved in a rotating order so
+    // that machine noise and position effects hit every client alike: the median round is
+    // the throughput figure, the pooled latencies give p50/p99.
+    const ROUNDS: usize = 15;
+    let names = [
+        "tai_balanced_channel",
+        "tonic_balance_list",
+        "direct_single_channel",
+    ];
+    println!("\ncall latency and throughput ({ROUNDS} rounds per cell, interleaved, rotating order):");
     println!(
-        "\ncall latency and throughput ({} calls per cell, 3 rounds interleaved):",
-        20_000
+        "{:<24} {:>8} {:>8} {:>10} {:>10} {:>14} {:>22}",
+        "client", "callers", "calls", "p50 µs", "p99 µs", "median calls/s", "min..max calls/s"
     );
-    println!(
-        "{:<24} {:>8} {:>10} {:>10} {:>12}",
-        "client", "callers", "p50 µs", "p99 µs", "calls/s"
-    );
-    for callers in [1, CALLERS] {
-        let mut cells: Vec<(&str, Histogram<u64>, Duration)> = [
-            "tai_balanced_channel",
-            "tonic_balance_list",
-            "direct_single_channel",
-        ]
-        .into_iter()
-        .map(|name| {
-            (
-                name,
-                Histogram::new_with_bounds(1, 10_000_000, 3).expect("bounds"),
-                Duration::ZERO,
-            )
-        })
-        .collect();
-        for _round in 0..3 {
-            for (name, histogram, wall) in &mut cells {
-                let calls = 20_000 / 3;
-                *wall += match *name {
-                    "tai_balanced_channel" => {
-                        rt.block_on(run(&clients.ours, callers, calls, Some(histogram)))
-                    }
-                    "tonic_balance_list" => rt.block_on(run(&clients.tonic, callers, calls, Some(histogram))),
-                    _ => rt.block_on(run(&clients.direct, callers, calls, Some(histogram))),
+    for (callers, calls_per_round) in [(1, 1_000u64), (CALLERS, 6_400)] {
+        let mut histograms: Vec<Histogram<u64>> = names
+            .iter()
+            .map(|_| Histogram::new_with_bounds(1, 10_000_000, 3).expect("bounds"))
+            .collect();
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+        for round in 0..ROUNDS {
+            for k in 0..names.len() {
+                let i = (round + k) % names.len();
+                let histogram = &mut histograms[i];
+                let wall = match i {
+                    0 => rt.block_on(run(&clients.ours, callers, calls_per_round, Some(histogram))),
+                    1 => rt.block_on(run(&clients.tonic, callers, calls_per_round, Some(histogram))),
+                    _ => rt.block_on(run(&clients.direct, callers, calls_per_round, Some(histogram))),
                 };
+                rates[i].push(calls_per_round as f64 / wall.as_secs_f64());
             }
         }
-        for (name, histogram, wall) in &cells {
+        for i in 0..names.len() {
+            let rates = &mut rates[i];
+            rates.sort_by(f64::total_cmp);
             println!(
-                "{:<24} {:>8} {:>10} {:>10} {:>12.0}",
-                name,
+                "{:<24} {:>8} {:>8} {:>10} {:>10} {:>14.0} {:>22}",
+                names[i],
                 callers,
-                histogram.value_at_quantile(0.5),
-                histogram.value_at_quantile(0.99),
-                histogram.len() as f64 / wall.as_secs_f64()
+                histograms[i].len(),
+                histograms[i].value_at_quantile(0.5),
+                histograms[i].value_at_quantile(0.99),
+                rates[ROUNDS / 2],
+                format!("{:.0}..{:.0}", rates[0], rates[ROUNDS - 1]),
             );
         }
     }
