@@ -80,8 +80,8 @@ pub use export::{encode_discovery_prometheus, encode_pool_prometheus};
 pub use failover::{FailoverConfig, FailoverManager, FailoverStats};
 #[cfg(feature = "grpc")]
 pub use grpc::{
-    BalancedBody, BalancedChannel, BalancedChannelBuilder, BoxError, Idempotent, KeyExtractorFn,
-    MAX_ATTEMPTS, MAX_CONNECTIONS_PER_ENDPOINT, ResponseFuture, RetryPolicy,
+    BalancedBody, BalancedChannel, BalancedChannelBuilder, BoxError, DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    Idempotent, KeyExtractorFn, MAX_ATTEMPTS, MAX_CONNECTIONS_PER_ENDPOINT, ResponseFuture, RetryPolicy,
 };
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;

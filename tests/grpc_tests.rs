@@ -644,6 +644,10 @@ async fn bad_settings_are_typed_errors() {
         "grpc.connections_per_endpoint"
     );
     assert_eq!(
+        field(b().max_streams_per_connection(0).build()),
+        "grpc.max_streams_per_connection"
+    );
+    assert_eq!(
         field(b().affinity_header("bad header").build()),
         "grpc.key_header"
     );
@@ -672,4 +676,61 @@ async fn bad_settings_are_typed_errors() {
     let status = client.say_hello(request("x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("nobody"), "{status:?}");
+}
+
+/// `delay_ms` calls made at once on `channel`; returns when all have answered.
+async fn concurrent_slow_calls(channel: &BalancedChannel, calls: usize, delay_ms: u32) {
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let mut client = GreeterClient::new(channel.clone());
+            tokio::spawn(async move {
+                let mut request = request(&format!("slow{i}"));
+                request.get_mut().delay_ms = delay_ms;
+                client.say_hello(request).await.map(|_| ())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_open_on_demand_when_streams_fill_up_to_the_limit() {
+    let servers = servers(1);
+    let address = servers[0].address();
+    let accepted = || servers[0].state().connections.load(Ordering::Relaxed);
+    let (_registry, lb) = balancer(
+        &[address],
+        LoadBalancingStrategy::RoundRobin,
+        LoadBalancerConfig::default(),
+    )
+    .await;
+    let channel = BalancedChannel::builder(lb.clone(), SERVICE)
+        .connections_per_endpoint(3)
+        .max_streams_per_connection(2)
+        .build()
+        .unwrap();
+    assert_eq!(channel.connections(address), 0, "nothing opens before the first call");
+
+    // One call at a time never fills a connection: one is enough.
+    let mut client = GreeterClient::new(channel.clone());
+    for i in 0..20 {
+        client.say_hello(request(&format!("n{i}"))).await.unwrap();
+    }
+    assert_eq!((channel.connections(address), accepted()), (1, 1));
+
+    // 6 calls held open at once, 2 streams per connection: 3 connections.
+    concurrent_slow_calls(&channel, 6, 300).await;
+    assert_eq!((channel.connections(address), accepted()), (3, 3));
+
+    // 12 at once: the limit is 3 connections, the calls share them.
+    concurrent_slow_calls(&channel, 12, 200).await;
+    assert_eq!((channel.connections(address), accepted()), (3, 3));
+    assert_eq!(lb.in_flight(SERVICE, address), Some(0));
+
+    // The default: one connection per endpoint, however many calls.
+    let single = BalancedChannel::new(lb.clone(), SERVICE).unwrap();
+    concurrent_slow_calls(&single, 30, 200).await;
+    assert_eq!((single.connections(address), accepted()), (1, 4));
 }

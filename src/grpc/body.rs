@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic::body::Body;
 
+use super::channel::StreamGuard;
 use crate::pick::{Outcome, Pick};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -185,12 +186,15 @@ pub(crate) struct Recorder {
     pub(crate) pick: Pick,
     pub(crate) started: Instant,
     pub(crate) failure_codes: FailureCodes,
+    /// The call's stream on its connection, released with the pick.
+    pub(crate) stream: StreamGuard,
 }
 
 impl Recorder {
     pub(crate) fn finish(self, code: Code) {
         let latency: Duration = self.started.elapsed();
         self.pick.record(self.failure_codes.outcome(code), Some(latency));
+        drop(self.stream); // its connection carries one call fewer
     }
 }
 

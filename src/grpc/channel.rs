@@ -3,8 +3,9 @@
 //!
 //! Per call: the routing key is read from the request (a header, or a custom extractor), one
 //! endpoint is picked from the current snapshot (a wait-free load, no lock), the call is sent
-//! on that endpoint's tonic `Channel` (HTTP/2, created on first use, `connections_per_endpoint`
-//! connections each), and its gRPC status and latency are recorded on the pick when the
+//! on that endpoint's tonic `Channel` (HTTP/2, created on first use; up to
+//! `connections_per_endpoint` connections, another opened only when every open one carries
+//! `max_streams_per_connection` calls), and its gRPC status and latency are recorded on the pick when the
 //! response ends: passive health, metrics and the least-connections load all see it.
 //!
 //! Invariants:
@@ -50,6 +51,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The most connections a [`BalancedChannel`] opens per endpoint.
 pub const MAX_CONNECTIONS_PER_ENDPOINT: usize = 64;
+
+/// The default number of concurrent calls per connection before a [`BalancedChannel`] opens
+/// another one to the same endpoint (when allowed more than one).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+/// The largest accepted `max_streams_per_connection` (HTTP/2's stream limit is a `u32`).
+const MAX_STREAMS_PER_CONNECTION: usize = u32::MAX as usize;
 
 /// Reads a routing key from a call's request head.
 pub type KeyExtractorFn = dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync;
@@ -113,6 +121,7 @@ pub struct BalancedChannelBuilder {
     timeout: Option<Duration>,
     connect_timeout: Duration,
     connections_per_endpoint: usize,
+    max_streams_per_connection: usize,
     failure_codes: FailureCodes,
 }
 
@@ -194,10 +203,25 @@ impl BalancedChannelBuilder {
         self
     }
 
-    /// HTTP/2 connections per endpoint, calls spread over them in turn (default 1; raise it
-    /// when one connection's concurrent-stream limit, often 100, is the bottleneck).
+    /// The most HTTP/2 connections per endpoint (default 1, at most
+    /// [`MAX_CONNECTIONS_PER_ENDPOINT`]). An endpoint's first connection opens on its first
+    /// call; another opens only when every open one carries
+    /// [`max_streams_per_connection`](Self::max_streams_per_connection) calls, and each call
+    /// goes to the open connection with the fewest. Raise it when servers cap concurrent
+    /// streams per connection (often at 100) and one connection is the bottleneck. Connections
+    /// stay open until the endpoint leaves the balancer.
     pub fn connections_per_endpoint(mut self, connections: usize) -> Self {
         self.connections_per_endpoint = connections;
+        self
+    }
+
+    /// Concurrent calls (HTTP/2 streams) per connection before another connection to the
+    /// same endpoint is opened (default [`DEFAULT_MAX_STREAMS_PER_CONNECTION`], the usual
+    /// server limit). Once [`connections_per_endpoint`](Self::connections_per_endpoint)
+    /// connections are open, further calls share them (HTTP/2 queues streams over the
+    /// server's limit).
+    pub fn max_streams_per_connection(mut self, streams: usize) -> Self {
+        self.max_streams_per_connection = streams;
         self
     }
 
@@ -231,6 +255,12 @@ impl BalancedChannelBuilder {
                 &format!("must be between 1 and {MAX_CONNECTIONS_PER_ENDPOINT}"),
             ));
         }
+        if !(1..=MAX_STREAMS_PER_CONNECTION).contains(&self.max_streams_per_connection) {
+            return Err(bad(
+                "max_streams_per_connection",
+                &format!("must be between 1 and {MAX_STREAMS_PER_CONNECTION}"),
+            ));
+        }
         if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(300) {
             return Err(bad("connect_timeout", "must be between 1 ns and 5 minutes"));
         }
@@ -244,6 +274,7 @@ impl BalancedChannelBuilder {
             create: Mutex::new(()),
             connect_timeout: self.connect_timeout,
             per_endpoint: self.connections_per_endpoint,
+            max_streams: self.max_streams_per_connection,
         });
         follow_releases(&self.lb, &self.service, &channels);
         Ok(BalancedChannel {
@@ -326,6 +357,7 @@ impl BalancedChannel {
             timeout: None,
             connect_timeout: Duration::from_secs(1),
             connections_per_endpoint: 1,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             failure_codes: FailureCodes::DEFAULT,
         }
     }
@@ -342,6 +374,14 @@ impl BalancedChannel {
     /// The service this channel calls.
     pub fn service(&self) -> &str {
         &self.inner.service
+    }
+
+    /// HTTP/2 connections this channel has open (or opening) to `address`: 0 before its first
+    /// call and after the balancer released it, then 1 up to
+    /// [`connections_per_endpoint`](BalancedChannelBuilder::connections_per_endpoint) as load
+    /// requires.
+    pub fn connections(&self, address: SocketAddr) -> usize {
+        self.inner.channels.opened(address)
     }
 
     /// The balancer this channel routes with.
@@ -466,7 +506,7 @@ impl Inner {
                 }
             }
             let request = Request::from_parts(parts.clone(), body);
-            let channel = self.channels.channel(pick.endpoint());
+            let (channel, stream) = self.channels.channel(pick.endpoint());
             let attempt_started = Instant::now();
             let sent = send(channel, request);
             let result = match deadline {
@@ -516,6 +556,7 @@ impl Inner {
                                 pick,
                                 started: attempt_started,
                                 failure_codes: self.failure_codes,
+                                stream,
                             };
                             return Ok(response.map(|b| BalancedBody::new(b, Some(recorder))));
                         }
@@ -605,47 +646,117 @@ struct EndpointChannels {
     create: Mutex<()>,
     connect_timeout: Duration,
     per_endpoint: usize,
+    max_streams: usize,
 }
 
-/// One endpoint's connections.
+/// One endpoint's connections: up to `slots.len()`, opened in order as load requires.
+///
+/// Invariants: `opened` (at least 1) only grows, up to `slots.len()`; a slot below `opened`
+/// has its channel created by the first call that uses it; `streams` counts the calls a
+/// slot carries (each [`StreamGuard`] adds one and takes it back once).
 struct Connections {
-    channels: Box<[Channel]>,
-    next: AtomicUsize,
+    slots: Box<[ConnectionSlot]>,
+    opened: AtomicUsize,
+    max_streams: usize,
+}
+
+struct ConnectionSlot {
+    channel: std::sync::OnceLock<Channel>,
+    streams: crossbeam_utils::CachePadded<AtomicUsize>,
+}
+
+/// One call on one connection of an endpoint: counted in the connection's streams until
+/// dropped (when the response ends, or the call is given up).
+pub(crate) struct StreamGuard {
+    connections: crate::sync::Arc<Connections>,
+    slot: usize,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.connections.slots[self.slot]
+            .streams
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Connections {
-    fn next(&self) -> Channel {
-        let i = if self.channels.len() == 1 {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()
-        };
-        self.channels[i].clone()
+    fn new(max_connections: usize, max_streams: usize) -> Self {
+        Self {
+            slots: (0..max_connections.max(1))
+                .map(|_| ConnectionSlot {
+                    channel: std::sync::OnceLock::new(),
+                    streams: crossbeam_utils::CachePadded::new(AtomicUsize::new(0)),
+                })
+                .collect(),
+            opened: AtomicUsize::new(1),
+            max_streams,
+        }
+    }
+
+    /// The open connection with the fewest calls, opening one more first if every open one
+    /// carries `max_streams` and the limit allows. `Relaxed` loads: a heuristic; two racing
+    /// calls may put a connection one or two streams over its share.
+    fn acquire(self: &crate::sync::Arc<Self>, connect: impl Fn() -> Channel) -> (Channel, StreamGuard) {
+        loop {
+            let opened = self.opened.load(Ordering::Acquire).clamp(1, self.slots.len());
+            let (mut slot, mut least) = (0, usize::MAX);
+            for (i, candidate) in self.slots[..opened].iter().enumerate() {
+                let streams = candidate.streams.load(Ordering::Relaxed);
+                if streams < least {
+                    (slot, least) = (i, streams);
+                    if streams == 0 {
+                        break;
+                    }
+                }
+            }
+            if least >= self.max_streams && opened < self.slots.len() {
+                // Every open connection is full: open the next one (if another call did
+                // meanwhile, the rescan sees it) and place the call again.
+                let _ = self
+                    .opened
+                    .compare_exchange(opened, opened + 1, Ordering::AcqRel, Ordering::Acquire);
+                continue;
+            }
+            self.slots[slot].streams.fetch_add(1, Ordering::Relaxed);
+            let channel = self.slots[slot].channel.get_or_init(&connect).clone();
+            let guard = StreamGuard {
+                connections: self.clone(),
+                slot,
+            };
+            return (channel, guard);
+        }
+    }
+
+    /// Connections opened so far.
+    fn opened(&self) -> usize {
+        self.opened.load(Ordering::Acquire).clamp(1, self.slots.len())
     }
 }
 
 impl EndpointChannels {
-    fn channel(&self, endpoint: &Endpoint) -> Channel {
-        if let Some(connections) = self.map.load().get(&endpoint.address) {
-            return connections.next();
+    fn channel(&self, endpoint: &Endpoint) -> (Channel, StreamGuard) {
+        let address = endpoint.address;
+        let connect = || self.connect(address);
+        if let Some(connections) = self.map.load().get(&address) {
+            return connections.acquire(connect);
         }
         let _creating = self.create.lock();
         let map = self.map.load_full();
-        if let Some(connections) = map.get(&endpoint.address) {
-            return connections.next();
+        if let Some(connections) = map.get(&address) {
+            return connections.acquire(connect);
         }
-        let channels: Box<[Channel]> = (0..self.per_endpoint)
-            .map(|_| self.connect(endpoint.address))
-            .collect();
-        let connections = crate::sync::Arc::new(Connections {
-            channels,
-            next: AtomicUsize::new(0),
-        });
-        let channel = connections.next();
+        let connections = crate::sync::Arc::new(Connections::new(self.per_endpoint, self.max_streams));
+        let acquired = connections.acquire(connect);
         let mut map = HashMap::clone(&map);
-        map.insert(endpoint.address, connections);
+        map.insert(address, connections);
         self.map.store(crate::sync::Arc::new(map));
-        channel
+        acquired
+    }
+
+    /// Connections open (or opening) to `address`; 0 if none.
+    fn opened(&self, address: SocketAddr) -> usize {
+        self.map.load().get(&address).map_or(0, |c| c.opened())
     }
 
     fn connect(&self, address: SocketAddr) -> Channel {

@@ -13,7 +13,7 @@ mod retry;
 
 pub use body::BalancedBody;
 pub use channel::{
-    BalancedChannel, BalancedChannelBuilder, BoxError, KeyExtractorFn, MAX_CONNECTIONS_PER_ENDPOINT,
-    ResponseFuture,
+    BalancedChannel, BalancedChannelBuilder, BoxError, DEFAULT_MAX_STREAMS_PER_CONNECTION, KeyExtractorFn,
+    MAX_CONNECTIONS_PER_ENDPOINT, ResponseFuture,
 };
 pub use retry::{Idempotent, MAX_ATTEMPTS, RetryPolicy};

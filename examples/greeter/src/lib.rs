@@ -42,6 +42,8 @@ pub struct GreeterState {
     pub received: AtomicU64,
     /// When set, every call is answered `UNAVAILABLE` at once.
     pub refuse: AtomicBool,
+    /// TCP connections accepted (over every start of the server).
+    pub connections: AtomicU64,
 }
 
 /// A greeter that answers as `name`.
@@ -123,6 +125,7 @@ impl GreeterServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let greeter = NamedGreeter::new(name, state.clone()).into_service();
+        let accepted = state.clone();
         let reporter = health.clone();
         let thread = std::thread::Builder::new()
             .name(format!("greeter-{name}"))
@@ -165,8 +168,15 @@ impl GreeterServer {
                     // Replies are small writes: without TCP_NODELAY, Nagle's algorithm holds
                     // one back until the client's delayed ACK (~40 ms) whenever an earlier
                     // reply on the connection is still unacknowledged.
-                    let incoming =
-                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                    let incoming = tokio_stream::StreamExt::map(
+                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        move |connection| {
+                            if connection.is_ok() {
+                                accepted.connections.fetch_add(1, Ordering::Relaxed);
+                            }
+                            connection
+                        },
+                    );
                     let server = tonic::transport::Server::builder()
                         .add_service(health_service)
                         .add_service(greeter)
