@@ -752,6 +752,55 @@ async fn a_first_resolution_publishes_the_srv_hosts_that_resolve() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_targets_renamed_during_a_dns_outage_do_not_empty_the_service() {
+    let server = DnsServer::start().await;
+    server.zone.set_glue(false);
+    server
+        .zone
+        .set_srv("_api._tcp.test.", &[(10, 5, 7001, "a.test.")], 1);
+    server.zone.set_a("a.test.", &[v4(1)], 1);
+    let registry = Arc::new(ServiceRegistry::new());
+    let lb = balancer(&registry, LoadBalancingStrategy::RoundRobin).await;
+    let runner = DiscoveryRunner::new(registry.clone());
+    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
+    runner.synced().await;
+    eventually(Duration::from_secs(2), "a routed", || {
+        routed(&lb, "api") == addrs(&["127.0.0.1:7001"])
+    })
+    .await;
+
+    // Every SRV record now names a new host, and that host's lookup fails: publishing the
+    // partial answer would empty the service. The last answer stays; the source degrades.
+    server.zone.set_a("c.test.", &[v4(3)], 1);
+    server.zone.set_failing("c.test.", RecordType::A, true);
+    server
+        .zone
+        .set_srv("_api._tcp.test.", &[(10, 5, 7003, "c.test.")], 1);
+    eventually(Duration::from_secs(4), "degraded by c", || {
+        degraded_by(&stats(&runner, 0), "c.test")
+    })
+    .await;
+    let queried = server.queries("c.test.");
+    eventually(Duration::from_secs(4), "c retried", || {
+        server.queries("c.test.") > queried
+    })
+    .await;
+    assert_eq!(
+        routed(&lb, "api"),
+        addrs(&["127.0.0.1:7001"]),
+        "the last answer stays"
+    );
+
+    // Once c resolves, the new membership applies and the source is healthy.
+    server.zone.set_failing("c.test.", RecordType::A, false);
+    eventually(Duration::from_secs(4), "c replaces a", || {
+        routed(&lb, "api") == addrs(&["127.0.0.3:7003"]) && stats(&runner, 0).health == SourceHealth::Healthy
+    })
+    .await;
+    runner.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_record_is_counted_when_it_appears_not_at_every_refresh() {
     let server = DnsServer::start().await;
     server.zone.set_glue(false);

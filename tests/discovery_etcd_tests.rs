@@ -1232,3 +1232,60 @@ async fn several_services_follow_their_own_prefixes_and_the_greatest_key_wins_an
     f.runner.shutdown().await;
     g.runner.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_read_whose_revision_is_compacted_reads_again_without_degrading() {
+    let etcd = etcd_or_skip!();
+    let mut client = etcd.client().await;
+    let mut expected = Vec::new();
+    for batch in 0..20u16 {
+        let ops: Vec<etcd_client::TxnOp> = (0..125u16)
+            .map(|i| {
+                let port = 20_000 + batch * 125 + i;
+                expected.push((port, 1));
+                etcd_client::TxnOp::put(key("big", &format!("i{port}")), etcd_record(&ep(port, 1)), None)
+            })
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    // Compact twice while the source reads 2,500 keys one per page (over a second): the
+    // revision of its first page disappears under it.
+    let compactor = tokio::spawn({
+        let mut client = etcd.client().await;
+        async move {
+            for delay in [100, 200] {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                let revision = client
+                    .put("/elsewhere/tick", "x", None)
+                    .await
+                    .unwrap()
+                    .header()
+                    .unwrap()
+                    .revision();
+                client
+                    .compact(revision, Some(CompactionOptions::new().with_physical()))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let config = EtcdConfig::new([etcd.url()])
+        .with_request_timeout(Duration::from_secs(5))
+        .with_range_page_size(1);
+    let f = follow_with(config, &["big"]).await;
+    compactor.await.unwrap();
+    let got = members(&f.lb, "big");
+    assert!(got == expect(&expected), "{} members, not the 2,500 written", got.len());
+    assert!(
+        f.stats.compactions() >= 1,
+        "the read was compacted under: {:?}",
+        f.stats
+    );
+    assert_eq!(f.stats.full_reads(), 1, "{:?}", f.stats);
+    assert_eq!(
+        f.runner.stats()[0].degradations,
+        0,
+        "a compaction is not a store failure"
+    );
+    f.runner.shutdown().await;
+}

@@ -353,10 +353,13 @@ fn unit_random() -> f64 {
 ///   addresses", which is a bad record, below) holds back neither the SRV answer nor the
 ///   other hosts: the answer applies (new, changed and removed records, the other hosts'
 ///   addresses), and the failing host keeps the addresses it had at its last successful
-///   lookup for this target, so nothing is lost. A host that never resolved (the first
-///   resolution, or a host new in the SRV set) has no last addresses: its records
-///   contribute nothing until it resolves, and the rest is published without waiting for
-///   it. Either way the source is [`SourceHealth::Degraded`] (the reason names the host)
+///   lookup for this target, so nothing is lost. A failing host with no last addresses (new
+///   in the SRV set, or never resolved) would leave a hole: on the target's first
+///   resolution the hosts that did resolve are published without waiting for it (there is
+///   nothing to lose yet), but once the target has an answer, or when nothing resolved at
+///   all, the whole resolution counts as failed and the last answer stays (a rename of
+///   every SRV target during a DNS outage does not empty the service). Either way the
+///   source is [`SourceHealth::Degraded`] (the reason names the host)
 ///   and the target is retried after the backoff delay (or its TTL, if sooner) until every
 ///   host resolves; then it is healthy again. Last addresses are kept per target, only for
 ///   the hosts its current SRV records name.
@@ -585,9 +588,14 @@ async fn target_loop(
     // Kept across failed resolutions: a failure reads no records, so it neither forgets a
     // host's addresses nor makes a known bad record new again.
     let mut memory = TargetMemory::default();
+    let mut answered = false;
     loop {
-        let (outcome, delay) = match resolve(&resolver, &config, &target, &memory.hosts).await {
+        let resolved = resolve(&resolver, &config, &target, &memory.hosts)
+            .await
+            .and_then(|answer| hold_back_if_lossy(answer, answered));
+        let (outcome, delay) = match resolved {
             Ok(mut answer) => {
+                answered = true;
                 memory.remember(&mut answer, &sink);
                 let refresh = config.refresh_after(answer.ttl);
                 if answer.unresolved.is_empty() {
@@ -623,6 +631,23 @@ async fn target_loop(
     }
 }
 
+/// `answer`, unless it is partial in a way that could lose membership: a failing host has no
+/// last addresses (new in the SRV set, or never resolved) and either the target already had
+/// an answer (publishing would drop what that host replaces) or nothing resolved at all.
+/// Then the resolution counts as failed and the last answer stays.
+fn hold_back_if_lossy(answer: Answer, answered: bool) -> Result<Answer, String> {
+    let unknown: Vec<String> = answer
+        .unresolved
+        .iter()
+        .filter(|(host, _)| !answer.hosts.contains_key(host))
+        .map(|(host, error)| format!("SRV target {host} did not resolve: {error}"))
+        .collect();
+    if unknown.is_empty() || (!answered && !answer.endpoints.is_empty()) {
+        return Ok(answer);
+    }
+    Err(unknown.join("; "))
+}
+
 /// Why an answer is partial: the target, and each unresolved host with whether it kept its
 /// last known addresses.
 fn unresolved_reason(
@@ -633,7 +658,7 @@ fn unresolved_reason(
     let hosts: Vec<String> = unresolved
         .iter()
         .map(|(host, error)| {
-            let keeps = if kept.contains_key(host) {
+            let keeps = if kept.get(host).is_some_and(|ips| !ips.is_empty()) {
                 "keeping its last addresses"
             } else {
                 "no last addresses"

@@ -408,7 +408,9 @@ impl EtcdDiscoveryStats {
         self.inner.watch_resumes.load(Ordering::Relaxed)
     }
 
-    /// Watches etcd cancelled because the revision to resume from was compacted.
+    /// Revisions compacted under the source: watches etcd cancelled because the revision to
+    /// resume from was gone, and paged reads restarted because the revision of their first
+    /// page was.
     pub fn compactions(&self) -> u64 {
         self.inner.compactions.load(Ordering::Relaxed)
     }
@@ -694,18 +696,35 @@ async fn read_prefix(
     prefix: &str,
     page: usize,
     timeout: Duration,
+    stats: &EtcdDiscoveryStats,
 ) -> Result<(Vec<KeyValue>, u64, i64), String> {
     let end = prefix_end(prefix.as_bytes());
     let limit = i64::try_from(page).unwrap_or(i64::MAX);
     let mut from = prefix.as_bytes().to_vec();
     let mut kvs = Vec::new();
     let mut read_at: Option<(u64, i64)> = None;
+    let mut restarts = 0;
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
         if let Some((_, revision)) = read_at {
             options = options.with_revision(revision);
         }
-        let mut response = bounded(timeout, "range read", kv.get(from.clone(), Some(options))).await?;
+        let mut response = match tokio::time::timeout(timeout, kv.get(from.clone(), Some(options))).await {
+            Ok(Ok(response)) => response,
+            // The revision of the first page was compacted while later pages were read (a
+            // big service and an aggressive compaction): read again at a newer revision.
+            Ok(Err(error)) if read_at.is_some() && restarts < 3 && is_compacted(&error) => {
+                restarts += 1;
+                EtcdDiscoveryStats::bump(&stats.inner.compactions);
+                tracing::info!(%prefix, "etcd compacted the revision of a paged read: reading again");
+                from = prefix.as_bytes().to_vec();
+                kvs.clear();
+                read_at = None;
+                continue;
+            }
+            Ok(Err(error)) => return Err(format!("etcd range read: {error}")),
+            Err(_) => return Err(format!("etcd range read: no answer within {timeout:?}")),
+        };
         let Some(header) = response.header() else {
             return Err("etcd range read: response without a header".into());
         };
@@ -726,6 +745,12 @@ async fn read_prefix(
             return Ok((kvs, cluster_id, revision));
         }
     }
+}
+
+/// Whether `error` is etcd's `ErrCompacted` ("required revision has been compacted").
+fn is_compacted(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.message().contains("required revision has been compacted"))
 }
 
 fn truncate_bytes(bytes: &[u8]) -> &[u8] {
@@ -750,11 +775,18 @@ impl EtcdDiscovery {
             let mut cluster_id = None;
             let mut snapshots = Vec::with_capacity(state.services.len());
             for service in &mut state.services {
-                let (kvs, read_cluster, revision) =
-                    match read_prefix(&mut kv, &service.prefix, self.config.range_page_size, timeout).await {
-                        Ok(read) => read,
-                        Err(reason) => return reason.into(),
-                    };
+                let (kvs, read_cluster, revision) = match read_prefix(
+                    &mut kv,
+                    &service.prefix,
+                    self.config.range_page_size,
+                    timeout,
+                    &self.stats,
+                )
+                .await
+                {
+                    Ok(read) => read,
+                    Err(reason) => return reason.into(),
+                };
                 cluster_id = Some(read_cluster);
                 service.revision = revision;
                 let endpoints = service.load(&kvs, sink);

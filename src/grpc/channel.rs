@@ -695,8 +695,9 @@ impl Connections {
     }
 
     /// The open connection with the fewest calls, opening one more first if every open one
-    /// carries `max_streams` and the limit allows. `Relaxed` loads: a heuristic; two racing
-    /// calls may put a connection one or two streams over its share.
+    /// carries `max_streams` and the limit allows. The call claims its stream with a
+    /// compare-and-swap of the count it chose by, so racing calls cannot push a connection
+    /// past `max_streams` while another may open (they rescan instead).
     fn acquire(self: &crate::sync::Arc<Self>, connect: impl Fn() -> Channel) -> (Channel, StreamGuard) {
         loop {
             let opened = self.opened.load(Ordering::Acquire).clamp(1, self.slots.len());
@@ -718,7 +719,13 @@ impl Connections {
                     .compare_exchange(opened, opened + 1, Ordering::AcqRel, Ordering::Acquire);
                 continue;
             }
-            self.slots[slot].streams.fetch_add(1, Ordering::Relaxed);
+            if self.slots[slot]
+                .streams
+                .compare_exchange(least, least + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+            {
+                continue; // another call took or released a stream here meanwhile: rescan
+            }
             let channel = self.slots[slot].channel.get_or_init(&connect).clone();
             let guard = StreamGuard {
                 connections: self.clone(),
