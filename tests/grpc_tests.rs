@@ -711,7 +711,11 @@ async fn connections_open_on_demand_when_streams_fill_up_to_the_limit() {
         .max_streams_per_connection(2)
         .build()
         .unwrap();
-    assert_eq!(channel.connections(address), 0, "nothing opens before the first call");
+    assert_eq!(
+        channel.connections(address),
+        0,
+        "nothing opens before the first call"
+    );
 
     // One call at a time never fills a connection: one is enough.
     let mut client = GreeterClient::new(channel.clone());
