@@ -39,6 +39,19 @@ fn record(c: &mut Criterion) {
             black_box(handle.pick().unwrap()).record(Outcome::Success, Some(latencies[i]))
         })
     });
+    // The same with Peak-EWMA: its pick reads the clock and two estimates, its record also
+    // updates the estimate (clock read, `exp`, two stores).
+    let (_peak_registry, peak) = common::balancer(&rt, LoadBalancingStrategy::PeakEwma, 1_024);
+    let peak_handle = peak.service("svc").unwrap();
+    group.bench_function("peak_ewma_pick_only", |b| {
+        b.iter(|| drop(black_box(peak_handle.pick().unwrap())))
+    });
+    group.bench_function("peak_ewma_pick_record_latency", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1_023;
+            black_box(peak_handle.pick().unwrap()).record(Outcome::Success, Some(latencies[i]))
+        })
+    });
     group.finish();
 }
 

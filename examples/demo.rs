@@ -21,7 +21,8 @@
 //!
 //! Flags: `--duration SECS` (default 10), `--requests N` (total RPCs, default 20000, spread
 //! evenly over the duration), `--concurrency C` (callers, default 32), `--strategy NAME`
-//! (`round_robin`, `random`, `least_connections` (default), `weighted`, `consistent_hash`),
+//! (`round_robin`, `random`, `least_connections` (default), `weighted`, `consistent_hash`,
+//! `peak_ewma`),
 //! `--metrics-file PATH` (default `target/demo-metrics.prom`), `--serve-metrics ADDR`
 //! (serve `/metrics` while it runs, e.g. `127.0.0.1:9464`).
 //! Logging: `RUST_LOG=tai_loadbalancer=debug cargo run --release --example demo`.
@@ -45,12 +46,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const SERVICE: &str = "greeter";
 const SERVERS: usize = 3;
-const STRATEGIES: [LoadBalancingStrategy; 5] = [
+const STRATEGIES: [LoadBalancingStrategy; 6] = [
     LoadBalancingStrategy::RoundRobin,
     LoadBalancingStrategy::Random,
     LoadBalancingStrategy::LeastConnections,
     LoadBalancingStrategy::Weighted,
     LoadBalancingStrategy::ConsistentHash,
+    LoadBalancingStrategy::PeakEwma,
 ];
 
 struct Args {

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,8 @@ pub struct LoadBalancerConfig {
     pub consistent_hash: ConsistentHashConfig,
     /// The control-plane thread that rebuilds and publishes routing snapshots.
     pub control_plane: ControlPlaneConfig,
+    /// The latency estimate of [`LoadBalancingStrategy::PeakEwma`].
+    pub peak_ewma: PeakEwmaConfig,
     /// Per-service overrides, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -82,6 +85,7 @@ impl Default for LoadBalancerConfig {
             panic_threshold_percent: 50,
             consistent_hash: ConsistentHashConfig::default(),
             control_plane: ControlPlaneConfig::default(),
+            peak_ewma: PeakEwmaConfig::default(),
             services: BTreeMap::new(),
         }
     }
@@ -111,6 +115,28 @@ pub struct ControlPlaneConfig {
     /// Name of the control-plane OS thread, as shown by `top -H` (default `tai-lb-control`;
     /// Linux shows the first 15 bytes). Must be non-empty and contain no NUL byte.
     pub thread_name: String,
+}
+
+/// Settings of [`LoadBalancingStrategy::PeakEwma`]'s latency estimate.
+///
+/// In TOML: `[peak_ewma]` with `decay = "10s"`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeakEwmaConfig {
+    /// The time constant τ of the estimate (`1ms..=1h`, default 10 s, as Finagle and tower):
+    /// how fast faster samples pull it down, and how fast it fades toward zero while the
+    /// endpoint gets no traffic (to `1/e` of its value after τ), so that an endpoint avoided
+    /// after a slow spell is tried again.
+    #[serde(with = "humantime_serde")]
+    pub decay: Duration,
+}
+
+impl Default for PeakEwmaConfig {
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Overrides for one service.
@@ -171,6 +197,13 @@ impl LoadBalancerConfig {
             return Err(Error::invalid_config(
                 "consistent_hash.slots",
                 format!("{slots} is not a power of two between {MIN_HASH_SLOTS} and {MAX_HASH_SLOTS}"),
+            ));
+        }
+        let decay = self.peak_ewma.decay;
+        if decay < Duration::from_millis(1) || decay > Duration::from_secs(3600) {
+            return Err(Error::invalid_config(
+                "peak_ewma.decay",
+                format!("{decay:?} is not between 1ms and 1h"),
             ));
         }
         let cp = &self.control_plane;

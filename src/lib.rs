@@ -48,7 +48,7 @@ pub use affinity::{
 pub use balancer::{IntegratedLoadBalancer, RoutingUpdates, ServiceHandle};
 pub use config::{
     ConsistentHashConfig, ControlPlaneConfig, LoadBalancerConfig, MAX_HASH_SLOTS, MIN_HASH_SLOTS,
-    ServiceConfig,
+    PeakEwmaConfig, ServiceConfig,
 };
 #[cfg(feature = "runtime")]
 pub use discovery::{

@@ -127,6 +127,10 @@ pub struct EndpointMetrics {
     pub mean_latency: Option<Duration>,
     /// Latencies reported with outcomes (p50/p95/p99/p999, max).
     pub latency: LatencyHistogram,
+    /// The Peak-EWMA latency estimate now (decayed since its last sample): for services
+    /// routed by [`PeakEwma`](crate::LoadBalancingStrategy::PeakEwma), once a latency was
+    /// reported; `None` otherwise.
+    pub latency_estimate: Option<Duration>,
 }
 
 fn rate(successes: u64, failures: u64) -> Option<f64> {
@@ -215,6 +219,7 @@ impl EndpointMetrics {
             in_flight: c.in_flight,
             mean_latency: c.latency.mean(),
             latency: c.latency,
+            latency_estimate: e.latency_estimate,
         }
     }
 

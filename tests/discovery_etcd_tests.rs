@@ -1275,7 +1275,11 @@ async fn a_paged_read_whose_revision_is_compacted_reads_again_without_degrading(
     let f = follow_with(config, &["big"]).await;
     compactor.await.unwrap();
     let got = members(&f.lb, "big");
-    assert!(got == expect(&expected), "{} members, not the 2,500 written", got.len());
+    assert!(
+        got == expect(&expected),
+        "{} members, not the 2,500 written",
+        got.len()
+    );
     assert!(
         f.stats.compactions() >= 1,
         "the read was compacted under: {:?}",

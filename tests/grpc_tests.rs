@@ -89,6 +89,7 @@ async fn every_strategy_routes_real_rpcs() {
         LoadBalancingStrategy::LeastConnections,
         LoadBalancingStrategy::Weighted,
         LoadBalancingStrategy::ConsistentHash,
+        LoadBalancingStrategy::PeakEwma,
     ] {
         let (_registry, lb) = balancer(&addresses, strategy, LoadBalancerConfig::default()).await;
         let mut client = GreeterClient::new(BalancedChannel::new(lb.clone(), SERVICE).unwrap());
@@ -737,4 +738,37 @@ async fn connections_open_on_demand_when_streams_fill_up_to_the_limit() {
     let single = BalancedChannel::new(lb.clone(), SERVICE).unwrap();
     concurrent_slow_calls(&single, 30, 200).await;
     assert_eq!((single.connections(address), accepted()), (1, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_sends_calls_away_from_a_slow_server_that_least_connections_keeps_using() {
+    let servers = servers(3);
+    let addresses: Vec<_> = servers.iter().map(GreeterServer::address).collect();
+    servers[0].state().delay_ms.store(30, Ordering::Relaxed);
+    let mut served_by_slow = BTreeMap::new();
+    for strategy in [
+        LoadBalancingStrategy::PeakEwma,
+        LoadBalancingStrategy::LeastConnections,
+    ] {
+        let (_registry, lb) = balancer(&addresses, strategy, LoadBalancerConfig::default()).await;
+        let mut client = GreeterClient::new(BalancedChannel::new(lb.clone(), SERVICE).unwrap());
+        let mut slow = 0;
+        // One caller, one call at a time: in-flight counts are always 0, so only latency can
+        // tell the servers apart.
+        for i in 0..60 {
+            let reply = client
+                .say_hello(request(&format!("c{i}")))
+                .await
+                .unwrap()
+                .into_inner();
+            if reply.server == "s0" {
+                slow += 1;
+            }
+        }
+        served_by_slow.insert(strategy.to_string(), slow);
+    }
+    // Peak-EWMA: the slow server's one probe (and perhaps a retry after its estimate fades);
+    // least connections spreads one caller's calls evenly.
+    assert!(served_by_slow["peak_ewma"] <= 3, "{served_by_slow:?}");
+    assert!(served_by_slow["least_connections"] >= 10, "{served_by_slow:?}");
 }

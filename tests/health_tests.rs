@@ -608,12 +608,13 @@ async fn grpc_watch_falls_back_to_check_when_watch_is_unimplemented() {
             .unwrap();
     manager.start().await.unwrap();
     let status = || futures_ready(manager.get_health_status("svc", &endpoint)).unwrap();
-    wait_for(Duration::from_secs(3), "checks", || status().checks >= 3).await;
-    let s = status();
-    assert!(
-        s.is_healthy() && s.failed_checks == 0,
-        "the fallback answers: {s:?}"
-    );
+    // Three answered checks (a check may time out on a loaded machine: the short timeout
+    // of these tests is not what is tested here).
+    wait_for(Duration::from_secs(3), "checks", || {
+        let s = status();
+        s.checks - s.failed_checks.min(s.checks) >= 3 && s.is_healthy()
+    })
+    .await;
     assert!(server.checks.load(Ordering::SeqCst) >= 3);
 
     server.set(ServingStatus::NotServing);

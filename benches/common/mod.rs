@@ -10,12 +10,13 @@ use tai_loadbalancer::{
     ServiceRegistry,
 };
 
-pub(crate) const STRATEGIES: [LoadBalancingStrategy; 5] = [
+pub(crate) const STRATEGIES: [LoadBalancingStrategy; 6] = [
     LoadBalancingStrategy::RoundRobin,
     LoadBalancingStrategy::Random,
     LoadBalancingStrategy::LeastConnections,
     LoadBalancingStrategy::Weighted,
     LoadBalancingStrategy::ConsistentHash,
+    LoadBalancingStrategy::PeakEwma,
 ];
 
 /// The `i`-th loopback endpoint: spread over 127.0.0.0/8, never 127.0.0.0 itself.

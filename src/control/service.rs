@@ -59,6 +59,7 @@ pub(crate) struct EndpointCounters {
     pub(crate) consecutive_failures: u64,
     pub(crate) counters: CounterValues,
     pub(crate) check: Option<HealthStatus>,
+    pub(crate) latency_estimate: Option<Duration>,
 }
 
 /// Counters of one service, read under the control lock.
@@ -157,6 +158,8 @@ impl ServiceControl {
         let strategy = settings.strategy_for(&self.name);
         let shards = crate::sync::shard_count();
         let slow_start = &settings.config.slow_start;
+        let rtt_decay =
+            (strategy == LoadBalancingStrategy::PeakEwma).then_some(settings.config.peak_ewma.decay);
         self.refresh_health(sources, now, slow_start.window > Duration::ZERO);
 
         // Merge the sorted previous states with the sorted new membership: keep the state of
@@ -178,6 +181,7 @@ impl ServiceControl {
                         endpoint.clone(),
                         shards,
                         self.report(settings),
+                        rtt_decay,
                     ))
                 }
                 None => {
@@ -188,6 +192,7 @@ impl ServiceControl {
                         endpoint.clone(),
                         shards,
                         self.report(settings),
+                        rtt_decay,
                     ))
                 }
             };
@@ -609,6 +614,7 @@ impl ServiceControl {
                     consecutive_failures: s.failures().consecutive(),
                     counters,
                     check: sources.health.and_then(|h| h.status(&self.name, s.address())),
+                    latency_estimate: s.latency_estimate(),
                 }
             })
             .collect();

@@ -63,6 +63,10 @@ impl MetricsExporter for MetricsFacadeExporter {
                 metrics::gauge!("tai_lb_endpoint_consecutive_failures", &labels)
                     .set(e.consecutive_failures as f64);
                 metrics::gauge!("tai_lb_endpoint_ejections", &labels).set(f64::from(e.ejections));
+                if let Some(estimate) = e.latency_estimate {
+                    metrics::gauge!("tai_lb_endpoint_latency_estimate_seconds", &labels)
+                        .set(estimate.as_secs_f64());
+                }
                 for h in HEALTHS {
                     let state = [
                         ("service", service.clone()),

@@ -25,6 +25,7 @@
 //! | `tai_lb_endpoint_ejections` | gauge | service, endpoint |
 //! | `tai_lb_health_checks_total` | counter | service, endpoint, result (`success`/`failure`) |
 //! | `tai_lb_health_check_duration_seconds` | gauge (last check) | service, endpoint |
+//! | `tai_lb_endpoint_latency_estimate_seconds` | gauge (`peak_ewma` services) | service, endpoint |
 //! | `tai_lb_service_endpoints` | gauge | service, state (`total`/`routable`) |
 //! | `tai_lb_service_panic` | gauge (0/1) | service |
 //! | `tai_lb_affinity_lookups_total` | counter | result (`hit`/`miss`/`moved`) |

@@ -430,6 +430,13 @@ fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec
     );
     push(
         &mut out,
+        "tai_lb_endpoint_latency_estimate_seconds",
+        "The endpoint's Peak-EWMA latency estimate (peak_ewma services with a sample).",
+        Kind::Gauge,
+        endpoints().filter_map(|(l, _, e)| Some((l, Sample::GaugeF(e.latency_estimate?.as_secs_f64())))),
+    );
+    push(
+        &mut out,
         "tai_lb_service_endpoints",
         "Endpoints of the service: all members, and the routable ones.",
         Kind::Gauge,

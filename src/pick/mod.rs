@@ -10,6 +10,7 @@
 //! | [`LeastConnections`](LoadBalancingStrategy::LeastConnections) | 2 RNG draws + 2 loads | none |
 //! | [`Weighted`](LoadBalancingStrategy::Weighted) | `fetch_add` + schedule read | the slot's cursor |
 //! | [`ConsistentHash`](LoadBalancingStrategy::ConsistentHash) | hash + shift + 4-byte read | none |
+//! | [`PeakEwma`](LoadBalancingStrategy::PeakEwma) | 2 RNG draws + clock read + 2 estimates | none (reports write the estimate) |
 //!
 //! (A guarded [`Pick`] adds its in-flight increment and decrement.)
 //!
@@ -24,6 +25,7 @@
 pub(crate) mod consistent;
 pub(crate) mod jump;
 mod p2c;
+pub(crate) mod peak_ewma;
 mod random;
 mod round_robin;
 pub(crate) mod weighted;
@@ -42,7 +44,7 @@ use consistent::{FALLBACK_PROBES, owner_without_ring, probe_hash, reduce};
 /// How a service's requests are spread over its endpoints.
 ///
 /// In TOML: `"round_robin"`, `"random"`, `"least_connections"`, `"weighted"`,
-/// `"consistent_hash"`.
+/// `"consistent_hash"`, `"peak_ewma"`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancingStrategy {
@@ -64,6 +66,14 @@ pub enum LoadBalancingStrategy {
     /// [`IntegratedLoadBalancer::next_endpoint_with_hash`](crate::IntegratedLoadBalancer::next_endpoint_with_hash)).
     /// Requests without a key are spread at random.
     ConsistentHash,
+    /// The endpoint with the lower `latency estimate × (in flight + 1) / weight` of two chosen
+    /// at random: Finagle's and tower's Peak-EWMA, which sends traffic away from an endpoint
+    /// as soon as it answers slowly and back as it recovers (see
+    /// [`PeakEwmaConfig`](crate::PeakEwmaConfig)). The estimate is fed by the latencies
+    /// requests report ([`Pick::record`] with a latency, or
+    /// [`BalancedChannel`](crate::BalancedChannel), which reports every call's); without
+    /// reported latencies it is least connections with one probe per unmeasured endpoint.
+    PeakEwma,
 }
 
 impl fmt::Display for LoadBalancingStrategy {
@@ -74,6 +84,7 @@ impl fmt::Display for LoadBalancingStrategy {
             Self::LeastConnections => "least_connections",
             Self::Weighted => "weighted",
             Self::ConsistentHash => "consistent_hash",
+            Self::PeakEwma => "peak_ewma",
         })
     }
 }
@@ -120,6 +131,7 @@ pub(crate) fn choose<'t>(
         },
         LoadBalancingStrategy::Random | LoadBalancingStrategy::ConsistentHash => random::index(n),
         LoadBalancingStrategy::LeastConnections => p2c::index(routable, table.routable_weights.as_deref()),
+        LoadBalancingStrategy::PeakEwma => p2c::index_by_cost(routable, table.routable_weights.as_deref()),
     };
     Ok(&routable[index])
 }

@@ -10,8 +10,40 @@
 //! beats an idle light one and load follows weight.
 #![deny(unsafe_code)]
 
+use super::peak_ewma::now_ns;
 use crate::sync::{Arc, random_below};
 use crate::table::Pin;
+
+/// Two distinct random indices below `n` (`n >= 2`).
+#[inline]
+fn candidates(n: usize) -> (usize, usize) {
+    let a = random_below(n);
+    let mut b = random_below(n - 1);
+    if b >= a {
+        b += 1;
+    }
+    debug_assert_ne!(a, b, "p2c candidates must differ");
+    (a, b)
+}
+
+/// As [`index`], comparing each candidate's Peak-EWMA cost per unit of weight: its latency
+/// estimate times one more than its requests in flight (see
+/// [`peak_ewma`](super::peak_ewma)); a pin without an estimate counts its in-flight requests.
+#[inline]
+pub(crate) fn index_by_cost(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> usize {
+    let n = routable.len();
+    if n == 1 {
+        return 0;
+    }
+    let (a, b) = candidates(n);
+    let now = now_ns();
+    let (ca, cb) = (routable[a].cost(now), routable[b].cost(now));
+    let b_wins = match weights {
+        None => cb < ca,
+        Some(w) => cb * f64::from(w[a]) < ca * f64::from(w[b]),
+    };
+    if b_wins { b } else { a }
+}
 
 /// Chooses between two distinct random members of `routable` (`len >= 1`): the calling
 /// thread's shard of pins, so the in-flight counts compared are this shard's (each shard of
@@ -23,12 +55,7 @@ pub(crate) fn index(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> usize {
     if n == 1 {
         return 0;
     }
-    let a = random_below(n);
-    let mut b = random_below(n - 1);
-    if b >= a {
-        b += 1;
-    }
-    debug_assert_ne!(a, b, "p2c candidates must differ");
+    let (a, b) = candidates(n);
     let (la, lb) = (routable[a].in_flight(), routable[b].in_flight());
     let b_wins = match weights {
         None => lb < la,

@@ -45,6 +45,7 @@ use crate::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
 use crate::histogram::{AtomicHistogram, LatencyHistogram};
 use crate::pick::consistent::HashRing;
+use crate::pick::peak_ewma::{RttEstimate, now_ns};
 use crate::pick::weighted::Schedule;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::sync::{Arc, CachePadded, DataArc, DataWeak, SnapshotCell};
@@ -77,6 +78,9 @@ pub(crate) struct Pin {
     /// The generation's passive-health bookkeeping (shared by all its pins; read on success,
     /// written only on failure).
     failures: Arc<Failures>,
+    /// The generation's Peak-EWMA latency estimate (shared by its pins), for services routed
+    /// by [`PeakEwma`](crate::LoadBalancingStrategy::PeakEwma).
+    rtt: Option<Arc<RttEstimate>>,
     outcomes: Outcomes,
 }
 
@@ -174,12 +178,18 @@ impl CounterValues {
 }
 
 impl Pin {
-    fn new(endpoint: Endpoint, failures: Arc<Failures>, latency: DataArc<AtomicHistogram>) -> Self {
+    fn new(
+        endpoint: Endpoint,
+        failures: Arc<Failures>,
+        rtt: Option<Arc<RttEstimate>>,
+        latency: DataArc<AtomicHistogram>,
+    ) -> Self {
         Self {
             in_flight: AtomicU64::new(0),
             selections: AtomicU64::new(0),
             endpoint,
             failures,
+            rtt,
             outcomes: Outcomes {
                 successes: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
@@ -238,8 +248,22 @@ impl Pin {
         }
         if let Some(latency) = latency {
             o.latency.record(latency);
+            if let Some(rtt) = &self.rtt {
+                rtt.observe(latency, success, now_ns());
+            }
         }
         self.failures.note(success, self.endpoint.address);
+    }
+
+    /// The Peak-EWMA load at `now`: the generation's latency estimate × (this shard's
+    /// requests in flight + 1); without an estimate, the requests in flight.
+    #[inline]
+    pub(crate) fn cost(&self, now: u64) -> f64 {
+        let in_flight = self.in_flight();
+        match &self.rtt {
+            Some(rtt) => rtt.cost(in_flight, now),
+            None => in_flight as f64,
+        }
     }
 
     fn counters(&self) -> CounterValues {
@@ -276,12 +300,26 @@ pub(crate) struct EndpointState {
 }
 
 impl EndpointState {
-    /// A state with `shards` pins, each with its own copy of the endpoint's metadata.
-    pub(crate) fn new(endpoint: Endpoint, shards: usize, report: Option<OutlierReport>) -> Self {
+    /// A state with `shards` pins, each with its own copy of the endpoint's metadata, and a
+    /// Peak-EWMA estimate decaying over `rtt_decay` if given.
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        shards: usize,
+        report: Option<OutlierReport>,
+        rtt_decay: Option<Duration>,
+    ) -> Self {
         let failures = Arc::new(Failures::new(report));
         let latency = DataArc::new(AtomicHistogram::default());
+        let rtt = rtt_decay.map(|decay| Arc::new(RttEstimate::new(decay)));
         let pins = (0..shards.max(1))
-            .map(|_| Arc::new(Pin::new(endpoint.detached(), failures.clone(), latency.clone())))
+            .map(|_| {
+                Arc::new(Pin::new(
+                    endpoint.detached(),
+                    failures.clone(),
+                    rtt.clone(),
+                    latency.clone(),
+                ))
+            })
             .collect();
         Self {
             endpoint,
@@ -294,6 +332,13 @@ impl EndpointState {
     /// The generation's consecutive-failure tracking.
     pub(crate) fn failures(&self) -> &Failures {
         &self.failures
+    }
+
+    /// The Peak-EWMA estimate now, if this generation has one with a sample.
+    pub(crate) fn latency_estimate(&self) -> Option<Duration> {
+        let rtt = self.pins.first()?.rtt.as_ref()?;
+        let ns = rtt.estimate_ns(now_ns());
+        (ns > 0.0).then(|| Duration::from_nanos(ns.min(u64::MAX as f64) as u64))
     }
 
     #[inline]

@@ -44,6 +44,8 @@ pub struct GreeterState {
     pub refuse: AtomicBool,
     /// TCP connections accepted (over every start of the server).
     pub connections: AtomicU64,
+    /// Milliseconds every reply is held back (0: none), to make one server slow.
+    pub delay_ms: AtomicU64,
 }
 
 /// A greeter that answers as `name`.
@@ -77,6 +79,10 @@ impl Greeter for NamedGreeter {
             return Err(Status::unavailable(format!("{} refuses calls", self.name)));
         }
         let request = request.into_inner();
+        let slow = self.state.delay_ms.load(Ordering::Relaxed);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
+        }
         if request.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(u64::from(request.delay_ms))).await;
         }

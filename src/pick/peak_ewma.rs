@@ -1,0 +1,200 @@
+//! Peak-EWMA latency estimates (Finagle's and tower's `PeakEwma`), lock-free.
+//!
+//! Each endpoint generation of a [`PeakEwma`](super::LoadBalancingStrategy::PeakEwma)
+//! service has one [`RttEstimate`], shared by its per-shard pins and updated by the requests
+//! that report a latency. A pick compares two random candidates by
+//! `estimate × (in-flight + 1) / weight`, the power of two choices over a latency-aware load.
+//!
+//! # The estimate
+//!
+//! * A sample slower than the current estimate **replaces** it at once (the peak: one slow
+//!   response makes the endpoint expensive immediately).
+//! * A faster sample pulls it down as an exponentially weighted moving average whose weight
+//!   depends on the time since the last update: `e' = e·w + s·(1 − w)`, `w = exp(−Δt/τ)`
+//!   (τ = [`PeakEwmaConfig::decay`](crate::PeakEwmaConfig::decay)).
+//! * Between samples the estimate **decays toward zero** with the same τ, so an endpoint that
+//!   stopped receiving traffic after a slow spell is tried again after a while instead of
+//!   being avoided for ever. Picks compute the decayed value; they write nothing.
+//! * An endpoint with no sample yet costs 0 while idle and a prohibitive penalty while it has
+//!   a request in flight (Finagle's rule): a new endpoint gets one probe request, then
+//!   traffic once the probe has measured it.
+//! * A failure never makes an endpoint look faster: a failed request holds the estimate
+//!   where it is (it does not fade while the endpoint fails) or raises it to the failure's
+//!   latency if that is slower. Failing endpoints are ejected by outlier detection, not by
+//!   this estimate.
+//!
+//! # Invariants
+//!
+//! * Lock-free and allocation-free: two relaxed atomics per estimate; a pick reads them, a
+//!   report writes them. Concurrent reports may lose one another's update (last writer
+//!   wins), and a pick may read an estimate with the previous update's timestamp: both only
+//!   blur a heuristic, never corrupt it (every stored value is a finite, non-negative `f64`).
+#![deny(unsafe_code)]
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+/// The cost of an endpoint with no estimate yet and a request in flight: far above any
+/// measured cost, so a probe's endpoint is avoided until the probe answers.
+pub(crate) const UNMEASURED_BUSY_COST: f64 = 1e30;
+
+/// Nanoseconds on a monotonic clock with a process-wide origin.
+#[inline]
+pub(crate) fn now_ns() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One endpoint generation's round-trip estimate (see the module docs).
+#[derive(Debug)]
+pub(crate) struct RttEstimate {
+    /// The estimate in nanoseconds, as `f64` bits; 0 before the first sample.
+    rtt_ns: AtomicU64,
+    /// When it was last updated ([`now_ns`]).
+    at_ns: AtomicU64,
+    /// τ in nanoseconds (positive).
+    decay_ns: f64,
+}
+
+impl RttEstimate {
+    /// An estimate without samples, decaying with time constant `decay` (positive).
+    pub(crate) fn new(decay: Duration) -> Self {
+        Self {
+            rtt_ns: AtomicU64::new(0f64.to_bits()),
+            at_ns: AtomicU64::new(now_ns()),
+            decay_ns: (decay.as_nanos() as f64).max(1.0),
+        }
+    }
+
+    /// `exp(−elapsed/τ)` from the last update to `now`.
+    #[inline]
+    fn weight(&self, at: u64, now: u64) -> f64 {
+        let elapsed = now.saturating_sub(at) as f64;
+        (-elapsed / self.decay_ns).exp()
+    }
+
+    /// The estimate at `now` (decayed since the last update); 0 before the first sample.
+    #[inline]
+    pub(crate) fn estimate_ns(&self, now: u64) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        if rtt == 0.0 {
+            return 0.0;
+        }
+        rtt * self.weight(self.at_ns.load(Ordering::Relaxed), now)
+    }
+
+    /// The load of an endpoint with `in_flight` requests at `now`.
+    #[inline]
+    pub(crate) fn cost(&self, in_flight: u64, now: u64) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        if rtt == 0.0 {
+            return if in_flight == 0 { 0.0 } else { UNMEASURED_BUSY_COST };
+        }
+        rtt * self.weight(self.at_ns.load(Ordering::Relaxed), now) * (in_flight as f64 + 1.0)
+    }
+
+    /// Takes in one request's latency; a failure (`success: false`) holds or raises the
+    /// estimate, never lowers it.
+    pub(crate) fn observe(&self, latency: Duration, success: bool, now: u64) {
+        let sample = (latency.as_nanos() as f64).max(1.0);
+        let stored = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let w = self.weight(self.at_ns.load(Ordering::Relaxed), now);
+        let current = stored * w;
+        let next = if sample > current {
+            sample
+        } else if success {
+            current * w + sample * (1.0 - w)
+        } else {
+            // A fast failure says nothing good about the endpoint: the estimate holds
+            // (refreshed, so it does not fade toward zero while the endpoint fails).
+            stored
+        };
+        if next.is_finite() {
+            self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
+            self.at_ns.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn unmeasured_endpoints_get_one_probe() {
+        let e = RttEstimate::new(Duration::from_secs(10));
+        let now = now_ns();
+        assert_eq!(e.estimate_ns(now), 0.0);
+        assert_eq!(e.cost(0, now), 0.0);
+        assert_eq!(e.cost(1, now), UNMEASURED_BUSY_COST);
+    }
+
+    #[test]
+    fn a_slower_sample_is_the_new_peak_and_faster_ones_pull_it_down_over_time() {
+        let e = RttEstimate::new(Duration::from_millis(100));
+        let t0 = now_ns();
+        e.observe(Duration::from_millis(2), true, t0);
+        assert_eq!(e.estimate_ns(t0), 2.0 * MS as f64);
+        // A peak replaces the estimate at once.
+        e.observe(Duration::from_millis(50), true, t0 + MS);
+        assert_eq!(e.estimate_ns(t0 + MS), 50.0 * MS as f64);
+        // A fast sample right after barely moves it; one τ later it moves it most of the way
+        // (and the estimate itself decayed meanwhile).
+        e.observe(Duration::from_millis(1), true, t0 + MS);
+        assert!(e.estimate_ns(t0 + MS) > 49.0 * MS as f64);
+        e.observe(Duration::from_millis(1), true, t0 + 101 * MS);
+        let after = e.estimate_ns(t0 + 101 * MS);
+        assert!(after < 10.0 * MS as f64 && after > 1.0 * MS as f64, "{after}");
+    }
+
+    #[test]
+    fn the_estimate_decays_toward_zero_while_idle() {
+        let e = RttEstimate::new(Duration::from_millis(100));
+        let t0 = now_ns();
+        e.observe(Duration::from_millis(40), true, t0);
+        let one_tau = e.estimate_ns(t0 + 100 * MS);
+        assert!(
+            (one_tau / (40.0 * MS as f64) - (-1.0f64).exp()).abs() < 1e-9,
+            "{one_tau}"
+        );
+        assert!(e.estimate_ns(t0 + 2_000 * MS) < 0.001 * MS as f64);
+        // Cost grows with the requests in flight.
+        assert_eq!(e.cost(3, t0), 4.0 * 40.0 * MS as f64);
+    }
+
+    #[test]
+    fn failures_hold_or_raise_the_estimate() {
+        let e = RttEstimate::new(Duration::from_secs(10));
+        let t0 = now_ns();
+        e.observe(Duration::from_millis(20), true, t0);
+        e.observe(Duration::from_micros(10), false, t0 + 5_000 * MS);
+        assert_eq!(
+            e.estimate_ns(t0 + 5_000 * MS),
+            20.0 * MS as f64,
+            "a fast failure neither lowered it nor let it fade"
+        );
+        e.observe(Duration::from_millis(80), false, t0 + 2 * MS);
+        assert_eq!(
+            e.estimate_ns(t0 + 2 * MS),
+            80.0 * MS as f64,
+            "a slow failure is a peak"
+        );
+    }
+
+    #[test]
+    fn extreme_inputs_stay_finite() {
+        let e = RttEstimate::new(Duration::from_nanos(1));
+        e.observe(Duration::MAX, true, now_ns());
+        assert!(e.estimate_ns(now_ns()).is_finite());
+        e.observe(Duration::ZERO, true, u64::MAX);
+        assert!(e.cost(u64::MAX, u64::MAX).is_finite());
+        let idle = RttEstimate::new(Duration::from_secs(3600));
+        idle.observe(Duration::ZERO, true, 0);
+        assert!(idle.estimate_ns(now_ns()) >= 0.0);
+    }
+}
