@@ -10,7 +10,7 @@
 //! | [`LeastConnections`](LoadBalancingStrategy::LeastConnections) | 2 RNG draws + 2 loads | none |
 //! | [`Weighted`](LoadBalancingStrategy::Weighted) | `fetch_add` + schedule read | the slot's cursor |
 //! | [`ConsistentHash`](LoadBalancingStrategy::ConsistentHash) | hash + shift + 4-byte read | none |
-//! | [`PeakEwma`](LoadBalancingStrategy::PeakEwma) | 2 RNG draws + clock read + 2 estimates | none (reports write the estimate) |
+//! | [`PeakEwma`](LoadBalancingStrategy::PeakEwma) | 2 RNG draws + 2 loads + 2 estimates + one `exp` | none (reports write the shard's estimate) |
 //!
 //! (A guarded [`Pick`] adds its in-flight increment and decrement.)
 //!

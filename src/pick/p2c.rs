@@ -10,7 +10,7 @@
 //! beats an idle light one and load follows weight.
 #![deny(unsafe_code)]
 
-use super::peak_ewma::now_ns;
+use super::peak_ewma::b_is_cheaper;
 use crate::sync::{Arc, random_below};
 use crate::table::Pin;
 
@@ -36,11 +36,12 @@ pub(crate) fn index_by_cost(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> u
         return 0;
     }
     let (a, b) = candidates(n);
-    let now = now_ns();
-    let (ca, cb) = (routable[a].cost(now), routable[b].cost(now));
-    let b_wins = match weights {
-        None => cb < ca,
-        Some(w) => cb * f64::from(w[a]) < ca * f64::from(w[b]),
+    let (pa, pb) = (&routable[a], &routable[b]);
+    let (wa, wb) = weights.map_or((1, 1), |w| (w[a], w[b]));
+    let b_wins = match (pa.rtt(), pb.rtt()) {
+        (Some(ra), Some(rb)) => b_is_cheaper((ra, pa.in_flight(), wa), (rb, pb.in_flight(), wb)),
+        // Not a Peak-EWMA table (not reached): least connections.
+        _ => (pb.in_flight() + 1) * u64::from(wa) < (pa.in_flight() + 1) * u64::from(wb),
     };
     if b_wins { b } else { a }
 }

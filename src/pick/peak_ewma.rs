@@ -1,9 +1,12 @@
 //! Peak-EWMA latency estimates (Finagle's and tower's `PeakEwma`), lock-free.
 //!
-//! Each endpoint generation of a [`PeakEwma`](super::LoadBalancingStrategy::PeakEwma)
-//! service has one [`RttEstimate`], shared by its per-shard pins and updated by the requests
-//! that report a latency. A pick compares two random candidates by
-//! `estimate × (in-flight + 1) / weight`, the power of two choices over a latency-aware load.
+//! Each pin (one endpoint, one shard of threads) of a
+//! [`PeakEwma`](super::LoadBalancingStrategy::PeakEwma) service holds an [`RttEstimate`]
+//! beside its in-flight count, updated by the requests picked through it that report a
+//! latency: each shard of threads balances on its own view, as it does with in-flight counts
+//! (and as each Envoy worker does), and no core writes a line another shard reads. A pick
+//! compares two random candidates by `estimate × (in-flight + 1) / weight`, the power of two
+//! choices over a latency-aware load, without reading a clock ([`b_is_cheaper`]).
 //!
 //! # The estimate
 //!
@@ -14,7 +17,7 @@
 //!   (τ = [`PeakEwmaConfig::decay`](crate::PeakEwmaConfig::decay)).
 //! * Between samples the estimate **decays toward zero** with the same τ, so an endpoint that
 //!   stopped receiving traffic after a slow spell is tried again after a while instead of
-//!   being avoided for ever. Picks compute the decayed value; they write nothing.
+//!   being avoided for ever. Picks compare decayed values; they write nothing.
 //! * An endpoint with no sample yet costs 0 while idle and a prohibitive penalty while it has
 //!   a request in flight (Finagle's rule): a new endpoint gets one probe request, then
 //!   traffic once the probe has measured it.
@@ -25,8 +28,8 @@
 //!
 //! # Invariants
 //!
-//! * Lock-free and allocation-free: two relaxed atomics per estimate; a pick reads them, a
-//!   report writes them. Concurrent reports may lose one another's update (last writer
+//! * Lock-free and allocation-free: two relaxed atomics per estimate; a pick reads them (and
+//!   computes one `exp`), a report writes them. Concurrent reports may lose one another's update (last writer
 //!   wins), and a pick may read an estimate with the previous update's timestamp: both only
 //!   blur a heuristic, never corrupt it (every stored value is a finite, non-negative `f64`).
 #![deny(unsafe_code)]
@@ -87,7 +90,7 @@ impl RttEstimate {
     }
 
     /// The load of an endpoint with `in_flight` requests at `now`.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn cost(&self, in_flight: u64, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         if rtt == 0.0 {
@@ -117,6 +120,46 @@ impl RttEstimate {
             self.at_ns.store(now, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether candidate `b` costs less per unit of weight than `a`, each given as (estimate,
+/// requests in flight, weight): `cost(b)/w_b < cost(a)/w_a` with
+/// `cost = estimate decayed to now × (in flight + 1)`.
+///
+/// Both estimates decay toward zero at the same rate, so "now" cancels out of the
+/// comparison: `e_b·exp(−(now−t_b)/τ) / e_a·exp(−(now−t_a)/τ) = (e_b/e_a)·exp((t_b−t_a)/τ)`.
+/// The pick reads no clock and computes one `exp`. An unmeasured candidate costs 0 idle and
+/// [`UNMEASURED_BUSY_COST`] busy, as in [`RttEstimate`]'s rules. Ties keep `a`.
+#[inline]
+pub(crate) fn b_is_cheaper(a: (&RttEstimate, u64, u32), b: (&RttEstimate, u64, u32)) -> bool {
+    let (ea, ia, wa) = a;
+    let (eb, ib, wb) = b;
+    let ra = f64::from_bits(ea.rtt_ns.load(Ordering::Relaxed));
+    let rb = f64::from_bits(eb.rtt_ns.load(Ordering::Relaxed));
+    let unmeasured = |in_flight: u64| if in_flight == 0 { 0.0 } else { UNMEASURED_BUSY_COST };
+    let (wa, wb) = (f64::from(wa), f64::from(wb));
+    if ra == 0.0 || rb == 0.0 {
+        let ca = if ra == 0.0 {
+            unmeasured(ia)
+        } else {
+            ra * (ia as f64 + 1.0)
+        };
+        let cb = if rb == 0.0 {
+            unmeasured(ib)
+        } else {
+            rb * (ib as f64 + 1.0)
+        };
+        return cb * wa < ca * wb;
+    }
+    let (ta, tb) = (ea.at_ns.load(Ordering::Relaxed), eb.at_ns.load(Ordering::Relaxed));
+    // exp((t_b − t_a)/τ), from the signed difference (both estimates share τ per service).
+    let dt = if tb >= ta {
+        (tb - ta) as f64
+    } else {
+        -((ta - tb) as f64)
+    };
+    let relative = (dt / ea.decay_ns).exp();
+    rb * (ib as f64 + 1.0) * relative * wa < ra * (ia as f64 + 1.0) * wb
 }
 
 #[cfg(test)]
@@ -184,6 +227,48 @@ mod tests {
             80.0 * MS as f64,
             "a slow failure is a peak"
         );
+    }
+
+    #[test]
+    fn the_clockless_comparison_agrees_with_the_costs_at_any_time() {
+        let tau = Duration::from_millis(100);
+        let t0 = now_ns();
+        let a = RttEstimate::new(tau);
+        let b = RttEstimate::new(tau);
+        // Idle unmeasured beats measured; busy unmeasured loses.
+        a.observe(Duration::from_millis(5), true, t0);
+        assert!(b_is_cheaper((&a, 0, 1), (&b, 0, 1)));
+        assert!(!b_is_cheaper((&a, 0, 1), (&b, 1, 1)));
+        // Both measured, updated at different times: the decision matches the costs computed
+        // at several later instants (it does not depend on the instant).
+        b.observe(Duration::from_millis(3), true, t0 + 150 * MS);
+        for (ia, ib, wa, wb) in [
+            (0, 0, 1, 1),
+            (0, 1, 1, 1),
+            (2, 0, 1, 1),
+            (0, 0, 3, 1),
+            (1, 4, 1, 5),
+        ] {
+            for later in [150, 400, 2_000] {
+                let now = t0 + later * MS;
+                let by_cost = b.cost(ib, now) * f64::from(wa) < a.cost(ia, now) * f64::from(wb);
+                assert_eq!(
+                    b_is_cheaper((&a, ia, wa), (&b, ib, wb)),
+                    by_cost,
+                    "in flight {ia}/{ib}, weights {wa}/{wb}, at +{later} ms"
+                );
+            }
+        }
+        // Far apart in time: no overflow into a wrong answer.
+        let old = RttEstimate::new(tau);
+        old.observe(Duration::from_millis(1), true, 0);
+        let fresh = RttEstimate::new(tau);
+        fresh.observe(Duration::from_secs(1), true, u64::MAX / 2);
+        assert!(
+            !b_is_cheaper((&old, 0, 1), (&fresh, 0, 1)),
+            "the long-idle one costs ~0"
+        );
+        assert!(b_is_cheaper((&fresh, 0, 1), (&old, 0, 1)));
     }
 
     #[test]

@@ -61,6 +61,10 @@ struct Outcomes {
     failures: AtomicU64,
     /// The generation's latency histogram (shared by its pins, allocated on first use).
     latency: DataArc<AtomicHistogram>,
+    /// This shard's Peak-EWMA latency estimate, for services routed by
+    /// [`PeakEwma`](crate::LoadBalancingStrategy::PeakEwma): on the line next to the
+    /// in-flight count a pick reads, written by this shard's reports.
+    rtt: Option<RttEstimate>,
 }
 
 /// One endpoint's counters for one shard of threads.
@@ -78,9 +82,6 @@ pub(crate) struct Pin {
     /// The generation's passive-health bookkeeping (shared by all its pins; read on success,
     /// written only on failure).
     failures: Arc<Failures>,
-    /// The generation's Peak-EWMA latency estimate (shared by its pins), for services routed
-    /// by [`PeakEwma`](crate::LoadBalancingStrategy::PeakEwma).
-    rtt: Option<Arc<RttEstimate>>,
     outcomes: Outcomes,
 }
 
@@ -181,7 +182,7 @@ impl Pin {
     fn new(
         endpoint: Endpoint,
         failures: Arc<Failures>,
-        rtt: Option<Arc<RttEstimate>>,
+        rtt: Option<RttEstimate>,
         latency: DataArc<AtomicHistogram>,
     ) -> Self {
         Self {
@@ -189,11 +190,11 @@ impl Pin {
             selections: AtomicU64::new(0),
             endpoint,
             failures,
-            rtt,
             outcomes: Outcomes {
                 successes: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 latency,
+                rtt,
             },
         }
     }
@@ -248,22 +249,17 @@ impl Pin {
         }
         if let Some(latency) = latency {
             o.latency.record(latency);
-            if let Some(rtt) = &self.rtt {
+            if let Some(rtt) = &o.rtt {
                 rtt.observe(latency, success, now_ns());
             }
         }
         self.failures.note(success, self.endpoint.address);
     }
 
-    /// The Peak-EWMA load at `now`: the generation's latency estimate × (this shard's
-    /// requests in flight + 1); without an estimate, the requests in flight.
+    /// This shard's Peak-EWMA estimate, if the service is routed by it.
     #[inline]
-    pub(crate) fn cost(&self, now: u64) -> f64 {
-        let in_flight = self.in_flight();
-        match &self.rtt {
-            Some(rtt) => rtt.cost(in_flight, now),
-            None => in_flight as f64,
-        }
+    pub(crate) fn rtt(&self) -> Option<&RttEstimate> {
+        self.outcomes.rtt.as_ref()
     }
 
     fn counters(&self) -> CounterValues {
@@ -310,13 +306,12 @@ impl EndpointState {
     ) -> Self {
         let failures = Arc::new(Failures::new(report));
         let latency = DataArc::new(AtomicHistogram::default());
-        let rtt = rtt_decay.map(|decay| Arc::new(RttEstimate::new(decay)));
         let pins = (0..shards.max(1))
             .map(|_| {
                 Arc::new(Pin::new(
                     endpoint.detached(),
                     failures.clone(),
-                    rtt.clone(),
+                    rtt_decay.map(RttEstimate::new),
                     latency.clone(),
                 ))
             })
@@ -336,9 +331,15 @@ impl EndpointState {
 
     /// The Peak-EWMA estimate now, if this generation has one with a sample.
     pub(crate) fn latency_estimate(&self) -> Option<Duration> {
-        let rtt = self.pins.first()?.rtt.as_ref()?;
-        let ns = rtt.estimate_ns(now_ns());
-        (ns > 0.0).then(|| Duration::from_nanos(ns.min(u64::MAX as f64) as u64))
+        // Each shard keeps its own estimate: report the mean of those that have samples.
+        let now = now_ns();
+        let (sum, n) = self
+            .pins
+            .iter()
+            .filter_map(|pin| pin.rtt()?.estimate_ns(now).into())
+            .filter(|&ns: &f64| ns > 0.0)
+            .fold((0.0, 0u32), |(sum, n), ns| (sum + ns, n + 1));
+        (n > 0).then(|| Duration::from_nanos((sum / f64::from(n)).min(u64::MAX as f64) as u64))
     }
 
     #[inline]
