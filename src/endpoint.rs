@@ -71,8 +71,8 @@ pub struct EndpointMetadata {
     pub region: Option<String>,
     /// Availability zone, e.g. `us-west-2a`.
     pub zone: Option<String>,
-    /// Relative weight, `1..=MAX_WEIGHT` (default 1). Used by the weighted, least-connections
-    /// and consistent-hash strategies.
+    /// Relative weight, `1..=MAX_WEIGHT` (default 1). Used by the weighted, least-connections,
+    /// peak-EWMA and consistent-hash strategies.
     pub weight: u32,
     /// Free-form labels (version, track, ...).
     pub tags: BTreeMap<String, String>,

@@ -92,6 +92,7 @@ pub use health::{HealthCheck, HealthState, HealthStatus};
 pub use histogram::LatencyHistogram;
 pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;
+pub use pick::peak_ewma::FAILED_PROBE_ESTIMATE;
 pub use pick::{LoadBalancingStrategy, Outcome, Pick};
 #[cfg(feature = "grpc")]
 pub use pool::GrpcConnector;

@@ -225,3 +225,64 @@ async fn configuration_and_metrics() {
             .all(|e| e.latency_estimate.is_none())
     );
 }
+
+#[tokio::test]
+async fn an_endpoint_that_fails_fast_after_an_idle_spell_does_not_become_the_cheapest() {
+    let decay = Duration::from_millis(50);
+    let (_registry, lb) = balancer(2, decay).await;
+    let failing = addr(0);
+    for _ in 0..20 {
+        request(&lb, |_| Duration::from_millis(5));
+    }
+    // Idle for 10 τ: both estimates fade to almost nothing.
+    tokio::time::sleep(decay * 10).await;
+    let mut to_failing = 0;
+    for _ in 0..1_000 {
+        let pick = lb.pick("svc").unwrap();
+        if pick.address() == failing {
+            to_failing += 1;
+            pick.record(Outcome::Failure, None); // a transport error: no latency at all
+        } else {
+            pick.record(Outcome::Success, Some(Duration::from_millis(5)));
+        }
+    }
+    // Its faded estimate must not stand: a failure restores the last measure (5 ms), so it
+    // keeps about its half instead of winning nearly every comparison.
+    assert!(
+        to_failing < 700,
+        "{to_failing} of 1,000 went to the failing endpoint"
+    );
+}
+
+#[tokio::test]
+async fn a_new_endpoint_whose_probe_fails_is_avoided() {
+    let (registry, lb) = balancer(1, Duration::from_secs(10)).await;
+    for _ in 0..10 {
+        request(&lb, |_| Duration::from_millis(5));
+    }
+    registry
+        .register("svc", Endpoint::new(addr(1), None))
+        .await
+        .unwrap();
+    let probe = lb.pick("svc").unwrap();
+    assert_eq!(probe.address(), addr(1));
+    probe.record(Outcome::Failure, Some(Duration::from_micros(50)));
+    // It counts as 1 s slow now: the 5 ms endpoint takes the traffic.
+    let to_new = (0..200)
+        .filter(|_| request(&lb, |_| Duration::from_millis(5)) == addr(1))
+        .count();
+    assert_eq!(to_new, 0, "a failed probe is not a fast endpoint");
+}
+
+#[tokio::test]
+async fn without_reported_latencies_busy_endpoints_compare_by_requests_in_flight() {
+    let (_registry, lb) = balancer(2, Duration::from_secs(10)).await;
+    // Guards held, nothing reported: every endpoint stays unmeasured.
+    let held: Vec<_> = (0..20).map(|_| lb.pick("svc").unwrap()).collect();
+    let on_first = held.iter().filter(|p| p.address() == addr(0)).count();
+    assert!(
+        on_first.abs_diff(20 - on_first) <= 1,
+        "{on_first} and {} in flight: least connections among unmeasured endpoints",
+        20 - on_first
+    );
+}

@@ -336,7 +336,7 @@ impl Default for OutlierDetectionConfig {
 
 /// Slow start: an endpoint that joins or recovers receives a growing share of traffic over
 /// `window` (Envoy's `slow_start_config`). Applies to the strategies that use weights:
-/// weighted and least connections. Consistent hashing keeps its ring (ramping ring shares
+/// weighted, least connections and peak EWMA. Consistent hashing keeps its ring (ramping ring shares
 /// would move keys), round robin and random ignore weights.
 ///
 /// Effective weight = `weight * max(min_weight_percent / 100, (t / window) ^ (1 / aggression))`.

@@ -41,7 +41,9 @@ pub(crate) fn index_by_cost(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> u
     let b_wins = match (pa.rtt(), pb.rtt()) {
         (Some(ra), Some(rb)) => b_is_cheaper((ra, pa.in_flight(), wa), (rb, pb.in_flight(), wb)),
         // Not a Peak-EWMA table (not reached): least connections.
-        _ => (pb.in_flight() + 1) * u64::from(wa) < (pa.in_flight() + 1) * u64::from(wb),
+        _ => {
+            u128::from(pb.in_flight() + 1) * u128::from(wa) < u128::from(pa.in_flight() + 1) * u128::from(wb)
+        }
     };
     if b_wins { b } else { a }
 }

@@ -13,18 +13,26 @@
 //! * A sample slower than the current estimate **replaces** it at once (the peak: one slow
 //!   response makes the endpoint expensive immediately).
 //! * A faster sample pulls it down as an exponentially weighted moving average whose weight
-//!   depends on the time since the last update: `e' = e·w + s·(1 − w)`, `w = exp(−Δt/τ)`
-//!   (τ = [`PeakEwmaConfig::decay`](crate::PeakEwmaConfig::decay)).
+//!   depends on the time since the last update: `e' = e·w + s·(1 − w)`, `w = exp(−Δt/τ)`,
+//!   where `e` is the estimate now (already faded, below) and τ is
+//!   [`PeakEwmaConfig::decay`](crate::PeakEwmaConfig::decay).
 //! * Between samples the estimate **decays toward zero** with the same τ, so an endpoint that
 //!   stopped receiving traffic after a slow spell is tried again after a while instead of
 //!   being avoided for ever. Picks compare decayed values; they write nothing.
-//! * An endpoint with no sample yet costs 0 while idle and a prohibitive penalty while it has
-//!   a request in flight (Finagle's rule): a new endpoint gets one probe request, then
-//!   traffic once the probe has measured it.
-//! * A failure never makes an endpoint look faster: a failed request holds the estimate
-//!   where it is (it does not fade while the endpoint fails) or raises it to the failure's
-//!   latency if that is slower. Failing endpoints are ejected by outlier detection, not by
-//!   this estimate.
+//! * An endpoint with no sample yet costs 0 while idle and a prohibitive penalty plus its
+//!   requests in flight while busy (Finagle's rule): a new endpoint gets one probe request,
+//!   then traffic once the probe has measured it; among busy unmeasured endpoints the less
+//!   loaded wins, as in least connections.
+//! * A failure (with or without a latency) never makes an endpoint look faster: it restores
+//!   the last measured estimate (undoing any fade, so an endpoint that fails fast does not
+//!   become the cheapest) or raises it to the failure's latency if that is slower; a failure
+//!   before any success counts as [`FAILED_PROBE_ESTIMATE`] (then fades like any estimate,
+//!   so the endpoint is tried again). Ejecting failing endpoints is outlier detection's job.
+//! * Latencies are what requests report. [`Pick::record`](crate::Pick::record) reports into
+//!   the pin (shard) the pick came from; `record_result` by address reports into the calling
+//!   thread's shard. [`BalancedChannel`](crate::BalancedChannel) reports each call's duration
+//!   to the end of its response: right for unary calls; a long-lived stream's duration is
+//!   not a latency, so route streaming services with another strategy.
 //!
 //! # Invariants
 //!
@@ -39,9 +47,13 @@ use std::time::{Duration, Instant};
 
 use crate::sync::atomic::{AtomicU64, Ordering};
 
-/// The cost of an endpoint with no estimate yet and a request in flight: far above any
-/// measured cost, so a probe's endpoint is avoided until the probe answers.
-pub(crate) const UNMEASURED_BUSY_COST: f64 = 1e30;
+/// The cost of an endpoint with no estimate yet and a request in flight, before its
+/// requests in flight are added: far above any measured cost (2^47 ns, 39 hours, times the
+/// requests in flight), and small enough that adding an in-flight count still changes it.
+pub(crate) const UNMEASURED_BUSY_COST: f64 = (1u64 << 47) as f64;
+
+/// The estimate an endpoint gets when a request fails before any has succeeded on it.
+pub const FAILED_PROBE_ESTIMATE: Duration = Duration::from_secs(1);
 
 /// Nanoseconds on a monotonic clock with a process-wide origin.
 #[inline]
@@ -94,26 +106,37 @@ impl RttEstimate {
     pub(crate) fn cost(&self, in_flight: u64, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         if rtt == 0.0 {
-            return if in_flight == 0 { 0.0 } else { UNMEASURED_BUSY_COST };
+            return unmeasured_cost(in_flight);
         }
         rtt * self.weight(self.at_ns.load(Ordering::Relaxed), now) * (in_flight as f64 + 1.0)
     }
 
-    /// Takes in one request's latency; a failure (`success: false`) holds or raises the
-    /// estimate, never lowers it.
+    /// Takes in a failed request that reported no latency.
+    pub(crate) fn observe_failure(&self, now: u64) {
+        self.observe(Duration::ZERO, false, now);
+    }
+
+    /// Takes in one request's latency; a failure (`success: false`) restores or raises the
+    /// estimate, never lowers it (see the module docs).
     pub(crate) fn observe(&self, latency: Duration, success: bool, now: u64) {
         let sample = (latency.as_nanos() as f64).max(1.0);
         let stored = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let w = self.weight(self.at_ns.load(Ordering::Relaxed), now);
         let current = stored * w;
-        let next = if sample > current {
+        let next = if !success {
+            // A failure says nothing good about the endpoint: back to its last measure (not
+            // the faded value, which a fast-failing endpoint would otherwise keep winning
+            // with), or the failed-probe estimate if it has none, or slower.
+            let floor = if stored == 0.0 {
+                FAILED_PROBE_ESTIMATE.as_nanos() as f64
+            } else {
+                stored
+            };
+            floor.max(sample)
+        } else if sample > current {
             sample
-        } else if success {
-            current * w + sample * (1.0 - w)
         } else {
-            // A fast failure says nothing good about the endpoint: the estimate holds
-            // (refreshed, so it does not fade toward zero while the endpoint fails).
-            stored
+            current * w + sample * (1.0 - w)
         };
         if next.is_finite() {
             self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
@@ -136,16 +159,17 @@ pub(crate) fn b_is_cheaper(a: (&RttEstimate, u64, u32), b: (&RttEstimate, u64, u
     let (eb, ib, wb) = b;
     let ra = f64::from_bits(ea.rtt_ns.load(Ordering::Relaxed));
     let rb = f64::from_bits(eb.rtt_ns.load(Ordering::Relaxed));
-    let unmeasured = |in_flight: u64| if in_flight == 0 { 0.0 } else { UNMEASURED_BUSY_COST };
     let (wa, wb) = (f64::from(wa), f64::from(wb));
     if ra == 0.0 || rb == 0.0 {
+        // At most one measured: its cost is far below the penalty whatever "now" is, so
+        // comparing it undecayed gives the same answer.
         let ca = if ra == 0.0 {
-            unmeasured(ia)
+            unmeasured_cost(ia)
         } else {
             ra * (ia as f64 + 1.0)
         };
         let cb = if rb == 0.0 {
-            unmeasured(ib)
+            unmeasured_cost(ib)
         } else {
             rb * (ib as f64 + 1.0)
         };
@@ -162,6 +186,17 @@ pub(crate) fn b_is_cheaper(a: (&RttEstimate, u64, u32), b: (&RttEstimate, u64, u
     rb * (ib as f64 + 1.0) * relative * wa < ra * (ia as f64 + 1.0) * wb
 }
 
+/// The cost of an endpoint without an estimate: 0 idle (it gets a probe), else the penalty
+/// plus its requests in flight (busy ones compare as in least connections).
+#[inline]
+fn unmeasured_cost(in_flight: u64) -> f64 {
+    if in_flight == 0 {
+        0.0
+    } else {
+        UNMEASURED_BUSY_COST + in_flight as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +209,14 @@ mod tests {
         let now = now_ns();
         assert_eq!(e.estimate_ns(now), 0.0);
         assert_eq!(e.cost(0, now), 0.0);
-        assert_eq!(e.cost(1, now), UNMEASURED_BUSY_COST);
+        assert_eq!(e.cost(1, now), UNMEASURED_BUSY_COST + 1.0);
+        // Busy unmeasured endpoints compare by requests in flight.
+        let f = RttEstimate::new(Duration::from_secs(10));
+        assert!(b_is_cheaper((&e, 5, 1), (&f, 1, 1)));
+        assert!(!b_is_cheaper((&e, 1, 1), (&f, 5, 1)));
+        // A measured one, however slow and loaded, beats a busy unmeasured one.
+        f.observe(Duration::from_secs(30), true, now);
+        assert!(b_is_cheaper((&e, 1, 1), (&f, 100, 1)));
     }
 
     #[test]
@@ -211,19 +253,29 @@ mod tests {
     }
 
     #[test]
-    fn failures_hold_or_raise_the_estimate() {
+    fn failures_restore_or_raise_the_estimate() {
         let e = RttEstimate::new(Duration::from_secs(10));
         let t0 = now_ns();
         e.observe(Duration::from_millis(20), true, t0);
-        e.observe(Duration::from_micros(10), false, t0 + 5_000 * MS);
+        // Long idle: the estimate faded to almost nothing; a fast failure restores it.
+        assert!(e.estimate_ns(t0 + 100_000 * MS) < 0.001 * MS as f64);
+        e.observe(Duration::from_micros(10), false, t0 + 100_000 * MS);
         assert_eq!(
-            e.estimate_ns(t0 + 5_000 * MS),
+            e.estimate_ns(t0 + 100_000 * MS),
             20.0 * MS as f64,
-            "a fast failure neither lowered it nor let it fade"
+            "a fast failure restored the last measure"
         );
-        e.observe(Duration::from_millis(80), false, t0 + 2 * MS);
+        // A failure without a latency does the same.
+        e.observe_failure(t0 + 200_000 * MS);
+        assert_eq!(e.estimate_ns(t0 + 200_000 * MS), 20.0 * MS as f64);
+        // A failure before any success: the failed-probe estimate.
+        let fresh = RttEstimate::new(Duration::from_secs(10));
+        fresh.observe_failure(t0);
+        assert_eq!(fresh.estimate_ns(t0), FAILED_PROBE_ESTIMATE.as_nanos() as f64);
+        // A slower failure raises it.
+        e.observe(Duration::from_millis(80), false, t0 + 200_002 * MS);
         assert_eq!(
-            e.estimate_ns(t0 + 2 * MS),
+            e.estimate_ns(t0 + 200_002 * MS),
             80.0 * MS as f64,
             "a slow failure is a peak"
         );

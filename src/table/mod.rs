@@ -252,6 +252,10 @@ impl Pin {
             if let Some(rtt) = &o.rtt {
                 rtt.observe(latency, success, now_ns());
             }
+        } else if !success {
+            if let Some(rtt) = &o.rtt {
+                rtt.observe_failure(now_ns());
+            }
         }
         self.failures.note(success, self.endpoint.address);
     }
