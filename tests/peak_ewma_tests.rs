@@ -98,8 +98,10 @@ async fn traffic_leaves_a_slow_endpoint_at_once_and_returns_after_it_recovers() 
     );
 }
 
-#[tokio::test]
-async fn a_new_endpoint_gets_one_probe_until_it_is_measured() {
+/// One endpoint measured at 5 ms, then a second one registered: the next pick is the new
+/// endpoint's probe (unmeasured and idle, it costs nothing). Returns the balancer and the
+/// probe, still in flight.
+async fn measured_one_then_a_new_one() -> (Arc<IntegratedLoadBalancer>, tai_loadbalancer::Pick) {
     let (registry, lb) = balancer(1, Duration::from_secs(10)).await;
     for _ in 0..10 {
         request(&lb, |_| Duration::from_millis(5));
@@ -109,10 +111,14 @@ async fn a_new_endpoint_gets_one_probe_until_it_is_measured() {
         .register("svc", Endpoint::new(addr(1), None))
         .await
         .unwrap();
-
-    // Unmeasured and idle: it costs nothing, so the next request probes it.
     let probe = lb.pick("svc").unwrap();
-    assert_eq!(probe.address(), addr(1));
+    assert_eq!(probe.address(), addr(1), "the new endpoint is probed first");
+    (lb, probe)
+}
+
+#[tokio::test]
+async fn a_new_endpoint_gets_one_probe_until_it_is_measured() {
+    let (lb, probe) = measured_one_then_a_new_one().await;
     // While the probe is out, it is avoided: every other request goes to the measured one,
     // however loaded (the guards are held).
     let held: Vec<_> = (0..50).map(|_| lb.pick("svc").unwrap()).collect();
@@ -256,16 +262,7 @@ async fn an_endpoint_that_fails_fast_after_an_idle_spell_does_not_become_the_che
 
 #[tokio::test]
 async fn a_new_endpoint_whose_probe_fails_is_avoided() {
-    let (registry, lb) = balancer(1, Duration::from_secs(10)).await;
-    for _ in 0..10 {
-        request(&lb, |_| Duration::from_millis(5));
-    }
-    registry
-        .register("svc", Endpoint::new(addr(1), None))
-        .await
-        .unwrap();
-    let probe = lb.pick("svc").unwrap();
-    assert_eq!(probe.address(), addr(1));
+    let (lb, probe) = measured_one_then_a_new_one().await;
     probe.record(Outcome::Failure, Some(Duration::from_micros(50)));
     // It counts as 1 s slow now: the 5 ms endpoint takes the traffic.
     let to_new = (0..200)
