@@ -37,9 +37,10 @@
 //! # Invariants
 //!
 //! * Lock-free and allocation-free: two relaxed atomics per estimate; a pick reads them (and
-//!   computes one `exp`), a report writes them. Concurrent reports may lose one another's update (last writer
-//!   wins), and a pick may read an estimate with the previous update's timestamp: both only
-//!   blur a heuristic, never corrupt it (every stored value is a finite, non-negative `f64`).
+//!   computes one `exp`), a report writes them. Concurrent reports may lose one another's
+//!   update (last writer wins), and a pick may read an estimate with the previous update's
+//!   timestamp: both only blur a heuristic, never corrupt it (every stored value is a
+//!   finite, non-negative `f64`).
 #![deny(unsafe_code)]
 
 use std::sync::OnceLock;
@@ -48,8 +49,8 @@ use std::time::{Duration, Instant};
 use crate::sync::atomic::{AtomicU64, Ordering};
 
 /// The cost of an endpoint with no estimate yet and a request in flight, before its
-/// requests in flight are added: far above any measured cost (2^47 ns, 39 hours, times the
-/// requests in flight), and small enough that adding an in-flight count still changes it.
+/// requests in flight are added: 2^47 ns (39 hours), far above any measured cost, and small
+/// enough that adding an in-flight count to it still changes the `f64`.
 pub(crate) const UNMEASURED_BUSY_COST: f64 = (1u64 << 47) as f64;
 
 /// The estimate an endpoint gets when a request fails before any has succeeded on it.
@@ -63,7 +64,8 @@ pub(crate) fn now_ns() -> u64 {
     u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// One endpoint generation's round-trip estimate (see the module docs).
+/// One pin's round-trip estimate: one endpoint generation as one shard of threads sees it
+/// (see the module docs).
 #[derive(Debug)]
 pub(crate) struct RttEstimate {
     /// The estimate in nanoseconds, as `f64` bits; 0 before the first sample.
