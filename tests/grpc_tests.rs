@@ -230,6 +230,19 @@ async fn a_call_that_reached_a_server_is_retried_only_when_idempotent() {
         }
     };
     let received = |s: &GreeterServer| s.state().received.load(Ordering::Relaxed);
+    // Waits (at most 10 s) until `server` has received `n` calls.
+    async fn until_received(server: &GreeterServer, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while server.state().received.load(Ordering::Relaxed) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} received {} calls, not {n}, within 10 s",
+                server.name(),
+                server.state().received.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 
     // An INTERNAL answer came from the server: it is the answer, not retried.
     let status = call(0, Code::Internal, false).await.unwrap_err();
@@ -238,24 +251,37 @@ async fn a_call_that_reached_a_server_is_retried_only_when_idempotent() {
 
     // A non-idempotent call cut off by a crash of its server is not sent again.
     let plain = tokio::spawn(call(2_000, Code::Ok, false));
-    while received(&servers[0]) < 2 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_received(&servers[0], 2).await;
     servers[0].kill();
     let status = plain.await.unwrap().unwrap_err();
     assert_ne!(status.code(), Code::Ok);
     assert_eq!(received(&servers[1]), 0, "not retried: {status:?}");
 
     // The same call marked idempotent is sent again, to the other server, and succeeds.
+    // First s0 is back and the channel reconnected to it: a call that fails before reaching
+    // a server (the channel's first attempt after the crash may) goes to s1 instead, so
+    // plain calls are made until one is answered by s0.
     servers[0].restart().unwrap();
-    let marked = tokio::spawn(call(300, Code::Ok, true));
-    while received(&servers[0]) < 3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(reply) = call(0, Code::Ok, false).await {
+            if reply.into_inner().server == "s0" {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s0 not reachable again within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let (on_s0, on_s1) = (received(&servers[0]), received(&servers[1]));
+    let marked = tokio::spawn(call(300, Code::Ok, true));
+    until_received(&servers[0], on_s0 + 1).await;
     servers[0].kill();
     let reply = marked.await.unwrap().expect("retried on s1").into_inner();
     assert_eq!(reply.server, "s1");
-    assert_eq!(received(&servers[1]), 1);
+    assert_eq!(received(&servers[1]), on_s1 + 1);
     assert_eq!(total_in_flight(&lb, &addresses), 0);
 }
 
