@@ -324,8 +324,8 @@ fn unit_random() -> f64 {
 ///   hosts concurrently) on the record's port. The SRV weight becomes the endpoint weight
 ///   (weight 0, "rarely", becomes 1, the smallest valid weight); the priority becomes tag
 ///   `srv_priority` and the target host tag `srv_target`. Every priority receives traffic
-///   by weight unless [`DnsConfig::with_lowest_srv_priority_only`] keeps only the lowest (most preferred)
-///   priority, as RFC 2782 clients do. A target of `.` ("no service here") contributes
+///   by weight unless [`DnsConfig::with_lowest_srv_priority_only`] keeps only the lowest
+///   (most preferred) priority, as RFC 2782 clients do. A target of `.` ("no service here") contributes
 ///   nothing.
 /// * Several targets may feed one service (an A and an AAAA target for dual stack): its
 ///   membership is the union of their last answers.

@@ -301,11 +301,20 @@ async fn bounded<T>(
     what: &str,
     fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(format!("etcd {what}: {error}")),
-        Err(_) => Err(format!("etcd {what}: no answer within {timeout:?}")),
-    }
+    within(timeout, what, fut)
+        .await?
+        .map_err(|error| format!("etcd {what}: {error}"))
+}
+
+/// `fut` bounded by `timeout`, its etcd error left for the caller to look at.
+async fn within<T>(
+    timeout: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<Result<T, etcd_client::Error>, String> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("etcd {what}: no answer within {timeout:?}"))
 }
 
 // ===== records =====
@@ -709,11 +718,11 @@ async fn read_prefix(
         if let Some((_, revision)) = read_at {
             options = options.with_revision(revision);
         }
-        let mut response = match tokio::time::timeout(timeout, kv.get(from.clone(), Some(options))).await {
-            Ok(Ok(response)) => response,
+        let mut response = match within(timeout, "range read", kv.get(from.clone(), Some(options))).await? {
+            Ok(response) => response,
             // The revision of the first page was compacted while later pages were read (a
             // big service and an aggressive compaction): read again at a newer revision.
-            Ok(Err(error)) if read_at.is_some() && restarts < 3 && is_compacted(&error) => {
+            Err(error) if read_at.is_some() && restarts < 3 && is_compacted(&error) => {
                 restarts += 1;
                 EtcdDiscoveryStats::bump(&stats.inner.compactions);
                 tracing::info!(%prefix, "etcd compacted the revision of a paged read: reading again");
@@ -722,8 +731,7 @@ async fn read_prefix(
                 read_at = None;
                 continue;
             }
-            Ok(Err(error)) => return Err(format!("etcd range read: {error}")),
-            Err(_) => return Err(format!("etcd range read: no answer within {timeout:?}")),
+            Err(error) => return Err(format!("etcd range read: {error}")),
         };
         let Some(header) = response.header() else {
             return Err("etcd range read: response without a header".into());

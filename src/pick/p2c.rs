@@ -14,16 +14,30 @@ use super::peak_ewma::b_is_cheaper;
 use crate::sync::{Arc, random_below};
 use crate::table::Pin;
 
-/// Two distinct random indices below `n` (`n >= 2`).
+/// The power of two choices over `routable` (`len >= 1`): two distinct members drawn
+/// uniformly, and `b` of them if `b_wins(a, b)`, else `a` (so ties keep the first, which is
+/// itself random).
 #[inline]
-fn candidates(n: usize) -> (usize, usize) {
+fn choose_two(routable: &[Arc<Pin>], b_wins: impl FnOnce(usize, usize) -> bool) -> usize {
+    let n = routable.len();
+    if n == 1 {
+        return 0;
+    }
     let a = random_below(n);
     let mut b = random_below(n - 1);
     if b >= a {
         b += 1;
     }
     debug_assert_ne!(a, b, "p2c candidates must differ");
-    (a, b)
+    if b_wins(a, b) { b } else { a }
+}
+
+/// Whether `b` has fewer requests in flight than `a` per unit of weight:
+/// `(lb + 1) / wb < (la + 1) / wa`, in integers (weights <= 1e6, loads < 2^40 in practice;
+/// u128 keeps it exact regardless).
+#[inline]
+fn fewer_in_flight(la: u64, wa: u32, lb: u64, wb: u32) -> bool {
+    u128::from(lb + 1) * u128::from(wa) < u128::from(la + 1) * u128::from(wb)
 }
 
 /// As [`index`], comparing each candidate's Peak-EWMA cost per unit of weight: its latency
@@ -31,21 +45,15 @@ fn candidates(n: usize) -> (usize, usize) {
 /// [`peak_ewma`](super::peak_ewma)); a pin without an estimate counts its in-flight requests.
 #[inline]
 pub(crate) fn index_by_cost(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> usize {
-    let n = routable.len();
-    if n == 1 {
-        return 0;
-    }
-    let (a, b) = candidates(n);
-    let (pa, pb) = (&routable[a], &routable[b]);
-    let (wa, wb) = weights.map_or((1, 1), |w| (w[a], w[b]));
-    let b_wins = match (pa.rtt(), pb.rtt()) {
-        (Some(ra), Some(rb)) => b_is_cheaper((ra, pa.in_flight(), wa), (rb, pb.in_flight(), wb)),
-        // Not a Peak-EWMA table (not reached): least connections.
-        _ => {
-            u128::from(pb.in_flight() + 1) * u128::from(wa) < u128::from(pa.in_flight() + 1) * u128::from(wb)
+    choose_two(routable, |a, b| {
+        let (pa, pb) = (&routable[a], &routable[b]);
+        let (wa, wb) = weights.map_or((1, 1), |w| (w[a], w[b]));
+        match (pa.rtt(), pb.rtt()) {
+            (Some(ra), Some(rb)) => b_is_cheaper((ra, pa.in_flight(), wa), (rb, pb.in_flight(), wb)),
+            // Not a Peak-EWMA table (not reached): least connections.
+            _ => fewer_in_flight(pa.in_flight(), wa, pb.in_flight(), wb),
         }
-    };
-    if b_wins { b } else { a }
+    })
 }
 
 /// Chooses between two distinct random members of `routable` (`len >= 1`): the calling
@@ -54,19 +62,11 @@ pub(crate) fn index_by_cost(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> u
 /// then balanced too, and no core reads lines another core is writing).
 #[inline]
 pub(crate) fn index(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> usize {
-    let n = routable.len();
-    if n == 1 {
-        return 0;
-    }
-    let (a, b) = candidates(n);
-    let (la, lb) = (routable[a].in_flight(), routable[b].in_flight());
-    let b_wins = match weights {
-        None => lb < la,
-        Some(w) => {
-            // (lb + 1) / wb < (la + 1) / wa, in integers (weights <= 1e6, loads < 2^40 in
-            // practice; u128 keeps it exact regardless).
-            u128::from(lb + 1) * u128::from(w[a]) < u128::from(la + 1) * u128::from(w[b])
+    choose_two(routable, |a, b| {
+        let (la, lb) = (routable[a].in_flight(), routable[b].in_flight());
+        match weights {
+            None => lb < la,
+            Some(w) => fewer_in_flight(la, w[a], lb, w[b]),
         }
-    };
-    if b_wins { b } else { a }
+    })
 }

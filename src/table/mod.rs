@@ -249,12 +249,12 @@ impl Pin {
         }
         if let Some(latency) = latency {
             o.latency.record(latency);
-            if let Some(rtt) = &o.rtt {
-                rtt.observe(latency, success, now_ns());
-            }
-        } else if !success {
-            if let Some(rtt) = &o.rtt {
-                rtt.observe_failure(now_ns());
+        }
+        if let Some(rtt) = &o.rtt {
+            match latency {
+                Some(latency) => rtt.observe(latency, success, now_ns()),
+                None if !success => rtt.observe_failure(now_ns()),
+                None => {}
             }
         }
         self.failures.note(success, self.endpoint.address);
