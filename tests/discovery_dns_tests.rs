@@ -304,6 +304,20 @@ async fn balancer(
         .unwrap()
 }
 
+/// Service `api` discovered from the SRV name `_api._tcp.test.` of `server` into a new
+/// registry, with a balancer using `strategy` on it; returns once the source has published.
+async fn follow_api_srv(
+    server: &DnsServer,
+    strategy: LoadBalancingStrategy,
+) -> (Arc<ServiceRegistry>, IntegratedLoadBalancer, DiscoveryRunner) {
+    let registry = Arc::new(ServiceRegistry::new());
+    let lb = balancer(&registry, strategy).await;
+    let runner = DiscoveryRunner::new(registry.clone());
+    runner.spawn(DnsDiscovery::new(config(server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
+    runner.synced().await;
+    (registry, lb, runner)
+}
+
 /// The addresses the balancer routes `service` over (empty if it has none or is unknown).
 fn routed(lb: &IntegratedLoadBalancer, service: &str) -> BTreeSet<SocketAddr> {
     lb.service(service)
@@ -382,11 +396,7 @@ async fn srv_weights_and_priorities_map_to_metadata_and_steer_picks() {
     server.zone.set_a("a.test.", &[v4(1)], 60);
     server.zone.set_a("b.test.", &[v4(2)], 60);
     server.zone.set_a("c.test.", &[v4(3)], 60);
-    let registry = Arc::new(ServiceRegistry::new());
-    let lb = balancer(&registry, LoadBalancingStrategy::Weighted).await;
-    let runner = DiscoveryRunner::new(registry.clone());
-    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
-    runner.synced().await;
+    let (registry, lb, runner) = follow_api_srv(&server, LoadBalancingStrategy::Weighted).await;
 
     let endpoints: BTreeMap<SocketAddr, Endpoint> = registry
         .endpoints("api")
@@ -658,11 +668,7 @@ async fn a_failing_srv_host_keeps_its_addresses_while_the_rest_of_the_answer_app
     );
     server.zone.set_a("a.test.", &[v4(1)], 1);
     server.zone.set_a("b.test.", &[v4(2)], 1);
-    let registry = Arc::new(ServiceRegistry::new());
-    let lb = balancer(&registry, LoadBalancingStrategy::Weighted).await;
-    let runner = DiscoveryRunner::new(registry.clone());
-    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
-    runner.synced().await;
+    let (_registry, lb, runner) = follow_api_srv(&server, LoadBalancingStrategy::Weighted).await;
     eventually(Duration::from_secs(3), "both hosts routed", || {
         routed_weights(&lb, "api") == weighted(&[("127.0.0.1:7001", 5), ("127.0.0.2:7002", 5)])
     })
@@ -724,11 +730,7 @@ async fn a_first_resolution_publishes_the_srv_hosts_that_resolve() {
     server.zone.set_a("a.test.", &[v4(1)], 1);
     server.zone.set_a("b.test.", &[v4(2)], 1);
     server.zone.set_failing("b.test.", RecordType::A, true);
-    let registry = Arc::new(ServiceRegistry::new());
-    let lb = balancer(&registry, LoadBalancingStrategy::RoundRobin).await;
-    let runner = DiscoveryRunner::new(registry.clone());
-    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
-    runner.synced().await;
+    let (registry, lb, runner) = follow_api_srv(&server, LoadBalancingStrategy::RoundRobin).await;
 
     // a is not held hostage by b: published at the first answer.
     let registered: BTreeSet<SocketAddr> = registry
@@ -759,11 +761,7 @@ async fn srv_targets_renamed_during_a_dns_outage_do_not_empty_the_service() {
         .zone
         .set_srv("_api._tcp.test.", &[(10, 5, 7001, "a.test.")], 1);
     server.zone.set_a("a.test.", &[v4(1)], 1);
-    let registry = Arc::new(ServiceRegistry::new());
-    let lb = balancer(&registry, LoadBalancingStrategy::RoundRobin).await;
-    let runner = DiscoveryRunner::new(registry.clone());
-    runner.spawn(DnsDiscovery::new(config(&server), [DnsTarget::srv("api", "_api._tcp.test.")]).unwrap());
-    runner.synced().await;
+    let (_registry, lb, runner) = follow_api_srv(&server, LoadBalancingStrategy::RoundRobin).await;
     eventually(Duration::from_secs(2), "a routed", || {
         routed(&lb, "api") == addrs(&["127.0.0.1:7001"])
     })

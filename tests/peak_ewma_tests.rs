@@ -138,6 +138,26 @@ async fn a_new_endpoint_gets_one_probe_until_it_is_measured() {
     assert!(to_new >= 90, "{to_new} of 100 to the faster new endpoint");
 }
 
+/// 1,000 requests: those picked to `failing` fail (reporting `failure_latency`), the others
+/// succeed in 5 ms. Returns how many went to `failing`.
+fn requests_to_a_failing_endpoint(
+    lb: &IntegratedLoadBalancer,
+    failing: SocketAddr,
+    failure_latency: Option<Duration>,
+) -> u32 {
+    let mut to_failing = 0;
+    for _ in 0..1_000 {
+        let pick = lb.pick("svc").unwrap();
+        if pick.address() == failing {
+            to_failing += 1;
+            pick.record(Outcome::Failure, failure_latency);
+        } else {
+            pick.record(Outcome::Success, Some(Duration::from_millis(5)));
+        }
+    }
+    to_failing
+}
+
 #[tokio::test]
 async fn a_fast_failure_does_not_attract_traffic() {
     let (_registry, lb) = balancer(2, Duration::from_secs(10)).await;
@@ -146,16 +166,7 @@ async fn a_fast_failure_does_not_attract_traffic() {
     for _ in 0..20 {
         request(&lb, |_| Duration::from_millis(5));
     }
-    let mut to_failing = 0;
-    for _ in 0..1_000 {
-        let pick = lb.pick("svc").unwrap();
-        if pick.address() == failing {
-            to_failing += 1;
-            pick.record(Outcome::Failure, Some(Duration::from_micros(10)));
-        } else {
-            pick.record(Outcome::Success, Some(Duration::from_millis(5)));
-        }
-    }
+    let to_failing = requests_to_a_failing_endpoint(&lb, failing, Some(Duration::from_micros(10)));
     // Fast failures would make it look 500x faster if they fed the average: it would take
     // nearly everything. They only count as peaks, so it keeps about its half.
     assert!(
@@ -242,16 +253,8 @@ async fn an_endpoint_that_fails_fast_after_an_idle_spell_does_not_become_the_che
     }
     // Idle for 10 τ: both estimates fade to almost nothing.
     tokio::time::sleep(decay * 10).await;
-    let mut to_failing = 0;
-    for _ in 0..1_000 {
-        let pick = lb.pick("svc").unwrap();
-        if pick.address() == failing {
-            to_failing += 1;
-            pick.record(Outcome::Failure, None); // a transport error: no latency at all
-        } else {
-            pick.record(Outcome::Success, Some(Duration::from_millis(5)));
-        }
-    }
+    // A transport error: no latency at all.
+    let to_failing = requests_to_a_failing_endpoint(&lb, failing, None);
     // Its faded estimate must not stand: a failure restores the last measure (5 ms), so it
     // keeps about its half instead of winning nearly every comparison.
     assert!(
