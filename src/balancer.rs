@@ -814,7 +814,7 @@ impl IntegratedLoadBalancer {
                 if now >= next_batch {
                     let batch = self.shared.affinity.unbind(&name, address, *batch_size);
                     moved += batch;
-                    next_batch = now + *batch_interval;
+                    next_batch = now.checked_add(*batch_interval).unwrap_or(now);
                     if batch > 0 {
                         let mut event = RebalanceEvent::new(&*name, RebalanceTrigger::Drain, 0);
                         event.affinity_keys_moved = batch;

@@ -43,7 +43,7 @@ mod table;
 
 pub use affinity::{
     AffinityConfig, AffinityManager, AffinityRequest, AffinityStats, AffinityStrategy, MAX_AFFINITY_ENTRIES,
-    MAX_AFFINITY_KEY_LEN, cookie_value,
+    MAX_AFFINITY_KEY_LEN, MAX_AFFINITY_TTL, cookie_value,
 };
 pub use balancer::{IntegratedLoadBalancer, RoutingUpdates, ServiceHandle};
 pub use config::{
@@ -86,7 +86,8 @@ pub use grpc::{
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;
 pub use health::config::{
-    HealthCheckConfig, HealthCheckKind, OutlierDetectionConfig, SlowStartConfig, StatusRange,
+    HealthCheckConfig, HealthCheckKind, MAX_CHECK_DURATION, MAX_CONCURRENT_CHECKS, MAX_EJECTION_TIME,
+    OutlierDetectionConfig, SlowStartConfig, StatusRange,
 };
 pub use health::{HealthCheck, HealthState, HealthStatus};
 pub use histogram::LatencyHistogram;
@@ -103,8 +104,8 @@ pub use pool::{MAX_POOL_SIZE, PoolConfig, PoolStats};
 #[cfg(feature = "prometheus")]
 pub use prometheus_client;
 pub use rebalance::{
-    DEFAULT_DRAIN_TIMEOUT, DrainReport, RebalanceConfig, RebalanceEvent, RebalanceStrategy, RebalanceTrigger,
-    ReleasedEndpoint,
+    DEFAULT_DRAIN_TIMEOUT, DrainReport, MAX_BATCH_INTERVAL, MAX_DRAIN_TIMEOUT, RebalanceConfig,
+    RebalanceEvent, RebalanceStrategy, RebalanceTrigger, ReleasedEndpoint,
 };
 #[cfg(feature = "runtime")]
 pub use rebalance::{RebalanceEvents, RebalanceManager};

@@ -30,6 +30,12 @@ use crate::stats::{EndpointHealth, RoutingUpdate};
 /// Drain timeout of the `Immediate` and `Manual` strategies.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest accepted `rebalance.strategy.drain_timeout` (a day).
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest accepted `rebalance.strategy.batch_interval` (an hour).
+pub const MAX_BATCH_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// How affinity keys move and how long drains wait.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -93,10 +99,10 @@ impl RebalanceConfig {
             batch_interval,
         } = &self.strategy
         {
-            if drain_timeout.is_zero() {
+            if drain_timeout.is_zero() || *drain_timeout > MAX_DRAIN_TIMEOUT {
                 return Err(Error::invalid_config(
                     "rebalance.strategy.drain_timeout",
-                    "must be greater than zero",
+                    format!("{drain_timeout:?} is not between zero (excluded) and a day"),
                 ));
             }
             if *batch_size == 0 {
@@ -105,10 +111,10 @@ impl RebalanceConfig {
                     "must be at least 1",
                 ));
             }
-            if batch_interval.is_zero() {
+            if batch_interval.is_zero() || *batch_interval > MAX_BATCH_INTERVAL {
                 return Err(Error::invalid_config(
                     "rebalance.strategy.batch_interval",
-                    "must be greater than zero",
+                    format!("{batch_interval:?} is not between zero (excluded) and an hour"),
                 ));
             }
         }

@@ -89,11 +89,23 @@ impl Default for AffinityConfig {
 /// Largest accepted `max_entries`.
 pub const MAX_AFFINITY_ENTRIES: usize = 50_000_000;
 
+/// Entries the table is sized for at first (it grows up to `max_entries` as keys arrive).
+const INITIAL_CAPACITY: usize = 16_384;
+
+/// Longest accepted `affinity.ttl` (a year).
+pub const MAX_AFFINITY_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl AffinityConfig {
     /// Checks every field (prefix `affinity.`).
     pub fn validate(&self) -> Result<(), Error> {
         if self.ttl.is_zero() {
             return Err(Error::invalid_config("affinity.ttl", "must be greater than zero"));
+        }
+        if self.ttl > MAX_AFFINITY_TTL {
+            return Err(Error::invalid_config(
+                "affinity.ttl",
+                format!("{:?} is more than a year", self.ttl),
+            ));
         }
         if self.max_entries == 0 {
             return Err(Error::invalid_config(
@@ -414,7 +426,9 @@ impl AffinityManager {
         config.validate()?;
         let capacity = config.max_entries;
         let options = OptionsBuilder::new()
-            .estimated_items_capacity(capacity)
+            // An initial size, not a reservation: the table grows as keys arrive, so a
+            // large `max_entries` costs memory only once it is used.
+            .estimated_items_capacity(capacity.min(INITIAL_CAPACITY))
             .weight_capacity(capacity as u64)
             .build()
             .map_err(|e| Error::invalid_config("affinity.max_entries", e.to_string()))?;

@@ -29,6 +29,14 @@ use crate::table::{
 };
 use crate::{HealthStatus, LoadBalancingStrategy};
 
+/// `now + d`, saturating instead of overflowing: validated durations are bounded (a day at
+/// most), so this only guards against a bound being raised without a look at this sum.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 /// A retired endpoint generation waiting for its guards.
 pub(super) struct Retiring {
     state: Arc<EndpointState>,
@@ -345,7 +353,7 @@ impl ServiceControl {
         } else if self.ramp_tick.is_none() {
             let step = (settings.config.slow_start.window / 20)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1));
-            self.ramp_tick = Some(now + step);
+            self.ramp_tick = Some(later(now, step));
         }
     }
 
@@ -439,8 +447,8 @@ impl ServiceControl {
         let duration = od
             .base_ejection_time
             .saturating_mul(e.count)
-            .min(od.max_ejection_time);
-        e.until = Some(now + duration);
+            .min(od.effective_max_ejection_time());
+        e.until = Some(later(now, duration));
         e.changed = now;
         tracing::warn!(
             service = %self.name,

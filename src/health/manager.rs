@@ -66,7 +66,7 @@ struct Inner {
 
 /// Active health checking of every endpoint of a registry.
 ///
-/// Each endpoint is probed every `interval` (plus up to `jitter`; first probes spread over one
+/// Each endpoint is probed every `interval` (plus up to `jitter`, clamped to half the interval; first probes spread over one
 /// interval), with at most `max_concurrent` probes at once and `timeout` enforced on each.
 /// `unhealthy_threshold` failures in a row (not counting those in the endpoint's
 /// `grace_period` after registration) make it unhealthy; `healthy_threshold` successes in a
@@ -444,7 +444,7 @@ impl Inner {
         target.next_due = if std::mem::take(&mut target.recheck) {
             now
         } else {
-            now + config.interval + Self::random_delay(config.jitter)
+            now + config.interval + Self::random_delay(config.effective_jitter())
         };
         let in_grace = now.saturating_duration_since(target.registered_at) < config.grace_period;
         let status = &mut target.status;

@@ -50,13 +50,21 @@ pub const MAX_POOL_SIZE: usize = 1_000_000;
 /// };
 /// config.validate().unwrap();
 ///
-/// let bad = PoolConfig { min_connections: 8, max_connections: 4, ..Default::default() };
-/// assert!(bad.validate().unwrap_err().to_string().contains("pool.min_connections"));
+/// // A minimum above the maximum is clamped to it (as HikariCP does), not refused, so
+/// // setting `min_connections` alone never trips the default `max_connections`.
+/// let warm = PoolConfig { min_connections: 50, ..Default::default() };
+/// warm.validate().unwrap();
+/// assert_eq!(warm.effective_min_connections(), 10);
+///
+/// let bad = PoolConfig { max_connections: 0, ..Default::default() };
+/// assert!(bad.validate().unwrap_err().to_string().contains("pool.max_connections"));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Connections kept open per endpoint in use, replenished in the background (default 0).
+    /// Connections kept open per endpoint in use, replenished in the background (default 0;
+    /// clamped to `max_connections`, see
+    /// [`effective_min_connections`](Self::effective_min_connections)).
     pub min_connections: usize,
     /// Most connections open per endpoint, including ones being opened (default 10).
     pub max_connections: usize,
@@ -97,6 +105,11 @@ impl Default for PoolConfig {
 }
 
 impl PoolConfig {
+    /// The minimum the pool keeps: `min_connections`, clamped to `max_connections`.
+    pub fn effective_min_connections(&self) -> usize {
+        self.min_connections.min(self.max_connections)
+    }
+
     /// Checks every field; the error names the first offending one (`pool.<field>`).
     ///
     /// # Errors
@@ -115,13 +128,10 @@ impl PoolConfig {
                 format!("must be at most {MAX_POOL_SIZE}"),
             ));
         }
-        if self.min_connections > self.max_connections {
+        if self.min_connections > MAX_POOL_SIZE {
             return Err(Error::invalid_config(
                 "pool.min_connections",
-                format!(
-                    "{} is more than pool.max_connections ({})",
-                    self.min_connections, self.max_connections
-                ),
+                format!("must be at most {MAX_POOL_SIZE}"),
             ));
         }
         if self.max_waiters > MAX_POOL_SIZE {

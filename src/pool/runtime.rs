@@ -689,7 +689,7 @@ impl<C: Connector> ConnectionPool<C> {
                 &mut after,
             );
             pool.finish(after);
-            let want = pool.slots.reserve(inner.config.min_connections);
+            let want = pool.slots.reserve(inner.config.effective_min_connections());
             for _ in 0..want {
                 let this = self.clone();
                 let pool = pool.clone();
