@@ -932,7 +932,9 @@ impl IntegratedLoadBalancer {
     }
 
     /// Whether `service` is in panic mode: fewer than `panic_threshold_percent` of its
-    /// endpoints are healthy, so picks go to all of them regardless of health.
+    /// endpoints are healthy, so picks go to all of them regardless of health, except the
+    /// ones an operator marked down or is draining (those never take new picks, and do not
+    /// count towards the threshold).
     ///
     /// # Errors
     ///

@@ -60,7 +60,9 @@ pub struct LoadBalancerConfig {
     pub pool: crate::PoolConfig,
     /// When fewer than this percentage of a service's endpoints are healthy, picks go to all
     /// of them regardless of health (Envoy's panic mode; default 50, 0 disables it: then a
-    /// service with no healthy endpoint answers [`Error::NoHealthyEndpoints`]).
+    /// service with no healthy endpoint answers [`Error::NoHealthyEndpoints`]). Endpoints
+    /// marked down or draining are an operator's decision, not health: they are left out of
+    /// the percentage and stay out of routing in panic.
     pub panic_threshold_percent: u32,
     /// The consistent-hash ring (used by [`LoadBalancingStrategy::ConsistentHash`] and by
     /// every `*_with_hash` call).

@@ -7,7 +7,9 @@
 //!   membership they were built from.
 //! * A member is *healthy* when its active checks pass and it is not ejected; it is
 //!   *routable* when healthy, or when the service is in panic (fewer than
-//!   `panic_threshold_percent` of members healthy), in which case every member is.
+//!   `panic_threshold_percent` of the members not marked down or draining are healthy), in
+//!   which case every member not marked down or draining is. An operator's decision always
+//!   holds: marked-down and draining members are never routable.
 //! * Health never changes the consistent-hash ring (it is a function of addresses and
 //!   registered weights), so health flaps move no keys of healthy endpoints.
 //! * Ejection and ramp records exist only for current members.
@@ -245,19 +247,26 @@ impl ServiceControl {
                 }
             })
             .collect();
+        // Panic mode is about health (active checks and outlier ejection), never about what
+        // an operator decided: marked-down and draining members are left out of the count and
+        // stay out of routing in panic (as Envoy leaves its excluded hosts out).
         let healthy = members.iter().filter(|m| m.routable).count();
+        let eligible = members
+            .iter()
+            .filter(|m| !m.health.is_operator_decision())
+            .count();
         let threshold = u64::from(settings.config.panic_threshold_percent);
-        let panic = !members.is_empty() && (healthy as u64) * 100 < threshold * members.len() as u64;
+        let panic = eligible > 0 && (healthy as u64) * 100 < threshold * eligible as u64;
         if panic {
             for m in &mut members {
-                m.routable = true;
+                m.routable = !m.health.is_operator_decision();
             }
         }
         if panic != self.panic {
             if panic {
-                tracing::warn!(service = %self.name, healthy, total = members.len(), "panic mode: routing to all endpoints");
+                tracing::warn!(service = %self.name, healthy, eligible, total = members.len(), "panic mode: routing to every endpoint not marked down or draining");
             } else {
-                tracing::info!(service = %self.name, healthy, total = members.len(), "panic mode over");
+                tracing::info!(service = %self.name, healthy, eligible, total = members.len(), "panic mode over");
             }
         }
         self.panic = panic;

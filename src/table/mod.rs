@@ -415,7 +415,8 @@ pub(crate) struct Member {
     /// Weight the weighted and least-connections strategies use (slow start ramps it).
     pub(crate) effective_weight: u32,
     pub(crate) health: MemberHealth,
-    /// Picks may return it: healthy, or every member while the service is in panic.
+    /// Picks may return it: healthy, or (while the service is in panic) any member not
+    /// marked down or draining.
     pub(crate) routable: bool,
 }
 
@@ -431,6 +432,14 @@ pub(crate) enum MemberHealth {
     Down,
     /// Being drained: no new picks; sticky sessions may finish moving off.
     Draining,
+}
+
+impl MemberHealth {
+    /// Out of routing by an operator's decision (marked down or draining): such a member is
+    /// never routable, panic mode included, and does not count towards the panic threshold.
+    pub(crate) fn is_operator_decision(self) -> bool {
+        matches!(self, MemberHealth::Down | MemberHealth::Draining)
+    }
 }
 
 impl Member {
