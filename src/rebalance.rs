@@ -459,66 +459,77 @@ mod manager {
                 let Some(shared) = inner.shared.upgrade() else {
                     return;
                 };
-                let strategy = shared.control.settings().config.rebalance.strategy.clone();
-                match event {
-                    ControlEvent::Published(update) => {
-                        let mut event = diff.apply(&update);
-                        // Under `Gradual`, the keys of removed endpoints are unbound in
-                        // batches (each key still moves at once on its own next request: the
-                        // endpoint is gone); progress is published per batch.
-                        let batched: Vec<SocketAddr> = match &strategy {
-                            RebalanceStrategy::Gradual {
-                                batch_size,
-                                batch_interval,
-                                ..
-                            } => {
-                                for &address in &event.removed {
-                                    let (inner, service) = (inner.clone(), update.service.clone());
-                                    let (batch_size, batch_interval) = (*batch_size, *batch_interval);
-                                    tokio::spawn(async move {
-                                        Self::unbind_in_batches(
-                                            inner,
-                                            service,
-                                            address,
-                                            batch_size,
-                                            batch_interval,
-                                        )
-                                        .await;
-                                    });
-                                }
-                                event.removed.clone()
+                // One event's handling panicking (a bug) is logged and the next event is
+                // handled: the rebalancer never stops silently.
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Self::handle(&inner, &shared, &mut diff, event);
+                }));
+                if handled.is_err() {
+                    tracing::error!("rebalancer: handling a topology event panicked; going on with the next");
+                }
+            }
+        }
+
+        fn handle(inner: &DataArc<Inner>, shared: &Shared, diff: &mut TopologyDiff, event: ControlEvent) {
+            let strategy = shared.control.settings().config.rebalance.strategy.clone();
+            match event {
+                ControlEvent::Published(update) => {
+                    let mut event = diff.apply(&update);
+                    // Under `Gradual`, the keys of removed endpoints are unbound in
+                    // batches (each key still moves at once on its own next request: the
+                    // endpoint is gone); progress is published per batch.
+                    let batched: Vec<SocketAddr> = match &strategy {
+                        RebalanceStrategy::Gradual {
+                            batch_size,
+                            batch_interval,
+                            ..
+                        } => {
+                            for &address in &event.removed {
+                                let (inner, service) = (inner.clone(), update.service.clone());
+                                let (batch_size, batch_interval) = (*batch_size, *batch_interval);
+                                tokio::spawn(async move {
+                                    Self::unbind_in_batches(
+                                        inner,
+                                        service,
+                                        address,
+                                        batch_size,
+                                        batch_interval,
+                                    )
+                                    .await;
+                                });
                             }
-                            _ => Vec::new(),
-                        };
-                        // Keys bound to endpoints that can no longer serve them.
-                        let gone: Vec<SocketAddr> = event
-                            .removed
-                            .iter()
-                            .copied()
-                            .filter(|a| !batched.contains(a))
-                            .chain(event.health_changed.iter().filter_map(|(a, h)| {
-                                let leaves = match h {
-                                    EndpointHealth::Healthy => false,
-                                    EndpointHealth::Draining => !strategy.sticky_while_draining(),
-                                    _ => true,
-                                };
-                                leaves.then_some(*a)
-                            }))
-                            .collect();
-                        if !matches!(strategy, RebalanceStrategy::Manual) && !gone.is_empty() {
-                            event.affinity_keys_moved = shared
-                                .affinity
-                                .unbind_where(&update.service, |a| gone.contains(&a));
+                            event.removed.clone()
                         }
-                        if !event.is_empty() {
-                            inner.publish(&event);
-                        }
+                        _ => Vec::new(),
+                    };
+                    // Keys bound to endpoints that can no longer serve them.
+                    let gone: Vec<SocketAddr> = event
+                        .removed
+                        .iter()
+                        .copied()
+                        .filter(|a| !batched.contains(a))
+                        .chain(event.health_changed.iter().filter_map(|(a, h)| {
+                            let leaves = match h {
+                                EndpointHealth::Healthy => false,
+                                EndpointHealth::Draining => !strategy.sticky_while_draining(),
+                                _ => true,
+                            };
+                            leaves.then_some(*a)
+                        }))
+                        .collect();
+                    if !matches!(strategy, RebalanceStrategy::Manual) && !gone.is_empty() {
+                        event.affinity_keys_moved = shared
+                            .affinity
+                            .unbind_where(&update.service, |a| gone.contains(&a));
                     }
-                    ControlEvent::Released { service, released } => {
-                        let mut event = RebalanceEvent::new(service, RebalanceTrigger::Release, 0);
-                        event.released.push(released);
+                    if !event.is_empty() {
                         inner.publish(&event);
                     }
+                }
+                ControlEvent::Released { service, released } => {
+                    let mut event = RebalanceEvent::new(service, RebalanceTrigger::Release, 0);
+                    event.released.push(released);
+                    inner.publish(&event);
                 }
             }
         }

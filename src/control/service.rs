@@ -152,11 +152,6 @@ impl ServiceControl {
         }
     }
 
-    /// Marks the service for a rebuild; returns whether it was clean before.
-    pub(super) fn mark(&mut self) -> bool {
-        !std::mem::replace(&mut self.dirty, true)
-    }
-
     /// Rebuilds and publishes this service's table.
     pub(super) fn rebuild(
         &mut self,
@@ -165,6 +160,8 @@ impl ServiceControl {
         now: Instant,
     ) -> RoutingUpdate {
         let started = Instant::now();
+        #[cfg(test)]
+        super::fault::maybe_panic_in_rebuild(&self.name);
         let strategy = settings.strategy_for(&self.name);
         let shards = crate::sync::shard_count();
         let slow_start = &settings.config.slow_start;

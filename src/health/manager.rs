@@ -140,7 +140,11 @@ impl HealthCheckManager {
     pub(crate) fn attach(&self) -> impl Future<Output = ()> + use<> {
         let sink: DataWeak<dyn MembershipSink> =
             DataArc::downgrade(&self.inner) as DataWeak<dyn MembershipSink>;
-        self.inner.registry.attach(sink)
+        let attached = self.inner.registry.attach(sink);
+        // The manager's own sink acknowledges at once and never fails.
+        async move {
+            let _ = attached.await;
+        }
     }
 
     /// Tells `sink` about every transition from now on.
@@ -275,6 +279,33 @@ impl fmt::Debug for HealthCheckManager {
     }
 }
 
+// ===== impl CatchUnwind =====
+
+/// A future that turns a panic while polling the inner future into `Err(message)`.
+struct CatchUnwind<'a, T>(std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>);
+
+impl<T> Future for CatchUnwind<'_, T> {
+    type Output = Result<T, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(poll) => poll.map(Ok),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
+                std::task::Poll::Ready(Err(message))
+            }
+        }
+    }
+}
+
 // ===== impl Inner =====
 
 impl Inner {
@@ -406,8 +437,13 @@ impl Inner {
     /// Runs one check and records its result.
     async fn probe(&self, due: Due) {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.config.timeout, self.probe.check(&due.endpoint)).await {
-            Ok(result) => result,
+        // A check that panics (a custom one with a bug) is a failed check with the panic's
+        // message as its reason: the endpoint keeps being checked, and the scheduler, the
+        // other checks and the balancer never see the panic.
+        let check = CatchUnwind(Box::pin(self.probe.check(&due.endpoint)));
+        let result = match tokio::time::timeout(self.config.timeout, check).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => Err(format!("the check panicked: {panic}")),
             Err(_) => Err(format!("timed out after {:?}", self.config.timeout)),
         };
         let latency = started.elapsed();
