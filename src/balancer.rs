@@ -21,20 +21,22 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::affinity::{AffinityManager, AffinityRequest, fingerprint, validate_key};
-use crate::control::queue::Ack;
-use crate::control::{Command, ControlPlane, Settings, Sources};
+use crate::affinity::{AffinityManager, fingerprint};
+use crate::config::affinity::{AffinityRequest, validate_key};
+use crate::control::{ControlPlane, Settings, Sources};
 use crate::endpoint::Endpoint;
+use crate::handoff::queue::Ack;
+use crate::handoff::{Command, MembershipSink, OutlierSink};
 #[cfg(feature = "runtime")]
 use crate::health::HealthCheckManager;
 use crate::pick::consistent::hash_key;
 use crate::pick::{Outcome, Pick, choose};
-use crate::registry::{MembershipSink, ServiceRegistry};
+use crate::registry::ServiceRegistry;
 use crate::stats::EndpointHealth;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc};
-use crate::table::{Directory, MemberHealth, Miss, OutlierSink, Pin, ServiceSlot, ServiceTable};
+use crate::table::{Directory, MemberHealth, Miss, Pin, ServiceSlot, ServiceTable};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
@@ -81,10 +83,33 @@ impl OutlierSink for Shared {
 }
 
 #[cfg(feature = "runtime")]
-impl crate::health::HealthSink for Shared {
+impl crate::handoff::HealthSink for Shared {
     fn health_changed(&self, service: &DataArc<str>) {
         self.control
             .submit_unacked(Command::HealthChanged(service.clone()));
+    }
+}
+
+#[cfg(feature = "runtime")]
+impl crate::rebalance::RebalanceHost for Shared {
+    fn subscribe(&self, watcher: crate::handoff::Watcher) {
+        self.control.subscribe(watcher);
+    }
+
+    fn topology(&self) -> Vec<(String, Vec<(SocketAddr, EndpointHealth)>)> {
+        self.current_topology()
+    }
+
+    fn strategy(&self) -> crate::RebalanceStrategy {
+        self.control.settings().config.rebalance.strategy.clone()
+    }
+
+    fn routable_set(&self, service: &str) -> Result<(u64, std::collections::HashSet<SocketAddr>), Error> {
+        Shared::routable_set(self, service)
+    }
+
+    fn affinity(&self) -> &AffinityManager {
+        &self.affinity
     }
 }
 
@@ -127,7 +152,7 @@ impl Shared {
                 let members = table
                     .members
                     .iter()
-                    .map(|m| (m.state.address(), EndpointHealth::from(m.health)))
+                    .map(|m| (m.state.address(), m.health))
                     .collect();
                 (name.to_string(), members)
             })
@@ -395,8 +420,8 @@ impl IntegratedLoadBalancer {
             // their (initial, healthy) status. A balancer without checks does not attach it:
             // following the registry would cost every registry write a membership copy.
             shared.health.attach().await;
-            let sink: DataWeak<dyn crate::health::HealthSink> =
-                DataArc::downgrade(&shared) as DataWeak<dyn crate::health::HealthSink>;
+            let sink: DataWeak<dyn crate::handoff::HealthSink> =
+                DataArc::downgrade(&shared) as DataWeak<dyn crate::handoff::HealthSink>;
             shared.health.subscribe(sink);
         }
         let sink: DataWeak<dyn MembershipSink> = DataArc::downgrade(&shared) as DataWeak<dyn MembershipSink>;
@@ -586,7 +611,7 @@ impl IntegratedLoadBalancer {
 
     /// Calls `watcher` for every control-plane event from now on (pools follow routing so).
     #[cfg(feature = "runtime")]
-    pub(crate) fn subscribe_control(&self, watcher: crate::control::Watcher) {
+    pub(crate) fn subscribe_control(&self, watcher: crate::handoff::Watcher) {
         self.shared.control.subscribe(watcher);
     }
 
@@ -740,7 +765,7 @@ impl IntegratedLoadBalancer {
         self.shared
             .control
             .help(&self.shared.sources(), &self.shared.directory);
-        Error::from_ack(&name, ack.await)
+        ack.await.into_result(&name)
     }
 
     /// Routes `service` by a primary/backup order: every pick (without a hash key) goes to
@@ -787,7 +812,7 @@ impl IntegratedLoadBalancer {
             .members
             .binary_search_by(|m| m.state.address().cmp(&address))
             .ok()?;
-        Some(table.members[i].health.into())
+        Some(table.members[i].health)
     }
 
     /// Drains `endpoint` of `service` (for a rolling deploy): it gets no new picks from the
@@ -803,7 +828,8 @@ impl IntegratedLoadBalancer {
     /// publication of the service includes it).
     #[cfg(feature = "runtime")]
     pub async fn drain(&self, service: &str, endpoint: &Endpoint) -> Result<crate::DrainReport, Error> {
-        use crate::rebalance::{RebalanceEvent, RebalanceStrategy, RebalanceTrigger, ReleasedEndpoint};
+        use crate::config::rebalance::RebalanceStrategy;
+        use crate::stats::{RebalanceEvent, RebalanceTrigger, ReleasedEndpoint};
 
         let started = tokio::time::Instant::now();
         let address = endpoint.address;
@@ -935,7 +961,7 @@ impl IntegratedLoadBalancer {
         self.shared
             .control
             .help(&self.shared.sources(), &self.shared.directory);
-        Error::from_ack(&name, ack.await)
+        ack.await.into_result(&name)
     }
 
     /// This balancer's rebalancer: topology events, key moves, `rebalance_service`.
@@ -1002,6 +1028,24 @@ impl fmt::Debug for IntegratedLoadBalancer {
             .field("directory", &*self.shared.directory.load())
             .field("control", &self.shared.control)
             .finish()
+    }
+}
+
+// ===== failover groups over a balancer's health =====
+
+impl crate::failover::HealthView for IntegratedLoadBalancer {
+    fn health(&self, service: &str, address: SocketAddr) -> Option<EndpointHealth> {
+        self.endpoint_health(service, address)
+    }
+}
+
+impl crate::FailoverManager {
+    /// Learns endpoint health from `balancer`'s routing snapshots (a group of service `s`
+    /// reads the health of the same addresses in the balancer's service `s`): failover then
+    /// skips unhealthy backups, and failback returns to a recovered primary. Without it every
+    /// endpoint counts as healthy.
+    pub fn with_health_from(self, balancer: DataArc<IntegratedLoadBalancer>) -> Self {
+        self.with_health_view(balancer)
     }
 }
 

@@ -281,19 +281,6 @@ impl Error {
         }
     }
 
-    /// The error for a command whose acknowledgement came back `outcome`, if any.
-    pub(crate) fn from_ack(service: &DataArc<str>, outcome: crate::control::AckOutcome) -> Result<(), Error> {
-        use crate::control::AckOutcome;
-        match outcome {
-            AckOutcome::Applied => Ok(()),
-            AckOutcome::Stopped => Err(Error::Stopped),
-            AckOutcome::Failed(reason) => Err(Error::PublishFailed {
-                service: service.clone(),
-                reason,
-            }),
-        }
-    }
-
     pub(crate) fn unknown_service(service: &str) -> Self {
         Error::UnknownService {
             service: DataArc::from(truncate(service)),

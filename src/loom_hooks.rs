@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::control::queue::{Ack, AckOutcome, Queue};
+use crate::handoff::queue::{Ack, AckOutcome, Queue};
 
 /// The control plane's command queue, carrying plain numbers.
 #[derive(Debug)]

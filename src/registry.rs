@@ -30,45 +30,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::Error;
-use crate::control::queue::Ack;
-use crate::control::{Command, MembershipSource};
-use crate::endpoint::Endpoint;
-use crate::error::truncate;
+use crate::endpoint::{Endpoint, validate_service_name};
+use crate::error::{Error, truncate};
+use crate::handoff::queue::Ack;
+use crate::handoff::{Command, MembershipSink, MembershipSource};
 use crate::sync::{DataArc, DataWeak, Mutex};
-
-/// Longest accepted service name, in bytes (a DNS name's limit).
-pub const MAX_SERVICE_NAME_LEN: usize = 253;
-
-/// Checks a service name: non-empty, at most 253 bytes, no control characters, no leading or
-/// trailing whitespace.
-pub(crate) fn validate_service_name(name: &str) -> Result<(), Error> {
-    let reason = if name.is_empty() {
-        "must not be empty"
-    } else if name.len() > MAX_SERVICE_NAME_LEN {
-        "longer than 253 bytes"
-    } else if name.chars().any(char::is_control) {
-        "contains control characters"
-    } else if name.trim() != name {
-        "has leading or trailing whitespace"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidServiceName {
-        name: truncate(name).to_owned(),
-        reason,
-    })
-}
-
-/// Where the registry announces membership changes: a balancer's control plane.
-pub(crate) trait MembershipSink: Send + Sync {
-    /// Queues the command; the ack resolves once its effect is published.
-    fn submit(&self, command: Command) -> Ack;
-    /// Applies queued updates on the caller's thread if the sink has no thread of its own.
-    fn help(&self);
-    /// Whether the sink was stopped (it is then dropped from the registry).
-    fn is_closed(&self) -> bool;
-}
 
 #[derive(Default)]
 struct ServiceRecord {
@@ -143,7 +109,7 @@ impl Delivery {
         }
         let mut first_error = None;
         for (service, ack) in self.acks {
-            match Error::from_ack(&service, ack.await) {
+            match ack.await.into_result(&service) {
                 Ok(()) | Err(Error::Stopped) => {}
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -567,25 +533,5 @@ impl fmt::Debug for ServiceRegistry {
             .field("version", &state.version)
             .field("balancers", &state.sinks.len())
             .finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_names() {
-        for ok in ["api", "api-service", "a.b.c", "checkout/v2", "ünïcode"] {
-            validate_service_name(ok).unwrap();
-        }
-        for bad in ["", " api", "api ", "a\nb", "a\0b"] {
-            assert!(
-                matches!(validate_service_name(bad), Err(Error::InvalidServiceName { .. })),
-                "{bad:?}"
-            );
-        }
-        assert!(validate_service_name(&"x".repeat(254)).is_err());
-        assert!(validate_service_name(&"x".repeat(253)).is_ok());
     }
 }

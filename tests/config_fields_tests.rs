@@ -9,6 +9,7 @@
 //! * Values just past each bound are refused, naming the field.
 //! * A proptest builds balancers from random combinations of extreme accepted values and
 //!   drives the same operations: nothing panics, nothing hangs.
+#![cfg(feature = "runtime")]
 
 mod common;
 

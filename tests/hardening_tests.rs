@@ -1,5 +1,6 @@
 //! Behaviour off the happy path (issue 15): operator decisions in panic mode, read-your-writes
 //! on writes that change nothing or fail, and drains that report in-flight counts truly.
+#![cfg(feature = "runtime")]
 
 mod common;
 

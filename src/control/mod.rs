@@ -33,27 +33,25 @@
 //!   balancer that was never started applies changes but does not run timers.
 #![deny(unsafe_code)]
 
-pub(crate) mod queue;
 mod service;
 #[cfg(all(test, not(tai_loadbalancer_loom)))]
 mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
-use crate::endpoint::Endpoint;
-use crate::stats::RoutingUpdate;
+use crate::config::LoadBalancerConfig;
+use crate::config::strategy::LoadBalancingStrategy;
+use crate::error::Error;
+use crate::handoff::queue::{Ack, AckOutcome, Queue};
+use crate::handoff::{Command, ControlEvent, HealthSource, MembershipSource, OutlierSink, Watcher};
+use crate::stats::{RoutingUpdate, ServiceCounters};
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{Arc, DataArc, DataWeak, Mutex, SnapshotCell, mpsc, thread};
-use crate::table::{Directory, Miss, OutlierSink};
-use crate::{Error, HealthStatus, LoadBalancerConfig, LoadBalancingStrategy};
-pub(crate) use queue::AckOutcome;
-use queue::{Ack, Queue};
+use crate::table::{Directory, Miss};
 use service::ServiceControl;
-pub(crate) use service::{EndpointCounters, ServiceCounters};
 
 /// Test-only fault injection: panics at chosen points of the control plane.
 #[cfg(test)]
@@ -94,74 +92,6 @@ pub(crate) mod fault {
     }
 }
 
-/// A change for the control plane.
-#[derive(Debug)]
-pub(crate) enum Command {
-    /// The membership of this service changed in the registry (or it was created or removed):
-    /// read it again.
-    Changed(DataArc<str>),
-    /// A hash-keyed pick found no ring on this service's table: build rings for it.
-    WantRing(DataArc<str>),
-    /// The active health of an endpoint of this service changed: read it again.
-    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
-    HealthChanged(DataArc<str>),
-    /// An endpoint reached its consecutive-failure threshold (outlier detection).
-    Outlier {
-        service: DataArc<str>,
-        address: SocketAddr,
-    },
-    /// An operator marked an endpoint down (`true`) or up again (`false`).
-    MarkDown {
-        service: DataArc<str>,
-        address: SocketAddr,
-        down: bool,
-    },
-    /// Start (`true`) or stop draining an endpoint: no new picks, requests in flight finish.
-    Drain {
-        service: DataArc<str>,
-        address: SocketAddr,
-        draining: bool,
-    },
-    /// Route the service to the first healthy endpoint of this order (`None`: by strategy).
-    Failover {
-        service: DataArc<str>,
-        order: Option<Vec<SocketAddr>>,
-    },
-}
-
-/// Where the control plane reads memberships from (the registry; a trait so the control
-/// plane does not depend on the registry's internals).
-pub(crate) trait MembershipSource {
-    /// The current membership of `service` (sorted by address) and its version, `None` if
-    /// the service does not exist.
-    fn membership(&self, service: &str) -> Option<(u64, DataArc<[Endpoint]>)>;
-}
-
-/// Where the control plane reads active health from (the health checker).
-pub(crate) trait HealthSource: Send + Sync {
-    /// Members of `service` currently failing their checks.
-    fn unhealthy(&self, service: &str) -> Vec<SocketAddr>;
-    /// The check status of one endpoint, for metrics.
-    fn status(&self, service: &str, address: SocketAddr) -> Option<HealthStatus>;
-}
-
-/// What the control plane tells its subscribers.
-#[derive(Clone, Debug)]
-pub(crate) enum ControlEvent {
-    /// A table was published.
-    Published(RoutingUpdate),
-    /// A removed endpoint's requests are finished (or abandoned at the drain timeout).
-    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
-    Released {
-        service: String,
-        released: crate::rebalance::ReleasedEndpoint,
-    },
-}
-
-/// A subscriber: called for each event on the control plane's thread; must not block.
-/// Returns `false` to unsubscribe.
-pub(crate) type Watcher = Box<dyn FnMut(&ControlEvent) -> bool + Send>;
-
 /// What a control step reads from.
 #[derive(Clone, Copy)]
 pub(crate) struct Sources<'a> {
@@ -180,19 +110,6 @@ struct ControlState {
 
 /// Services whose changes a step could not publish, with the reason.
 type Failed = HashMap<DataArc<str>, DataArc<str>, ahash::RandomState>;
-
-impl Command {
-    /// The service the command is about.
-    fn service(&self) -> &DataArc<str> {
-        match self {
-            Command::Changed(s) | Command::WantRing(s) | Command::HealthChanged(s) => s,
-            Command::Outlier { service, .. }
-            | Command::MarkDown { service, .. }
-            | Command::Drain { service, .. }
-            | Command::Failover { service, .. } => service,
-        }
-    }
-}
 
 /// The text of a caught panic.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> DataArc<str> {

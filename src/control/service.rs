@@ -20,16 +20,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{Settings, Sources};
+use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
-use crate::rebalance::ReleasedEndpoint;
-use crate::stats::{EndpointHealth, RoutingUpdate};
+use crate::stats::ReleasedEndpoint;
+use crate::stats::{EndpointCounters, EndpointHealth, RoutingUpdate, ServiceCounters};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
 use crate::table::build::{RingCache, TableInput, build};
 use crate::table::{
     CounterValues, EndpointState, Member, MemberHealth, Miss, OutlierReport, ServiceSlot, ServiceTable,
 };
-use crate::{HealthStatus, LoadBalancingStrategy};
 
 /// `now + d`, saturating instead of overflowing: validated durations are bounded (a day at
 /// most), so this only guards against a bound being raised without a look at this sum.
@@ -56,33 +56,6 @@ struct Ejection {
     count: u32,
     /// When `until` was last set or cleared.
     changed: Instant,
-}
-
-/// What one endpoint looks like to metrics, read under the control lock.
-#[derive(Debug)]
-pub(crate) struct EndpointCounters {
-    pub(crate) endpoint: Endpoint,
-    pub(crate) routable: bool,
-    pub(crate) health: EndpointHealth,
-    pub(crate) effective_weight: u32,
-    pub(crate) ejections: u32,
-    pub(crate) consecutive_failures: u64,
-    pub(crate) counters: CounterValues,
-    pub(crate) check: Option<HealthStatus>,
-    pub(crate) latency_estimate: Option<Duration>,
-}
-
-/// Counters of one service, read under the control lock.
-#[derive(Debug)]
-pub(crate) struct ServiceCounters {
-    pub(crate) name: DataArc<str>,
-    pub(crate) strategy: LoadBalancingStrategy,
-    pub(crate) table_version: u64,
-    pub(crate) membership_version: u64,
-    pub(crate) panic: bool,
-    pub(crate) endpoints: Vec<EndpointCounters>,
-    /// Removed endpoints (retiring and retired) together.
-    pub(crate) removed: CounterValues,
 }
 
 pub(super) struct ServiceControl {
@@ -275,10 +248,7 @@ impl ServiceControl {
         let update = RoutingUpdate {
             service: self.name.to_string(),
             version: self.table_version,
-            endpoints: members
-                .iter()
-                .map(|m| (m.state.address(), m.health.into()))
-                .collect(),
+            endpoints: members.iter().map(|m| (m.state.address(), m.health)).collect(),
             routable: members
                 .iter()
                 .filter(|m| m.routable)
@@ -622,7 +592,7 @@ impl ServiceControl {
                 EndpointCounters {
                     endpoint: s.endpoint().clone(),
                     routable: member.is_some_and(|m| m.routable),
-                    health: member.map_or(EndpointHealth::Healthy, |m| m.health.into()),
+                    health: member.map_or(EndpointHealth::Healthy, |m| m.health),
                     effective_weight: member.map_or(s.endpoint().weight(), |m| m.effective_weight),
                     ejections: self.ejections.get(&s.address()).map_or(0, |e| e.count),
                     consecutive_failures: s.failures().consecutive(),

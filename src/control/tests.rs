@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::*;
+use crate::endpoint::Endpoint;
 use crate::sync::Mutex as SyncMutex;
 
 fn ep(port: u16) -> Endpoint {

@@ -23,8 +23,8 @@ use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
 use super::{Backoff, Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
 use crate::Error;
+use crate::endpoint::validate_service_name;
 use crate::endpoint::{Endpoint, EndpointMetadata};
-use crate::registry::validate_service_name;
 
 /// Tag holding an SRV record's priority.
 const TAG_PRIORITY: &str = "srv_priority";

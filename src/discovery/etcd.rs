@@ -54,9 +54,9 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOp
 use serde::{Deserialize, Serialize};
 
 use super::{Backoff, Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
+use crate::endpoint::validate_service_name;
 use crate::endpoint::{Endpoint, EndpointMetadata};
 use crate::error::{Error, truncate};
-use crate::registry::validate_service_name;
 use crate::sync::DataArc;
 use crate::sync::atomic::{AtomicU64, Ordering};
 

@@ -10,20 +10,15 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::probe::{Probe, Recheck};
-use super::{HealthState, HealthStatus};
-use crate::control::queue::Ack;
-use crate::control::{Command, HealthSource, MembershipSource};
+use crate::config::health::HealthCheckConfig;
 use crate::endpoint::Endpoint;
-use crate::registry::{MembershipSink, ServiceRegistry};
+use crate::error::Error;
+use crate::handoff::queue::Ack;
+use crate::handoff::{Command, HealthSink, HealthSource, MembershipSink, MembershipSource};
+use crate::registry::ServiceRegistry;
+use crate::stats::{HealthState, HealthStatus};
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{DataArc, DataWeak, Mutex, random_below};
-use crate::{Error, HealthCheckConfig};
-
-/// Who wants to hear about health transitions (a balancer's control plane).
-pub(crate) trait HealthSink: Send + Sync {
-    /// An endpoint of `service` changed state.
-    fn health_changed(&self, service: &DataArc<str>);
-}
 
 struct Target {
     endpoint: Endpoint,

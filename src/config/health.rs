@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::HealthCheck;
-use crate::Error;
+use crate::endpoint::Endpoint;
+use crate::error::Error;
 use crate::sync::DataArc;
 
 // ===== active checks =====
@@ -588,6 +588,36 @@ impl SlowStartConfig {
         }
         Ok(())
     }
+}
+
+// ===== custom checks =====
+
+/// A health check of your own, for [`HealthCheckKind::Custom`](crate::HealthCheckKind::Custom).
+///
+/// Return `Ok(())` when the endpoint is healthy, `Err(reason)` otherwise. The manager
+/// enforces the configured timeout around it and runs it concurrently with other checks.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::{Endpoint, HealthCheck, HealthCheckKind};
+///
+/// struct AlwaysUp;
+///
+/// #[async_trait::async_trait]
+/// impl HealthCheck for AlwaysUp {
+///     async fn check(&self, _endpoint: &Endpoint) -> Result<(), String> {
+///         Ok(())
+///     }
+/// }
+///
+/// let kind = HealthCheckKind::custom(AlwaysUp);
+/// # let _ = kind;
+/// ```
+#[async_trait::async_trait]
+pub trait HealthCheck: Send + Sync + 'static {
+    /// Probes `endpoint`.
+    async fn check(&self, endpoint: &Endpoint) -> Result<(), String>;
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+use crate::error::Error;
 use crate::sync::{Arc, Condvar, DataArc, Mutex};
 
 // ===== impl Ack =====
@@ -37,6 +38,20 @@ pub(crate) enum AckOutcome {
     Stopped,
     /// The control plane could not publish it (a panic while applying it); the reason.
     Failed(DataArc<str>),
+}
+
+impl AckOutcome {
+    /// The result a writer reports for a command of `service` that ended so.
+    pub(crate) fn into_result(self, service: &DataArc<str>) -> Result<(), Error> {
+        match self {
+            AckOutcome::Applied => Ok(()),
+            AckOutcome::Stopped => Err(Error::Stopped),
+            AckOutcome::Failed(reason) => Err(Error::PublishFailed {
+                service: service.clone(),
+                reason,
+            }),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -70,6 +85,7 @@ pub(crate) fn ack_pair() -> (AckSender, Ack) {
 
 impl Ack {
     /// An ack that is already resolved to `Applied` (nothing needed publishing).
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     pub(crate) fn resolved() -> Ack {
         Ack { inner: None }
     }
