@@ -709,7 +709,7 @@ impl IntegratedLoadBalancer {
         report(
             view.record(i),
             view.context(),
-            view.aux(i, shard),
+            || view.aux(i, shard),
             |success| view.count(i, shard, success),
             outcome == Outcome::Success,
             latency,

@@ -168,6 +168,18 @@ impl Endpoint {
         self
     }
 
+    /// The shared metadata, if any (for interning).
+    pub(crate) fn shared_metadata(&self) -> Option<&DataArc<EndpointMetadata>> {
+        self.metadata.as_ref()
+    }
+
+    /// The endpoint with its metadata replaced by `metadata`, which must be equal to it.
+    pub(crate) fn with_shared_metadata(mut self, metadata: DataArc<EndpointMetadata>) -> Endpoint {
+        debug_assert!(self.metadata.as_deref() == Some(&*metadata));
+        self.metadata = Some(metadata);
+        self
+    }
+
     /// Whether it was registered with metadata (`false` for `Endpoint::new(address, None)`).
     pub(crate) fn has_metadata(&self) -> bool {
         self.metadata.is_some()

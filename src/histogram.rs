@@ -91,12 +91,17 @@ fn representative(i: usize) -> u64 {
 /// The recorder: lock-free, allocated on first use.
 ///
 /// The buckets (8 bytes each) are allocated by the first latency recorded, not up front, so
-/// an endpoint that never reports a latency costs 24 bytes here. That first record allocates
+/// an endpoint that never reports a latency costs one pointer here. That first record allocates
 /// once and never blocks: threads racing to it each build buckets and the losers free theirs
 /// (`once_cell`'s `race::OnceBox`), where a `OnceLock` would park them.
 #[derive(Default)]
 pub(crate) struct AtomicHistogram {
-    buckets: OnceBox<[AtomicU64; BUCKETS]>,
+    /// One pointer until the first record (an endpoint's slot holds one of these).
+    cells: OnceBox<Cells>,
+}
+
+struct Cells {
+    buckets: [AtomicU64; BUCKETS],
     /// Bit `c` set: some bucket of chunk `c` (buckets `64c..64c+64`) was recorded into, so a
     /// snapshot scans only the chunks in use (latencies usually span a few powers of two).
     chunks: AtomicU64,
@@ -114,28 +119,33 @@ impl AtomicHistogram {
     #[inline]
     pub(crate) fn record(&self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        let buckets = self
-            .buckets
-            .get_or_init(|| Box::new(core::array::from_fn(|_| AtomicU64::new(0))));
+        let cells = self.cells.get_or_init(|| {
+            Box::new(Cells {
+                buckets: core::array::from_fn(|_| AtomicU64::new(0)),
+                chunks: AtomicU64::new(0),
+                max_ns: AtomicU64::new(0),
+            })
+        });
         let i = index(ns);
         let chunk = 1u64 << (i >> SUB_BITS);
-        if self.chunks.load(Ordering::Relaxed) & chunk == 0 {
-            self.chunks.fetch_or(chunk, Ordering::Relaxed);
+        if cells.chunks.load(Ordering::Relaxed) & chunk == 0 {
+            cells.chunks.fetch_or(chunk, Ordering::Relaxed);
         }
-        buckets[i].fetch_add(1, Ordering::Relaxed);
-        if ns > self.max_ns.load(Ordering::Relaxed) {
-            self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        cells.buckets[i].fetch_add(1, Ordering::Relaxed);
+        if ns > cells.max_ns.load(Ordering::Relaxed) {
+            cells.max_ns.fetch_max(ns, Ordering::Relaxed);
         }
     }
 
     /// A copy of what was recorded so far.
     pub(crate) fn snapshot(&self) -> LatencyHistogram {
-        let Some(buckets) = self.buckets.get() else {
+        let Some(cells) = self.cells.get() else {
             return LatencyHistogram::default();
         };
+        let buckets = &cells.buckets;
         let mut mask = 0u64;
-        let mut chunks = Vec::with_capacity(self.chunks.load(Ordering::Relaxed).count_ones() as usize);
-        for c in chunk_ids(self.chunks.load(Ordering::Relaxed)) {
+        let mut chunks = Vec::with_capacity(cells.chunks.load(Ordering::Relaxed).count_ones() as usize);
+        for c in chunk_ids(cells.chunks.load(Ordering::Relaxed)) {
             let start = c * CHUNK;
             let mut chunk = [0u64; CHUNK];
             for (j, slot) in chunk.iter_mut().enumerate().take(BUCKETS - start) {
@@ -147,7 +157,7 @@ impl AtomicHistogram {
             }
         }
         let count = chunks.iter().flatten().sum();
-        let max_ns = self.max_ns.load(Ordering::Relaxed);
+        let max_ns = cells.max_ns.load(Ordering::Relaxed);
         // The sum is estimated from the buckets (each value by its bucket's midpoint, so within
         // 0.79 %), rather than kept in an atomic: one less atomic add per sample, and no sum
         // that wraps after a few hundred days of heavy traffic.

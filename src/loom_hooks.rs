@@ -158,3 +158,73 @@ impl PoolSlots {
         (c.open, c.idle, c.connecting, c.waiters)
     }
 }
+
+// ===== the counter arena =====
+
+/// A counter arena whose records are plain numbers (`sync::arena` with `R = u32`).
+#[allow(missing_debug_implementations)]
+pub struct SlotArena(crate::sync::arena::ArenaOwner<u32, ()>);
+
+/// A view of some slots of a [`SlotArena`].
+#[allow(missing_debug_implementations)]
+pub struct SlotView(crate::sync::arena::View<u32, (), ()>);
+
+/// One request in flight on one slot.
+#[allow(missing_debug_implementations)]
+pub struct SlotLease(crate::sync::arena::Lease<u32, ()>);
+
+/// A slot of a [`SlotArena`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot(crate::sync::arena::SlotId);
+
+impl SlotArena {
+    /// An empty arena with one shard.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Self(crate::sync::arena::ArenaOwner::new(1, false, ()))
+    }
+
+    /// A slot holding `record`.
+    pub fn alloc(&mut self, record: u32) -> Slot {
+        Slot(self.0.alloc(record))
+    }
+
+    /// Retires `slot`.
+    pub fn retire(&mut self, slot: Slot) {
+        self.0.retire(slot.0);
+    }
+
+    /// Recycles what can be; returns the records freed.
+    pub fn recycle(&mut self) -> Vec<u32> {
+        self.0.recycle().into_iter().map(|r| r.record).collect()
+    }
+
+    /// A view of `slots`.
+    pub fn view(&self, slots: &[Slot]) -> SlotView {
+        SlotView(
+            self.0.view(
+                slots
+                    .iter()
+                    .map(|s| crate::sync::arena::Entry {
+                        slot: s.0,
+                        payload: (),
+                    })
+                    .collect(),
+            ),
+        )
+    }
+}
+
+impl SlotView {
+    /// A lease on entry `i`.
+    pub fn lease(&self, i: usize) -> SlotLease {
+        SlotLease(self.0.lease(i, 0))
+    }
+}
+
+impl SlotLease {
+    /// The leased slot's record.
+    pub fn record(&self) -> u32 {
+        *self.0.record()
+    }
+}

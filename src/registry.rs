@@ -30,27 +30,62 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::endpoint::{Endpoint, validate_service_name};
+use crate::endpoint::{Endpoint, EndpointMetadata, validate_service_name};
 use crate::error::{Error, truncate};
 use crate::handoff::queue::Ack;
 use crate::handoff::{Command, MembershipSink, MembershipSource};
 use crate::sync::{DataArc, DataWeak, Mutex};
 
-#[derive(Default)]
-struct ServiceRecord {
-    endpoints: BTreeMap<SocketAddr, Endpoint>,
-    version: u64,
-    /// The endpoints as a shared list, built on first read after a change: a burst of
-    /// changes costs one copy, made by the control plane when it next reads.
-    snapshot: Option<DataArc<[Endpoint]>>,
+/// A service's endpoints, sorted by address, shared copy-on-write with the balancers that
+/// read them: a read hands out the list itself (no copy), and the first change after a read
+/// copies it once (so a burst of changes between two reads costs one copy).
+#[derive(Clone, Default)]
+struct Members(DataArc<Vec<Endpoint>>);
+
+impl Members {
+    fn position(&self, address: &SocketAddr) -> Result<usize, usize> {
+        self.0.binary_search_by(|e| e.address.cmp(address))
+    }
+
+    fn get(&self, address: &SocketAddr) -> Option<&Endpoint> {
+        self.position(address).ok().map(|i| &self.0[i])
+    }
+
+    /// Adds `endpoint`, or replaces the one with its address.
+    fn insert(&mut self, endpoint: Endpoint) {
+        match self.position(&endpoint.address) {
+            Ok(i) => DataArc::make_mut(&mut self.0)[i] = endpoint,
+            Err(i) => DataArc::make_mut(&mut self.0).insert(i, endpoint),
+        }
+    }
+
+    fn remove(&mut self, address: &SocketAddr) -> Option<Endpoint> {
+        let i = self.position(address).ok()?;
+        Some(DataArc::make_mut(&mut self.0).remove(i))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> std::slice::Iter<'_, Endpoint> {
+        self.0.iter()
+    }
+
+    /// Whether it holds exactly `wanted`.
+    fn same_as(&self, wanted: &BTreeMap<SocketAddr, Endpoint>) -> bool {
+        self.0.len() == wanted.len() && self.0.iter().zip(wanted.values()).all(|(a, b)| a == b)
+    }
+
+    fn from_map(map: BTreeMap<SocketAddr, Endpoint>) -> Self {
+        Members(DataArc::new(map.into_values().collect()))
+    }
 }
 
-impl ServiceRecord {
-    fn snapshot(&mut self) -> DataArc<[Endpoint]> {
-        self.snapshot
-            .get_or_insert_with(|| self.endpoints.values().cloned().collect())
-            .clone()
-    }
+#[derive(Default)]
+struct ServiceRecord {
+    endpoints: Members,
+    version: u64,
 }
 
 #[derive(Default)]
@@ -58,6 +93,36 @@ struct RegistryState {
     services: BTreeMap<DataArc<str>, ServiceRecord>,
     sinks: Vec<DataWeak<dyn MembershipSink>>,
     version: u64,
+    /// Metadata values registered, shared by every endpoint that carries an equal one (a
+    /// fleet's endpoints mostly share a few zones, weights and tags: one allocation each,
+    /// not one per endpoint).
+    metadata: Interner,
+}
+
+/// The metadata interner: equal values share one allocation. Values nobody else holds are
+/// purged whenever the pool has doubled since the last purge (amortized O(1) per insert).
+#[derive(Default)]
+struct Interner {
+    pool: std::collections::HashSet<DataArc<EndpointMetadata>, ahash::RandomState>,
+    purge_at: usize,
+}
+
+impl Interner {
+    /// `endpoint` with its metadata replaced by the pooled equal value (added if new).
+    fn intern(&mut self, endpoint: Endpoint) -> Endpoint {
+        let Some(metadata) = endpoint.shared_metadata() else {
+            return endpoint;
+        };
+        if let Some(pooled) = self.pool.get(metadata) {
+            return endpoint.with_shared_metadata(pooled.clone());
+        }
+        self.pool.insert(metadata.clone());
+        if self.pool.len() >= self.purge_at {
+            self.pool.retain(|m| DataArc::strong_count(m) > 1);
+            self.purge_at = (self.pool.len() * 2).max(64);
+        }
+        endpoint
+    }
 }
 
 impl RegistryState {
@@ -193,10 +258,10 @@ impl ServiceRegistry {
         let service = service.into();
         validate_service_name(&service)?;
         endpoint.validate()?;
-        self.change(&service, true, |record| {
+        self.change(&service, true, |record, interner| {
             let unchanged = record.endpoints.get(&endpoint.address) == Some(&endpoint);
             if !unchanged {
-                record.endpoints.insert(endpoint.address, endpoint);
+                record.endpoints.insert(interner.intern(endpoint));
             }
             Ok(!unchanged)
         })
@@ -230,11 +295,11 @@ impl ServiceRegistry {
         if endpoints.is_empty() {
             return Ok(());
         }
-        self.change(&service, true, |record| {
+        self.change(&service, true, |record, interner| {
             let mut changed = false;
             for endpoint in endpoints {
                 if record.endpoints.get(&endpoint.address) != Some(&endpoint) {
-                    record.endpoints.insert(endpoint.address, endpoint);
+                    record.endpoints.insert(interner.intern(endpoint));
                     changed = true;
                 }
             }
@@ -274,11 +339,15 @@ impl ServiceRegistry {
         let service = service.into();
         validate_service_name(&service)?;
         let wanted = validated_batch(&service, endpoints)?;
-        self.change_or_create(&service, |record| {
-            if record.endpoints == wanted {
+        self.change_or_create(&service, |record, interner| {
+            if record.endpoints.same_as(&wanted) {
                 return Ok(false);
             }
-            record.endpoints = wanted;
+            let wanted = wanted
+                .into_iter()
+                .map(|(address, endpoint)| (address, interner.intern(endpoint)))
+                .collect();
+            record.endpoints = Members::from_map(wanted);
             Ok(true)
         })
         .complete()
@@ -301,11 +370,11 @@ impl ServiceRegistry {
         let service = service.into();
         validate_service_name(&service)?;
         let upserts = validated_batch(&service, upserts)?;
-        self.change_or_create(&service, |record| {
+        self.change_or_create(&service, |record, interner| {
             let mut changed = false;
             for (address, endpoint) in upserts {
                 if record.endpoints.get(&address) != Some(&endpoint) {
-                    record.endpoints.insert(address, endpoint);
+                    record.endpoints.insert(interner.intern(endpoint));
                     changed = true;
                 }
             }
@@ -323,12 +392,12 @@ impl ServiceRegistry {
     fn change_or_create(
         &self,
         service: &str,
-        f: impl FnOnce(&mut ServiceRecord) -> Result<bool, Error>,
+        f: impl FnOnce(&mut ServiceRecord, &mut Interner) -> Result<bool, Error>,
     ) -> Synced {
-        self.change(service, true, |record| {
+        self.change(service, true, |record, interner| {
             // A stored record has a version: it was inserted by an applied change.
             let created = record.version == 0;
-            Ok(f(record)? || created)
+            Ok(f(record, interner)? || created)
         })
     }
 
@@ -344,12 +413,14 @@ impl ServiceRegistry {
     /// has published the state that made it so), [`Error::PublishFailed`].
     pub async fn deregister(&self, service: &str, endpoint: &Endpoint) -> Result<(), Error> {
         let address = endpoint.address;
-        self.change(service, false, |record| match record.endpoints.remove(&address) {
-            Some(_) => Ok(true),
-            None => Err(Error::UnknownEndpoint {
-                service: DataArc::from(truncate(service)),
-                address,
-            }),
+        self.change(service, false, |record, _| {
+            match record.endpoints.remove(&address) {
+                Some(_) => Ok(true),
+                None => Err(Error::UnknownEndpoint {
+                    service: DataArc::from(truncate(service)),
+                    address,
+                }),
+            }
         })
         .complete()
         .await
@@ -440,7 +511,7 @@ impl ServiceRegistry {
         &self,
         service: &str,
         create: bool,
-        f: impl FnOnce(&mut ServiceRecord) -> Result<bool, Error>,
+        f: impl FnOnce(&mut ServiceRecord, &mut Interner) -> Result<bool, Error>,
     ) -> Synced {
         let mut state = self.state.lock();
         let (name, mut record, created) = match state.services.remove_entry(service) {
@@ -455,12 +526,11 @@ impl ServiceRegistry {
         };
         // The record is out of the map while `f` runs (invisible: we hold the lock); it goes
         // back unless it was created for this call and the call failed or changed nothing.
-        let result = f(&mut record);
+        let result = f(&mut record, &mut state.metadata);
         let changed = matches!(result, Ok(true));
         if changed {
             state.version += 1;
             record.version = state.version;
-            record.snapshot = None;
             tracing::debug!(
                 service = %name,
                 version = record.version,
@@ -518,10 +588,10 @@ fn validated_batch(service: &str, endpoints: Vec<Endpoint>) -> Result<BTreeMap<S
 }
 
 impl MembershipSource for ServiceRegistry {
-    fn membership(&self, service: &str) -> Option<(u64, DataArc<[Endpoint]>)> {
-        let mut state = self.state.lock();
-        let record = state.services.get_mut(service)?;
-        Some((record.version, record.snapshot()))
+    fn membership(&self, service: &str) -> Option<(u64, DataArc<Vec<Endpoint>>)> {
+        let state = self.state.lock();
+        let record = state.services.get(service)?;
+        Some((record.version, record.endpoints.0.clone()))
     }
 }
 

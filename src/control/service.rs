@@ -100,7 +100,7 @@ pub(super) struct ServiceControl {
     pub(super) name: DataArc<str>,
     pub(super) slot: DataArc<ServiceSlot>,
     pub(super) membership_version: u64,
-    pub(super) endpoints: DataArc<[Endpoint]>,
+    pub(super) endpoints: DataArc<Vec<Endpoint>>,
     /// The service's counter arena.
     arena: Arena,
     /// Current members, in address order.
@@ -154,7 +154,8 @@ impl ServiceControl {
             decay: (strategy == LoadBalancingStrategy::PeakEwma)
                 .then(|| Decay::new(settings.config.peak_ewma.decay)),
         };
-        let arena = Arena::new(crate::sync::shard_count(), context);
+        let estimates = context.decay.is_some();
+        let arena = Arena::new(crate::sync::shard_count(), estimates, context);
         let table = Arc::new(ServiceTable::empty(
             &arena,
             name.clone(),
@@ -171,7 +172,7 @@ impl ServiceControl {
             name,
             slot,
             membership_version: 0,
-            endpoints: DataArc::from(Vec::new()),
+            endpoints: DataArc::new(Vec::new()),
             arena,
             states: Vec::new(),
             ring: RingCache::default(),

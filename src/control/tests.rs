@@ -16,7 +16,7 @@ fn ep(port: u16) -> Endpoint {
 }
 
 /// A service's membership version and endpoints.
-type Membership = (u64, DataArc<[Endpoint]>);
+type Membership = (u64, DataArc<Vec<Endpoint>>);
 
 /// The registry's role, in memory: memberships by service, and services whose reads panic.
 #[derive(Default)]
@@ -29,7 +29,7 @@ impl Memberships {
     fn set(&self, service: &str, version: u64, endpoints: Vec<Endpoint>) {
         self.services
             .lock()
-            .insert(service.to_owned(), (version, DataArc::from(endpoints)));
+            .insert(service.to_owned(), (version, DataArc::new(endpoints)));
     }
 
     fn panic_on(&self, service: &str, on: bool) {

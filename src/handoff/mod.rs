@@ -62,7 +62,7 @@ pub(crate) enum Command {
 pub(crate) trait MembershipSource {
     /// The current membership of `service` (sorted by address) and its version, `None` if
     /// the service does not exist.
-    fn membership(&self, service: &str) -> Option<(u64, DataArc<[Endpoint]>)>;
+    fn membership(&self, service: &str) -> Option<(u64, DataArc<Vec<Endpoint>>)>;
 }
 
 /// Where the control plane reads active health from (the health checker).

@@ -237,7 +237,7 @@ impl Pick {
         report(
             lease.record(),
             lease.context(),
-            lease.aux(),
+            || lease.aux(),
             |success| lease.count(success),
             outcome == Outcome::Success,
             latency,

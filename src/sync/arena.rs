@@ -142,7 +142,7 @@ struct Segment<R> {
     slots: Box<[SlotMeta<R>]>,
     /// `shards × stride` words: in flight (low 24 bits) and selections (high 40).
     load: Box<[AtomicU64]>,
-    /// `shards × stride` words for the strategy's estimate.
+    /// `shards × stride` words for the strategy's estimate (none unless the arena has them).
     aux: Box<[AtomicU64]>,
     /// `shards × stride × 3` words: successes, failures, selection base.
     cold: Box<[AtomicU64]>,
@@ -154,7 +154,7 @@ fn atomics(n: usize) -> Box<[AtomicU64]> {
 }
 
 impl<R> Segment<R> {
-    fn new(len: usize, shards: usize) -> Self {
+    fn new(len: usize, shards: usize, aux: bool) -> Self {
         let stride = len.div_ceil(ROW_ALIGN) * ROW_ALIGN;
         Segment {
             slots: (0..len)
@@ -164,7 +164,7 @@ impl<R> Segment<R> {
                 })
                 .collect(),
             load: atomics(shards * stride),
-            aux: atomics(shards * stride),
+            aux: atomics(if aux { shards * stride } else { 0 }),
             cold: atomics(shards * stride * 3),
             stride,
         }
@@ -193,6 +193,8 @@ struct Inner<R, C> {
     /// Handles alive: the owner and every view.
     owners: AtomicUsize,
     shards: usize,
+    /// Whether slots have an `aux` word.
+    aux: bool,
     context: C,
     segments: [AtomicPtr<Segment<R>>; MAX_SEGMENTS],
 }
@@ -389,13 +391,15 @@ pub(crate) struct Recycled<R> {
 }
 
 impl<R: Send + Sync + 'static, C: Send + Sync + 'static> ArenaOwner<R, C> {
-    /// An empty arena with `shards` rows per slot (a power of two) and `context` shared by
+    /// An empty arena with `shards` rows per slot (a power of two), an `aux` word per slot
+    /// and shard if asked for (8 bytes more per slot and shard), and `context` shared by
     /// every view and lease.
-    pub(crate) fn new(shards: usize, context: C) -> Self {
+    pub(crate) fn new(shards: usize, aux: bool, context: C) -> Self {
         debug_assert!(shards.is_power_of_two());
         let inner = Box::new(Inner {
             owners: AtomicUsize::new(1),
             shards,
+            aux,
             context,
             segments: core::array::from_fn(|_| AtomicPtr::new(core::ptr::null_mut())),
         });
@@ -449,8 +453,12 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static> ArenaOwner<R, C> {
                 let n = self.states.len();
                 let slot = SlotId::nth(n).expect("more than 268 million endpoints in one service");
                 if slot.index() == 0 {
-                    let segment =
-                        Box::new(Segment::<R>::new(BASE_LEN << slot.segment(), self.inner().shards));
+                    let inner = self.inner();
+                    let segment = Box::new(Segment::<R>::new(
+                        BASE_LEN << slot.segment(),
+                        inner.shards,
+                        inner.aux,
+                    ));
                     // Release: published before any view that uses it (and the views are
                     // published through the snapshot cell, which orders this store first).
                     self.inner().segments[slot.segment()].store(Box::into_raw(segment), Ordering::Release);
@@ -515,7 +523,9 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static> ArenaOwner<R, C> {
             let segment = self.inner().segment(slot);
             for shard in 0..self.inner().shards {
                 segment.load(slot.index(), shard).store(0, Ordering::Relaxed);
-                segment.aux(slot.index(), shard).store(0, Ordering::Relaxed);
+                if self.inner().aux {
+                    segment.aux(slot.index(), shard).store(0, Ordering::Relaxed);
+                }
                 for word in segment.cold(slot.index(), shard) {
                     word.store(0, Ordering::Relaxed);
                 }
@@ -686,7 +696,8 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static, P> View<R, C, P> {
             .load(slot.index(), shard & (self.shards() - 1))
     }
 
-    /// Entry `i`'s estimate word in `shard`.
+    /// Entry `i`'s estimate word in `shard` (the arena must have them: see
+    /// [`ArenaOwner::new`]).
     #[inline]
     pub(crate) fn aux(&self, i: usize, shard: usize) -> &AtomicU64 {
         let slot = self.entries[i].slot;
@@ -841,7 +852,7 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static> Lease<R, C> {
         )
     }
 
-    /// The slot's estimate word in this lease's shard.
+    /// The slot's estimate word in this lease's shard (the arena must have them).
     #[inline]
     pub(crate) fn aux(&self) -> &AtomicU64 {
         self.segment().aux(self.slot.index(), self.shard as usize)
@@ -934,7 +945,7 @@ mod tests {
 
     #[test]
     fn a_slot_is_not_recycled_while_a_view_or_a_lease_holds_it() {
-        let mut arena = ArenaOwner::<Rec, ()>::new(2, ());
+        let mut arena = ArenaOwner::<Rec, ()>::new(2, true, ());
         let a = arena.alloc(Rec(1));
         let b = arena.alloc(Rec(2));
         let view = arena.view(entries(&[a, b]));
@@ -971,7 +982,7 @@ mod tests {
 
     #[test]
     fn selections_count_past_the_40_bit_field_when_folded() {
-        let mut arena = ArenaOwner::<Rec, ()>::new(1, ());
+        let mut arena = ArenaOwner::<Rec, ()>::new(1, true, ());
         let a = arena.alloc(Rec(1));
         let view = arena.view(entries(&[a]));
         // Start the field just below its wrap.
@@ -988,7 +999,7 @@ mod tests {
 
     #[test]
     fn grows_across_segments_and_frees_everything() {
-        let mut arena = ArenaOwner::<Rec, ()>::new(4, ());
+        let mut arena = ArenaOwner::<Rec, ()>::new(4, false, ());
         let slots: Vec<SlotId> = (0..5_000).map(|i| arena.alloc(Rec(i))).collect();
         let view = arena.view(entries(&slots));
         for i in (0..5_000).step_by(7) {
@@ -1004,7 +1015,7 @@ mod tests {
 
     #[test]
     fn an_arena_dropped_with_leases_out_is_freed_by_the_reaper_once_they_end() {
-        let mut arena = ArenaOwner::<Rec, ()>::new(1, ());
+        let mut arena = ArenaOwner::<Rec, ()>::new(1, true, ());
         let a = arena.alloc(Rec(7));
         let view = arena.view(entries(&[a]));
         let lease = view.lease(0, 0);
@@ -1024,7 +1035,7 @@ mod tests {
 
     #[test]
     fn in_flight_and_selections_share_one_word() {
-        let mut arena = ArenaOwner::<Rec, ()>::new(1, ());
+        let mut arena = ArenaOwner::<Rec, ()>::new(1, true, ());
         let a = arena.alloc(Rec(1));
         let view = arena.view(entries(&[a]));
         let l1 = view.lease(0, 0);

@@ -61,32 +61,32 @@ pub(crate) struct SlotRecord {
     pub(crate) endpoint: Endpoint,
     /// Reported latencies (buckets allocated by the first one).
     pub(crate) latency: AtomicHistogram,
-    /// Failures reported in a row, for outlier detection.
-    consecutive_failures: AtomicU64,
-    /// Whether the current run was reported to the control plane.
-    reported: AtomicBool,
+    /// Failures reported in a row, for outlier detection, in the low 63 bits; the top bit
+    /// is set once the current run was reported to the control plane.
+    failures: AtomicU64,
 }
+
+/// The "reported" bit of [`SlotRecord`]'s failure word.
+const REPORTED: u64 = 1 << 63;
 
 impl SlotRecord {
     pub(crate) fn new(endpoint: Endpoint) -> Self {
         Self {
             endpoint,
             latency: AtomicHistogram::default(),
-            consecutive_failures: AtomicU64::new(0),
-            reported: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
         }
     }
 
     /// Failures reported in a row.
     pub(crate) fn consecutive_failures(&self) -> u64 {
-        self.consecutive_failures.load(Ordering::Relaxed)
+        self.failures.load(Ordering::Relaxed) & !REPORTED
     }
 
     /// Starts a new run of failures (after an ejection, or a refused one). Relaxed: a
     /// heuristic counter.
     pub(crate) fn reset_failures(&self) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
-        self.reported.store(false, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
     }
 }
 
@@ -129,13 +129,14 @@ pub(crate) type Members = View<SlotRecord, ServiceContext, Target>;
 pub(crate) type SlotLease = Lease<SlotRecord, ServiceContext>;
 
 /// Records a request's outcome on its endpoint generation: the shard's outcome counter (by
-/// `count`), the latency histogram, the Peak-EWMA estimate `aux` of the shard, and the
-/// run of failures (reporting the endpoint once it reaches the outlier threshold).
+/// `count`), the latency histogram, the shard's Peak-EWMA estimate (`aux`, asked for only
+/// by services that keep one), and the run of failures (reporting the endpoint once it
+/// reaches the outlier threshold).
 #[inline]
-pub(crate) fn report(
+pub(crate) fn report<'a>(
     record: &SlotRecord,
     context: &ServiceContext,
-    aux: &AtomicU64,
+    aux: impl FnOnce() -> &'a AtomicU64,
     count: impl FnOnce(bool),
     success: bool,
     latency: Option<Duration>,
@@ -145,20 +146,24 @@ pub(crate) fn report(
         record.latency.record(latency);
     }
     if let Some(decay) = context.decay {
-        estimate::observe(aux, decay, latency, success, estimate::now_ns());
+        estimate::observe(aux(), decay, latency, success, estimate::now_ns());
     }
     let Some(outlier) = &context.outlier else { return };
     // Relaxed throughout: a heuristic counter, re-armed by `reset_failures`. A success only
     // reads it (and writes only when it was non-zero), so in the healthy steady state no
     // core writes its line.
     if success {
-        if record.consecutive_failures.load(Ordering::Relaxed) != 0 {
-            record.consecutive_failures.store(0, Ordering::Relaxed);
+        if record.failures.load(Ordering::Relaxed) != 0 {
+            record.failures.store(0, Ordering::Relaxed);
         }
         return;
     }
-    let n = record.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-    if n >= outlier.threshold && !record.reported.swap(true, Ordering::Relaxed) {
+    let before = record.failures.fetch_add(1, Ordering::Relaxed);
+    let n = (before & !REPORTED) + 1;
+    if n >= outlier.threshold
+        && before & REPORTED == 0
+        && record.failures.fetch_or(REPORTED, Ordering::Relaxed) & REPORTED == 0
+    {
         if let Some(sink) = outlier.sink.upgrade() {
             sink.consecutive_failures(&context.service, record.endpoint.address);
         }

@@ -177,16 +177,25 @@ pub(crate) struct HashRing {
     owners: Owners,
 }
 
-/// Owners by slot: 2 bytes each while member indices fit (fewer than 65,535 members), which
-/// halves the ring's memory and cache footprint; 4 bytes beyond.
+/// Owners by slot, in the narrowest integer that holds a member index: 1 byte below 255
+/// members, 2 below 65,535, 4 beyond. A service of 100 endpoints keeps its 65,536-slot ring
+/// in 64 KiB instead of 256 KiB.
 enum Owners {
+    Tiny(Box<[u8]>),
     Narrow(Box<[u16]>),
     Wide(Box<[u32]>),
 }
 
 impl Owners {
     fn from_wide(owners: Box<[u32]>, members: usize) -> Owners {
-        if members < usize::from(u16::MAX) {
+        if members < usize::from(u8::MAX) {
+            Owners::Tiny(
+                owners
+                    .iter()
+                    .map(|&o| if o == EMPTY { u8::MAX } else { o as u8 })
+                    .collect(),
+            )
+        } else if members < usize::from(u16::MAX) {
             Owners::Narrow(
                 owners
                     .iter()
@@ -200,6 +209,7 @@ impl Owners {
 
     fn len(&self) -> usize {
         match self {
+            Owners::Tiny(o) => o.len(),
             Owners::Narrow(o) => o.len(),
             Owners::Wide(o) => o.len(),
         }
@@ -208,6 +218,10 @@ impl Owners {
     #[inline]
     fn get(&self, slot: usize) -> Option<usize> {
         match self {
+            Owners::Tiny(o) => match o[slot] {
+                u8::MAX => None,
+                x => Some(usize::from(x)),
+            },
             Owners::Narrow(o) => match o[slot] {
                 u16::MAX => None,
                 x => Some(usize::from(x)),
@@ -455,6 +469,33 @@ mod tests {
         assert_eq!(ring.owner(3), None);
         let none: &[(SocketAddr, u32)] = &[];
         assert_eq!(owner_without_ring(none.len(), |i| none[i], 1 << 10, 3), None);
+    }
+
+    #[test]
+    fn owners_take_the_narrowest_width_and_keep_their_values() {
+        for members in [1usize, 254, 255, 300, 65_534, 65_535, 70_000] {
+            let wide: Box<[u32]> = (0..1024u32)
+                .map(|i| if i == 7 { EMPTY } else { i % members as u32 })
+                .collect();
+            let owners = Owners::from_wide(wide.clone(), members);
+            let width = match owners {
+                Owners::Tiny(_) => 1,
+                Owners::Narrow(_) => 2,
+                Owners::Wide(_) => 4,
+            };
+            let expected = if members < 255 {
+                1
+            } else if members < 65_535 {
+                2
+            } else {
+                4
+            };
+            assert_eq!(width, expected, "{members} members");
+            for (slot, &o) in wide.iter().enumerate() {
+                let want = (o != EMPTY).then_some(o as usize);
+                assert_eq!(owners.get(slot), want, "{members} members, slot {slot}");
+            }
+        }
     }
 
     #[test]
