@@ -9,6 +9,7 @@
 //! | `control` | the write path: command queue, coalescing, rebuild and publish |
 //! | `discovery` | sources of membership (`FileDiscovery`, `DnsDiscovery`, `EtcdDiscovery`, your own `Discovery`) feeding a registry through a `DiscoveryRunner` (feature `runtime`) |
 //! | `config`, `stats`, `error` | configuration, counters snapshot, errors |
+//! | `tls` | TLS settings of a service (`ClientTls`, files reloaded as they change), `TlsConnector` for pools, handshake errors in words (feature `tls`) |
 //! | `sync` | the one door to atomics, `Arc`, locks, threads and entropy (loom-swappable) |
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
@@ -40,6 +41,8 @@ mod registry;
 mod stats;
 mod sync;
 mod table;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use affinity::{
     AffinityConfig, AffinityManager, AffinityRequest, AffinityStats, AffinityStrategy, MAX_AFFINITY_ENTRIES,
@@ -110,6 +113,10 @@ pub use rebalance::{
 pub use rebalance::{RebalanceEvents, RebalanceManager};
 pub use registry::{MAX_SERVICE_NAME_LEN, ServiceRegistry};
 pub use stats::{EndpointHealth, EndpointMetrics, LoadBalancerMetrics, RoutingUpdate, ServiceMetrics};
+#[cfg(feature = "tls")]
+pub use tls::{
+    ClientTls, DEFAULT_TLS_POLL_INTERVAL, TLS_SERVER_NAME_TAG, TlsConnector, TlsFiles, TlsStats, TlsStream,
+};
 
 /// Internal hooks for `loom-tests/`. Not public API: absent from normal builds, outside
 /// semver.
