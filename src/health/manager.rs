@@ -62,6 +62,9 @@ struct Inner {
     sinks: Mutex<Vec<DataWeak<dyn HealthSink>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     stopped: AtomicBool,
+    /// The TLS settings of services whose checks speak TLS.
+    #[cfg(feature = "tls")]
+    tls: Mutex<HashMap<String, crate::tls::ClientTls>>,
 }
 
 /// Active health checking of every endpoint of a registry.
@@ -132,6 +135,8 @@ impl HealthCheckManager {
                 sinks: Mutex::new(Vec::new()),
                 task: Mutex::new(None),
                 stopped: AtomicBool::new(false),
+                #[cfg(feature = "tls")]
+                tls: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -256,6 +261,44 @@ impl HealthCheckManager {
     /// The configuration.
     pub fn config(&self) -> &HealthCheckConfig {
         &self.inner.config
+    }
+
+    /// Checks of `service` speak TLS with `tls` from the next check on (feature `tls`):
+    /// `grpc` and `grpc_watch` checks over TLS (ALPN `h2`), `http` checks as HTTPS (ALPN
+    /// `http/1.1`), with the same roots, identity and server names as the service's
+    /// connections; TCP checks only connect. A handshake failure is a failed check whose
+    /// reason ("certificate expired", "name mismatch", "unknown CA", ...) is the status's
+    /// `last_error` and is logged. An open `Watch` stream keeps its connection; new ones use
+    /// the current material.
+    ///
+    /// [`BalancedChannelBuilder::tls`](crate::BalancedChannelBuilder::tls) calls this for
+    /// its service; call it yourself for services reached otherwise (a [`TlsConnector`]
+    /// pool, say). Replaces the service's previous setting.
+    ///
+    /// [`TlsConnector`]: crate::TlsConnector
+    #[cfg(feature = "tls")]
+    pub fn set_tls(&self, service: &str, tls: crate::tls::ClientTls) {
+        self.inner.tls.lock().insert(service.to_owned(), tls);
+    }
+
+    /// The TLS settings checks of `service` use, if any (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls(&self, service: &str) -> Option<crate::tls::ClientTls> {
+        self.inner.tls.lock().get(service).cloned()
+    }
+
+    /// Every service with TLS settings, and its settings, sorted by service (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls_services(&self) -> Vec<(String, crate::tls::ClientTls)> {
+        let mut all: Vec<_> = self
+            .inner
+            .tls
+            .lock()
+            .iter()
+            .map(|(s, t)| (s.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 }
 
@@ -406,7 +449,12 @@ impl Inner {
     /// Runs one check and records its result.
     async fn probe(&self, due: Due) {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.config.timeout, self.probe.check(&due.endpoint)).await {
+        #[cfg(feature = "tls")]
+        let tls = self.tls.lock().get(&*due.service).cloned();
+        #[cfg(not(feature = "tls"))]
+        let tls: Option<super::probe::Tls> = None;
+        let check = self.probe.check(&due.endpoint, tls.as_ref());
+        let result = match tokio::time::timeout(self.config.timeout, check).await {
             Ok(result) => result,
             Err(_) => Err(format!("timed out after {:?}", self.config.timeout)),
         };
