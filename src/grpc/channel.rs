@@ -649,7 +649,7 @@ impl Inner {
                     let before_server = never_reached_server(&*error);
                     pick.record(Outcome::Failure, None);
                     #[cfg(feature = "tls")]
-                    let error = tls_error_in_words(error, address);
+                    let error = tls_error_in_words(error, address, self.channels.tls.as_ref());
                     if may_retry(before_server) {
                         tracing::debug!(service = %self.service, endpoint = %address, attempt, before_server, %error, "call failed, retrying on another endpoint");
                         tried.push(address);
@@ -692,8 +692,8 @@ async fn send(mut channel: Channel, request: Request<Body>) -> Result<Response<B
 /// transport error as its source; other errors are returned as they are. tonic alone says
 /// "transport error".
 #[cfg(feature = "tls")]
-fn tls_error_in_words(error: BoxError, address: SocketAddr) -> BoxError {
-    let Some(reason) = crate::tls::tls_cause(&*error) else {
+fn tls_error_in_words(error: BoxError, address: SocketAddr, tls: Option<&crate::tls::ClientTls>) -> BoxError {
+    let Some(reason) = tls.and_then(|tls| tls.explain(&*error)) else {
         return error;
     };
     let mut status = tonic::Status::unavailable(format!("TLS with {address}: {reason}"));

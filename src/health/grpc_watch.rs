@@ -111,7 +111,7 @@ impl WatchProbe {
                 Some(Slot::CheckOnly) => None,
                 Some(Slot::Watching { latest, .. }) if is_open(latest) => Some(latest.clone()),
                 _ => {
-                    let (latest, task) = self.open(address, grpc_endpoint(endpoint, tls));
+                    let (latest, task) = self.open(address, grpc_endpoint(endpoint, tls), tls.cloned());
                     let slot = Slot::Watching {
                         latest: latest.clone(),
                         _task: task,
@@ -157,11 +157,13 @@ impl WatchProbe {
         &self,
         address: SocketAddr,
         target: Result<tonic::transport::Endpoint, String>,
+        tls: Option<Tls>,
     ) -> (watch::Receiver<Latest>, AbortOnDrop) {
         let (tx, rx) = watch::channel(Latest::Opening);
         let task = tokio::spawn(watch_task(
             address,
             target,
+            tls,
             self.service.clone(),
             self.interval,
             tx,
@@ -214,13 +216,14 @@ enum Failure {
 async fn watch_task(
     address: SocketAddr,
     target: Result<tonic::transport::Endpoint, String>,
+    tls: Option<Tls>,
     service: String,
     interval: Duration,
     tx: watch::Sender<Latest>,
     recheck: DataWeak<dyn Recheck>,
 ) {
     let opened = Instant::now();
-    let reason = match run_watch(address, target, service, interval, &tx, &recheck).await {
+    let reason = match run_watch(address, target, tls.as_ref(), service, interval, &tx, &recheck).await {
         Ok(()) => "gRPC health: watch stream ended".to_owned(),
         Err(Failure::Unimplemented) => {
             tx.send_replace(Latest::Unimplemented);
@@ -241,6 +244,7 @@ async fn watch_task(
 async fn run_watch(
     address: SocketAddr,
     target: Result<tonic::transport::Endpoint, String>,
+    tls: Option<&Tls>,
     service: String,
     interval: Duration,
     tx: &watch::Sender<Latest>,
@@ -252,10 +256,10 @@ async fn run_watch(
         .http2_keep_alive_interval(interval.max(MIN_KEEPALIVE))
         .connect()
         .await
-        .map_err(|e| Failure::Other(connect_error(&e)))?;
+        .map_err(|e| Failure::Other(connect_error(&e, tls)))?;
     let failure = |status: tonic::Status| match status.code() {
         tonic::Code::Unimplemented => Failure::Unimplemented,
-        _ => Failure::Other(status_error(&status)),
+        _ => Failure::Other(status_error(&status, tls)),
     };
     let mut stream = HealthClient::new(channel)
         .watch(HealthCheckRequest { service })
@@ -264,7 +268,7 @@ async fn run_watch(
         .into_inner();
     while let Some(message) = stream.message().await.map_err(|status| {
         // UNIMPLEMENTED after the stream started is not a missing `Watch`.
-        Failure::Other(status_error(&status))
+        Failure::Other(status_error(&status, tls))
     })? {
         let status = message.status();
         let previous = tx.send_replace(Latest::Status(status));

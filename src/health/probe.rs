@@ -24,6 +24,7 @@ pub(super) type Tls = crate::tls::ClientTls;
 
 /// Without the `tls` feature there are no TLS settings: `Option<&Tls>` is always `None`.
 #[cfg(not(feature = "tls"))]
+#[derive(Clone)]
 pub(super) enum Tls {}
 
 /// Who a probe asks to check an endpoint again at once (the manager), when the probe learns
@@ -217,11 +218,18 @@ pub(super) fn grpc_endpoint(
 /// Words a failed connect: the TLS failure if that is what it was ("certificate expired",
 /// "name mismatch", ...), else the error and its causes.
 #[cfg(feature = "grpc")]
-pub(super) fn connect_error(error: &tonic::transport::Error) -> String {
+pub(super) fn connect_error(error: &tonic::transport::Error, tls: Option<&Tls>) -> String {
     #[cfg(feature = "tls")]
-    return format!("gRPC connect: {}", crate::tls::describe_error(error));
+    {
+        let reason = tls.and_then(|tls| tls.explain(error));
+        return format!(
+            "gRPC connect: {}",
+            reason.unwrap_or_else(|| crate::tls::describe_error(error))
+        );
+    }
     #[cfg(not(feature = "tls"))]
     {
+        let _ = tls;
         use std::error::Error as _;
         match error.source() {
             Some(source) => format!("gRPC connect: {error}: {source}"),
@@ -234,11 +242,13 @@ pub(super) fn connect_error(error: &tonic::transport::Error) -> String {
 /// refuses a client certificate after the client's side of the handshake is done, so the
 /// refusal arrives with the first call, not the connect).
 #[cfg(feature = "grpc")]
-pub(super) fn status_error(status: &tonic::Status) -> String {
+pub(super) fn status_error(status: &tonic::Status, tls: Option<&Tls>) -> String {
     #[cfg(feature = "tls")]
-    if let Some(reason) = crate::tls::tls_cause(status) {
+    if let Some(reason) = tls.and_then(|tls| tls.explain(status)) {
         return format!("gRPC health: TLS: {reason}");
     }
+    #[cfg(not(feature = "tls"))]
+    let _ = tls;
     format!("gRPC health: {} {}", status.code(), status.message())
 }
 
@@ -252,13 +262,13 @@ pub(super) async fn grpc(endpoint: &Endpoint, service: &str, tls: Option<&Tls>) 
     let channel = grpc_endpoint(endpoint, tls)?
         .connect()
         .await
-        .map_err(|e| connect_error(&e))?;
+        .map_err(|e| connect_error(&e, tls))?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
         .await
-        .map_err(|status| status_error(&status))?;
+        .map_err(|status| status_error(&status, tls))?;
     match response.into_inner().status() {
         ServingStatus::Serving => Ok(()),
         other => Err(format!("gRPC health: {}", other.as_str_name())),

@@ -200,8 +200,16 @@ pub(crate) fn tls_cause(error: &(dyn std::error::Error + 'static)) -> Option<Str
                 return Some(found);
             }
         }
-        // tonic's own TLS errors are private types: recognised by their words.
+        // tonic's own TLS errors are private types, and some paths carry rustls' error as
+        // text only: recognised by their words.
         let text = e.to_string();
+        if let Some(alert) = text.split("received fatal alert: ").nth(1) {
+            let alert = alert
+                .split(|c: char| !c.is_alphanumeric())
+                .next()
+                .unwrap_or_default();
+            return Some(describe_alert_name(alert));
+        }
         if text.contains("HTTP/2 was not negotiated") {
             return Some(
                 "the server did not negotiate HTTP/2 (ALPN `h2`): it may not speak gRPC over TLS".to_owned(),
@@ -213,6 +221,37 @@ pub(crate) fn tls_cause(error: &(dyn std::error::Error + 'static)) -> Option<Str
         next = e.source();
     }
     None
+}
+
+/// Whether the peer closed the connection under `error` (reset, broken pipe, end of stream).
+pub(crate) fn closed_by_peer(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(http) = e.downcast_ref::<hyper::Error>() {
+            if http.is_canceled() || http.is_closed() || http.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+            ) {
+                return true;
+            }
+            if let Some(inner) = io.get_ref() {
+                if closed_by_peer(inner) {
+                    return true;
+                }
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {
@@ -230,7 +269,7 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn describe_rustls(error: &rustls::Error) -> String {
-    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    use rustls::CertificateError as Cert;
     match error {
         rustls::Error::InvalidCertificate(cert) => match cert {
             Cert::Expired | Cert::ExpiredContext { .. } => {
@@ -242,32 +281,42 @@ fn describe_rustls(error: &rustls::Error) -> String {
             Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
                 format!("server certificate rejected: name mismatch ({cert})")
             }
-            Cert::UnknownIssuer => "server certificate rejected: unknown CA (not issued by a trusted root)".to_owned(),
+            Cert::UnknownIssuer => {
+                "server certificate rejected: unknown CA (not issued by a trusted root)".to_owned()
+            }
             Cert::BadSignature => {
                 format!("server certificate rejected: bad signature ({cert})")
             }
             Cert::Revoked => "server certificate rejected: revoked".to_owned(),
             other => format!("server certificate rejected: {other}"),
         },
-        rustls::Error::AlertReceived(alert) => match alert {
-            Alert::CertificateRequired => {
-                "the server requires a client certificate (mTLS) and none was sent (alert: certificate required)"
-                    .to_owned()
-            }
-            Alert::BadCertificate
-            | Alert::UnsupportedCertificate
-            | Alert::CertificateRevoked
-            | Alert::CertificateExpired
-            | Alert::CertificateUnknown
-            | Alert::UnknownCA
-            | Alert::AccessDenied => format!("the server rejected the client certificate (alert: {alert:?})"),
-            Alert::NoApplicationProtocol => {
-                "the server supports none of the ALPN protocols offered (alert: no application protocol)".to_owned()
-            }
-            other => format!("the server ended the handshake (alert: {other:?})"),
-        },
+        rustls::Error::AlertReceived(alert) => describe_alert_name(&format!("{alert:?}")),
         rustls::Error::NoCertificatesPresented => "the server presented no certificate".to_owned(),
         other => format!("TLS error: {other}"),
+    }
+}
+
+/// Words a TLS alert received from the server, by its name in rustls' `AlertDescription`.
+fn describe_alert_name(alert: &str) -> String {
+    match alert {
+        "CertificateRequired" => {
+            "the server requires a client certificate (mTLS) and none was sent (alert: certificate required)"
+                .to_owned()
+        }
+        "BadCertificate"
+        | "UnsupportedCertificate"
+        | "CertificateRevoked"
+        | "CertificateExpired"
+        | "CertificateUnknown"
+        | "UnknownCA"
+        | "AccessDenied" => {
+            format!("the server rejected the client certificate (alert: {alert})")
+        }
+        "NoApplicationProtocol" => {
+            "the server supports none of the ALPN protocols offered (alert: no application protocol)"
+                .to_owned()
+        }
+        other => format!("the server ended the connection with TLS alert {other}"),
     }
 }
 

@@ -318,6 +318,33 @@ impl ClientTls {
         Ok((config, name))
     }
 
+    /// Words a failure of a connection made with these settings: the TLS cause if there is
+    /// one; else, for settings known to have no client certificate, a connection the server
+    /// closed (reset, broken pipe, end of stream) is most likely an mTLS server refusing the
+    /// client. (With TLS 1.3 a server checks the client's certificate after the client has
+    /// finished its side of the handshake and started sending: the server's "certificate
+    /// required" alert is often lost behind the broken connection.)
+    pub(crate) fn explain(&self, error: &(dyn std::error::Error + 'static)) -> Option<String> {
+        if let Some(reason) = tls_cause(error) {
+            return Some(reason);
+        }
+        let without_identity = self
+            .shared
+            .current
+            .load()
+            .material
+            .as_ref()
+            .is_some_and(|m| m.client_not_after.is_none());
+        if without_identity && connector::closed_by_peer(error) {
+            return Some(format!(
+                "the server closed the connection right after the TLS handshake: it most likely requires a \
+                 client certificate (mTLS), and these TLS settings have none ({})",
+                describe_error(error)
+            ));
+        }
+        None
+    }
+
     /// Whether these settings hold PEM material (not an opaque tonic configuration).
     pub(crate) fn has_material(&self) -> bool {
         self.shared.current.load().material.is_some()
@@ -325,6 +352,7 @@ impl ClientTls {
 
     /// tonic's configuration for the current material, with the service's server name
     /// (for clients that connect to URLs rather than endpoints: etcd).
+    #[cfg(feature = "etcd")]
     pub(crate) fn tonic_config(&self) -> ClientTlsConfig {
         let config = self.shared.current.load().tonic.clone();
         match self.server_name.as_deref() {
