@@ -292,6 +292,29 @@ impl EtcdConfig {
         options
     }
 
+    /// Completes the reason of a failure over TLS that does not say why etcd closed the
+    /// connection (its refusal of a client certificate often arrives after the client has
+    /// written, and is lost): asks etcd with a fresh handshake that writes nothing (see
+    /// `ClientTls::diagnose`). Without TLS, or when that teaches nothing, the reason as it is.
+    async fn explain(&self, reason: String) -> String {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            if !reason.contains("TLS") {
+                let timeout = self.request_timeout.min(Duration::from_secs(2));
+                for url in &self.endpoints {
+                    let authority = url.strip_prefix("https://").unwrap_or(url).trim_end_matches('/');
+                    let Ok(address) = authority.parse::<SocketAddr>() else {
+                        continue; // a host name: no address to ask without resolving it
+                    };
+                    if let Some(why) = tls.diagnose(&Endpoint::new(address, None), timeout).await {
+                        return format!("{reason} (TLS: {why})");
+                    }
+                }
+            }
+        }
+        reason
+    }
+
     /// Connects, bounded by the request timeout.
     async fn connect(&self) -> Result<Client, String> {
         let connect = Client::connect(&self.endpoints, Some(self.connect_options()));
@@ -646,6 +669,7 @@ impl Discovery for EtcdDiscovery {
             match end {
                 SessionEnd::Resync => state.needs_full_read = true,
                 SessionEnd::Failed(reason) => {
+                    let reason = self.config.explain(reason).await;
                     sink.set_health(SourceHealth::Degraded { reason });
                     let delay = backoff.next_delay();
                     tokio::select! {
@@ -1123,10 +1147,15 @@ impl EtcdRegistration {
             ttl_secs,
             lease: lease_tx,
         };
-        let held = registrant.establish(None).await.map_err(|reason| Error::Etcd {
-            operation: "register",
-            reason,
-        })?;
+        let held = match registrant.establish(None).await {
+            Ok(held) => held,
+            Err(reason) => {
+                return Err(Error::Etcd {
+                    operation: "register",
+                    reason: config.explain(reason).await,
+                });
+            }
+        };
         let key = registrant.key.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(registrant.keep_alive(held, stop_rx));

@@ -111,7 +111,7 @@ impl WatchProbe {
                 Some(Slot::CheckOnly) => None,
                 Some(Slot::Watching { latest, .. }) if is_open(latest) => Some(latest.clone()),
                 _ => {
-                    let (latest, task) = self.open(address, grpc_endpoint(endpoint, tls), tls.cloned());
+                    let (latest, task) = self.open(endpoint, grpc_endpoint(endpoint, tls), tls.cloned());
                     let slot = Slot::Watching {
                         latest: latest.clone(),
                         _task: task,
@@ -155,13 +155,13 @@ impl WatchProbe {
     /// service's TLS settings, as they are now: a reload applies to the next stream).
     fn open(
         &self,
-        address: SocketAddr,
+        endpoint: &Endpoint,
         target: Result<tonic::transport::Endpoint, String>,
         tls: Option<Tls>,
     ) -> (watch::Receiver<Latest>, AbortOnDrop) {
         let (tx, rx) = watch::channel(Latest::Opening);
         let task = tokio::spawn(watch_task(
-            address,
+            endpoint.clone(),
             target,
             tls,
             self.service.clone(),
@@ -214,7 +214,7 @@ enum Failure {
 /// The task of one stream: publishes every message, asks for a re-check when the status
 /// changes, and publishes why it ended before exiting.
 async fn watch_task(
-    address: SocketAddr,
+    endpoint: Endpoint,
     target: Result<tonic::transport::Endpoint, String>,
     tls: Option<Tls>,
     service: String,
@@ -223,7 +223,8 @@ async fn watch_task(
     recheck: DataWeak<dyn Recheck>,
 ) {
     let opened = Instant::now();
-    let reason = match run_watch(address, target, tls.as_ref(), service, interval, &tx, &recheck).await {
+    let address = endpoint.address;
+    let reason = match run_watch(&endpoint, target, tls.as_ref(), service, interval, &tx, &recheck).await {
         Ok(()) => "gRPC health: watch stream ended".to_owned(),
         Err(Failure::Unimplemented) => {
             tx.send_replace(Latest::Unimplemented);
@@ -242,7 +243,7 @@ async fn watch_task(
 }
 
 async fn run_watch(
-    address: SocketAddr,
+    endpoint: &Endpoint,
     target: Result<tonic::transport::Endpoint, String>,
     tls: Option<&Tls>,
     service: String,
@@ -257,15 +258,18 @@ async fn run_watch(
         .connect()
         .await
         .map_err(|e| Failure::Other(connect_error(&e, tls)))?;
-    let failure = |status: tonic::Status| match status.code() {
-        tonic::Code::Unimplemented => Failure::Unimplemented,
-        _ => Failure::Other(status_error(&status, tls)),
-    };
-    let mut stream = HealthClient::new(channel)
+    let mut stream = match HealthClient::new(channel)
         .watch(HealthCheckRequest { service })
         .await
-        .map_err(failure)?
-        .into_inner();
+    {
+        Ok(stream) => stream.into_inner(),
+        Err(status) if status.code() == tonic::Code::Unimplemented => return Err(Failure::Unimplemented),
+        Err(status) => {
+            return Err(Failure::Other(
+                super::probe::diagnosed_status_error(endpoint, &status, tls).await,
+            ));
+        }
+    };
     while let Some(message) = stream.message().await.map_err(|status| {
         // UNIMPLEMENTED after the stream started is not a missing `Watch`.
         Failure::Other(status_error(&status, tls))
@@ -273,7 +277,7 @@ async fn run_watch(
         let status = message.status();
         let previous = tx.send_replace(Latest::Status(status));
         if matches!(previous, Latest::Status(p) if p != status) {
-            push(recheck, address);
+            push(recheck, endpoint.address);
         }
     }
     Ok(())

@@ -252,6 +252,27 @@ pub(super) fn status_error(status: &tonic::Status, tls: Option<&Tls>) -> String 
     format!("gRPC health: {} {}", status.code(), status.message())
 }
 
+/// [`status_error`], and when the server closed the connection for no reason the error
+/// shows, the reason found by asking it again (the check's timeout bounds the whole).
+#[cfg(feature = "grpc")]
+pub(super) async fn diagnosed_status_error(
+    endpoint: &Endpoint,
+    status: &tonic::Status,
+    tls: Option<&Tls>,
+) -> String {
+    #[cfg(feature = "tls")]
+    if let Some(tls) = tls {
+        if let Some(reason) = tls
+            .explain_with_diagnosis(endpoint, status, std::time::Duration::from_secs(2))
+            .await
+        {
+            return format!("gRPC health: TLS: {reason}");
+        }
+    }
+    let _ = endpoint;
+    status_error(status, tls)
+}
+
 /// The standard `grpc.health.v1.Health/Check`, over a fresh connection.
 #[cfg(feature = "grpc")]
 pub(super) async fn grpc(endpoint: &Endpoint, service: &str, tls: Option<&Tls>) -> Result<(), String> {
@@ -263,12 +284,15 @@ pub(super) async fn grpc(endpoint: &Endpoint, service: &str, tls: Option<&Tls>) 
         .connect()
         .await
         .map_err(|e| connect_error(&e, tls))?;
-    let response = HealthClient::new(channel)
+    let response = match HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
         .await
-        .map_err(|status| status_error(&status, tls))?;
+    {
+        Ok(response) => response,
+        Err(status) => return Err(diagnosed_status_error(endpoint, &status, tls).await),
+    };
     match response.into_inner().status() {
         ServingStatus::Serving => Ok(()),
         other => Err(format!("gRPC health: {}", other.as_str_name())),

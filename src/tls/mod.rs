@@ -345,6 +345,55 @@ impl ClientTls {
         None
     }
 
+    /// Why the server at `endpoint` closed a connection made with these settings, found by
+    /// asking it: a fresh handshake (ALPN `h2`), then a read without writing anything, so the
+    /// server's TLS alert (sent when it refuses the client's certificate, after the client's
+    /// side of a TLS 1.3 handshake is done) arrives before any write can break the
+    /// connection. `None` when the server accepts this client (it speaks first, as HTTP/2
+    /// servers do), when nothing is learned within `timeout`, or for settings without
+    /// material. Used off the request path only: by failed health checks and etcd
+    /// reconnects, after the connection was closed under them.
+    pub(crate) async fn diagnose(&self, endpoint: &Endpoint, timeout: Duration) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+
+        let (config, name) = self.rustls_for(endpoint, &[b"h2".to_vec()]).ok()?;
+        let ask = async {
+            let tcp = tokio::net::TcpStream::connect(endpoint.address).await.ok()?;
+            let mut stream = match handshake(tcp, config, name).await {
+                Ok(stream) => stream,
+                Err(e) => return Some(e.to_string()),
+            };
+            let mut byte = [0u8; 1];
+            match stream.read(&mut byte).await {
+                Ok(0) => Some(
+                    "the server closed the connection right after the TLS handshake, without an alert: it refuses \
+                     this client"
+                        .to_owned(),
+                ),
+                Ok(_) => None,
+                Err(e) => Some(describe_error(&e)),
+            }
+        };
+        tokio::time::timeout(timeout, ask).await.ok().flatten()
+    }
+
+    /// [`explain`](Self::explain), then, for a connection the server closed that `explain`
+    /// cannot account for, [`diagnose`](Self::diagnose).
+    pub(crate) async fn explain_with_diagnosis(
+        &self,
+        endpoint: &Endpoint,
+        error: &(dyn std::error::Error + Send + Sync + 'static),
+        timeout: Duration,
+    ) -> Option<String> {
+        if let Some(reason) = self.explain(error) {
+            return Some(reason);
+        }
+        if connector::closed_by_peer(error) {
+            return self.diagnose(endpoint, timeout).await;
+        }
+        None
+    }
+
     /// Whether these settings hold PEM material (not an opaque tonic configuration).
     pub(crate) fn has_material(&self) -> bool {
         self.shared.current.load().material.is_some()
