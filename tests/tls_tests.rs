@@ -18,6 +18,8 @@
 //! the last good set, and the expiry metric.
 #![cfg(feature = "tls")]
 
+#[cfg(feature = "prometheus")]
+mod common;
 mod tls_support;
 
 use std::net::SocketAddr;
@@ -546,6 +548,22 @@ async fn rotation_under_load_fails_no_call(kind: Kind) {
         status.is_healthy(),
         "checks of the new server use the new set: {status:?}"
     );
+
+    // The expiry of the client certificate in use, and the reloads, as Prometheus metrics.
+    #[cfg(feature = "prometheus")]
+    {
+        let text = tai_loadbalancer::encode_prometheus(&lb);
+        for line in [
+            format!(
+                "tai_lb_tls_client_certificate_expiry_timestamp_seconds{{service=\"{SERVICE}\"}} {CURRENT_NOT_AFTER}"
+            ),
+            format!("tai_lb_tls_generation{{service=\"{SERVICE}\"}} 2"),
+            format!("tai_lb_tls_reloads_total{{service=\"{SERVICE}\",outcome=\"applied\"}} 1"),
+        ] {
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        common::promtool_check(&text);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
