@@ -676,6 +676,19 @@ async fn each_endpoint_verifies_its_tls_server_name_tag() {
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["s0", "s1"]);
 
+    // A changed tag applies to the endpoint's open connections too: s1 is now asked for
+    // s0's name, so its new connections fail the handshake (before the checks notice, calls
+    // that picked it are retried on s0).
+    lb.registry()
+        .register(SERVICE, tagged(&s1, "s0.greeter.test"))
+        .await
+        .unwrap();
+    let served_by_s1 = s1.state().served.load(Ordering::Relaxed);
+    for i in 0..10 {
+        assert_eq!(hello(&channel, &format!("o{i}")).await.unwrap().server, "s0");
+    }
+    assert_eq!(s1.state().served.load(Ordering::Relaxed), served_by_s1);
+
     // A tag that is not a name at all is that endpoint's error, not a panic or a stall.
     lb.registry()
         .register(SERVICE, tagged(&s1, "not a name!"))

@@ -743,6 +743,13 @@ struct EndpointChannels {
     tls: Option<crate::tls::ClientTls>,
 }
 
+/// How an endpoint's connections are made.
+struct Template {
+    endpoint: tonic::transport::Endpoint,
+    generation: u64,
+    server_name: Option<Box<str>>,
+}
+
 /// One endpoint's connections: up to `slots.len()`, opened in order as load requires.
 ///
 /// Invariants: `opened` (at least 1) only grows, up to `slots.len()`; a slot below `opened`
@@ -756,6 +763,9 @@ struct Connections {
     template: tonic::transport::Endpoint,
     /// The TLS generation the template was made with (0 without TLS).
     generation: u64,
+    /// The TLS server name the template verifies (`None`: none set, or no TLS).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    server_name: Option<Box<str>>,
 }
 
 struct ConnectionSlot {
@@ -779,15 +789,11 @@ impl Drop for StreamGuard {
 }
 
 impl Connections {
-    fn new(
-        max_connections: usize,
-        max_streams: usize,
-        template: tonic::transport::Endpoint,
-        generation: u64,
-    ) -> Self {
+    fn new(max_connections: usize, max_streams: usize, template: Template) -> Self {
         Self {
-            template,
-            generation,
+            template: template.endpoint,
+            generation: template.generation,
+            server_name: template.server_name,
             slots: (0..max_connections.max(1))
                 .map(|_| ConnectionSlot {
                     channel: std::sync::OnceLock::new(),
@@ -855,26 +861,21 @@ impl EndpointChannels {
     /// has been reloaded since; calls on the old ones finish there.
     fn channel(&self, endpoint: &Endpoint) -> Result<(Channel, StreamGuard), Error> {
         let address = endpoint.address;
-        let generation = self.generation();
         if let Some(connections) = self.map.load().get(&address) {
-            if connections.generation == generation {
+            if self.current(connections, endpoint) {
                 return Ok(connections.acquire());
             }
         }
         let _creating = self.create.lock();
         let map = self.map.load_full();
         if let Some(connections) = map.get(&address) {
-            if connections.generation == self.generation() {
+            if self.current(connections, endpoint) {
                 return Ok(connections.acquire());
             }
         }
-        let (template, generation) = self.template(endpoint)?;
-        let connections = crate::sync::Arc::new(Connections::new(
-            self.per_endpoint,
-            self.max_streams,
-            template,
-            generation,
-        ));
+        let template = self.template(endpoint)?;
+        let connections =
+            crate::sync::Arc::new(Connections::new(self.per_endpoint, self.max_streams, template));
         let acquired = connections.acquire();
         let mut map = HashMap::clone(&map);
         map.insert(address, connections);
@@ -882,13 +883,16 @@ impl EndpointChannels {
         Ok(acquired)
     }
 
-    /// The generation of the TLS material in use (0 without TLS).
-    fn generation(&self) -> u64 {
+    /// Whether `connections` were made with the TLS material in use and the server name
+    /// `endpoint` asks for now (its `tls_server_name` tag may have changed).
+    fn current(&self, connections: &Connections, endpoint: &Endpoint) -> bool {
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {
-            return tls.generation();
+            return connections.generation == tls.generation()
+                && connections.server_name.as_deref() == tls.name_for(endpoint);
         }
-        0
+        let _ = endpoint;
+        connections.generation == 0
     }
 
     /// Connections open (or opening) to `address`; 0 if none.
@@ -896,13 +900,16 @@ impl EndpointChannels {
         self.map.load().get(&address).map_or(0, |c| c.opened())
     }
 
-    /// How connections to `endpoint` are made, and the TLS generation that applies.
-    fn template(&self, endpoint: &Endpoint) -> Result<(tonic::transport::Endpoint, u64), Error> {
+    /// How connections to `endpoint` are made, with the TLS generation and server name.
+    fn template(&self, endpoint: &Endpoint) -> Result<Template, Error> {
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {
             let (template, generation) = tls.grpc_endpoint(endpoint)?;
-            let template = template.connect_timeout(self.connect_timeout).tcp_nodelay(true);
-            return Ok((template, generation));
+            return Ok(Template {
+                endpoint: template.connect_timeout(self.connect_timeout).tcp_nodelay(true),
+                generation,
+                server_name: tls.name_for(endpoint).map(Box::from),
+            });
         }
         let uri = http::Uri::builder()
             .scheme("http")
@@ -913,7 +920,11 @@ impl EndpointChannels {
         let template = tonic::transport::Endpoint::from(uri)
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
-        Ok((template, 0))
+        Ok(Template {
+            endpoint: template,
+            generation: 0,
+            server_name: None,
+        })
     }
 
     fn remove(&self, address: SocketAddr) {
