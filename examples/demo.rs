@@ -218,6 +218,7 @@ async fn main() -> Result<(), BoxError> {
 
     // One channel for every caller: SayHello is idempotent, so a call that reached a server
     // which then died may be retried elsewhere (calls that never reached one always may).
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
     let mut builder = BalancedChannel::builder(lb.clone(), SERVICE)
         .retry(RetryPolicy::default().idempotent_method(SAY_HELLO_PATH))
         .timeout(Duration::from_secs(2));

@@ -222,10 +222,10 @@ pub(super) fn connect_error(error: &tonic::transport::Error, tls: Option<&Tls>) 
     #[cfg(feature = "tls")]
     {
         let reason = tls.and_then(|tls| tls.explain(error));
-        return format!(
+        format!(
             "gRPC connect: {}",
             reason.unwrap_or_else(|| crate::tls::describe_error(error))
-        );
+        )
     }
     #[cfg(not(feature = "tls"))]
     {

@@ -263,7 +263,9 @@ pub struct GrpcConnectError(String);
 impl GrpcConnectError {
     fn from_transport(error: &tonic::transport::Error) -> Self {
         #[cfg(feature = "tls")]
-        return Self(crate::tls::describe_error(error));
+        {
+            Self(crate::tls::describe_error(error))
+        }
         #[cfg(not(feature = "tls"))]
         {
             use std::error::Error as _;

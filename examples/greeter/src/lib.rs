@@ -89,15 +89,13 @@ impl Greeter for NamedGreeter {
             self.state.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Status::unavailable(format!("{} refuses calls", self.name)));
         }
-        if let Some(chain) = request.peer_certs() {
-            if let Some(leaf) = chain.first() {
-                let mut seen = self
-                    .state
-                    .client_certificates
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                *seen.entry(leaf.as_ref().to_vec()).or_default() += 1;
-            }
+        if let Some(leaf) = request.peer_certs().as_deref().and_then(|chain| chain.first()) {
+            let mut seen = self
+                .state
+                .client_certificates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *seen.entry(leaf.as_ref().to_vec()).or_default() += 1;
         }
         let request = request.into_inner();
         let slow = self.state.delay_ms.load(Ordering::Relaxed);
