@@ -1007,3 +1007,21 @@ async fn a_bad_reload_keeps_the_last_good_set() {
     assert_eq!((stats.reloads, stats.last_error), (1, None));
     assert!(stats.failed_reloads >= 2);
 }
+
+#[test]
+fn system_roots_load_when_the_system_has_them() {
+    // Debian's `ca-certificates` (installed by .ci/run) provides the bundle; without it the
+    // request is a typed error, not an empty trust store.
+    let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+    match TlsFiles::new().native_roots(true).load() {
+        Ok(tls) => {
+            assert!(bundle.exists(), "roots loaded, but from where?");
+            assert_eq!(tls.stats().generation, 1);
+        }
+        Err(Error::TlsConfig { reason }) => {
+            assert!(!bundle.exists(), "the system has roots, yet: {reason}");
+            assert!(reason.contains("system's root certificates"), "{reason}");
+        }
+        Err(other) => panic!("{other:?}"),
+    }
+}

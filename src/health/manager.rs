@@ -276,6 +276,24 @@ impl HealthCheckManager {
     /// pool, say). Replaces the service's previous setting.
     ///
     /// [`TlsConnector`]: crate::TlsConnector
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tai_loadbalancer::{ClientTls, HealthCheckConfig, HealthCheckKind, HealthCheckManager, ServiceRegistry};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let ca = rcgen::generate_simple_self_signed(vec!["api.internal".into()])?.cert.pem();
+    /// let config = HealthCheckConfig { enabled: true, check: HealthCheckKind::http("/healthz"), ..Default::default() };
+    /// let manager = HealthCheckManager::new(Arc::new(ServiceRegistry::new()), config).await?;
+    /// // HTTPS checks of "api", verifying the name api.internal.
+    /// manager.set_tls("api", ClientTls::from_pem(ca.as_bytes(), None)?.with_server_name("api.internal")?);
+    /// assert_eq!(manager.tls("api").unwrap().server_name(), Some("api.internal"));
+    /// # Ok(())
+    /// # }
+    /// ```
     #[cfg(feature = "tls")]
     pub fn set_tls(&self, service: &str, tls: crate::tls::ClientTls) {
         self.inner.tls.lock().insert(service.to_owned(), tls);

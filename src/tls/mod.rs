@@ -216,6 +216,21 @@ impl ClientTls {
     }
 
     /// Counters, the current generation and the certificates' expiry.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tai_loadbalancer::ClientTls;
+    ///
+    /// # let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap().cert.pem();
+    /// # let me = rcgen::generate_simple_self_signed(vec!["client".into()]).unwrap();
+    /// # let (cert, key) = (me.cert.pem(), me.signing_key.serialize_pem());
+    /// let tls = ClientTls::from_pem(ca.as_bytes(), Some((cert.as_bytes(), key.as_bytes())))?;
+    /// let stats = tls.stats();
+    /// assert_eq!((stats.generation, stats.reloads, stats.failed_reloads), (1, 0, 0));
+    /// assert!(stats.client_certificate_expires_in().is_some());
+    /// # Ok::<_, tai_loadbalancer::Error>(())
+    /// ```
     pub fn stats(&self) -> TlsStats {
         let current = self.shared.current.load_full();
         let material = current.material.as_ref();
