@@ -21,20 +21,22 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::affinity::{AffinityManager, AffinityRequest, fingerprint, validate_key};
-use crate::control::queue::Ack;
-use crate::control::{Command, ControlPlane, Settings, Sources};
+use crate::affinity::{AffinityManager, fingerprint};
+use crate::config::affinity::{AffinityRequest, validate_key};
+use crate::control::{ControlPlane, Settings, Sources};
 use crate::endpoint::Endpoint;
+use crate::handoff::queue::Ack;
+use crate::handoff::{Command, MembershipSink, OutlierSink};
 #[cfg(feature = "runtime")]
 use crate::health::HealthCheckManager;
 use crate::pick::consistent::hash_key;
 use crate::pick::{Outcome, Pick, choose};
-use crate::registry::{MembershipSink, ServiceRegistry};
+use crate::registry::ServiceRegistry;
 use crate::stats::EndpointHealth;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc};
-use crate::table::{Directory, MemberHealth, Miss, OutlierSink, Pin, ServiceSlot, ServiceTable};
+use crate::table::{Directory, MemberHealth, Miss, Pin, ServiceSlot, ServiceTable};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
@@ -81,10 +83,33 @@ impl OutlierSink for Shared {
 }
 
 #[cfg(feature = "runtime")]
-impl crate::health::HealthSink for Shared {
+impl crate::handoff::HealthSink for Shared {
     fn health_changed(&self, service: &DataArc<str>) {
         self.control
             .submit_unacked(Command::HealthChanged(service.clone()));
+    }
+}
+
+#[cfg(feature = "runtime")]
+impl crate::rebalance::RebalanceHost for Shared {
+    fn subscribe(&self, watcher: crate::handoff::Watcher) {
+        self.control.subscribe(watcher);
+    }
+
+    fn topology(&self) -> Vec<(String, Vec<(SocketAddr, EndpointHealth)>)> {
+        self.current_topology()
+    }
+
+    fn strategy(&self) -> crate::RebalanceStrategy {
+        self.control.settings().config.rebalance.strategy.clone()
+    }
+
+    fn routable_set(&self, service: &str) -> Result<(u64, std::collections::HashSet<SocketAddr>), Error> {
+        Shared::routable_set(self, service)
+    }
+
+    fn affinity(&self) -> &AffinityManager {
+        &self.affinity
     }
 }
 
@@ -127,7 +152,7 @@ impl Shared {
                 let members = table
                     .members
                     .iter()
-                    .map(|m| (m.state.address(), EndpointHealth::from(m.health)))
+                    .map(|m| (m.state.address(), m.health))
                     .collect();
                 (name.to_string(), members)
             })
@@ -395,13 +420,14 @@ impl IntegratedLoadBalancer {
             // their (initial, healthy) status. A balancer without checks does not attach it:
             // following the registry would cost every registry write a membership copy.
             shared.health.attach().await;
-            let sink: DataWeak<dyn crate::health::HealthSink> =
-                DataArc::downgrade(&shared) as DataWeak<dyn crate::health::HealthSink>;
+            let sink: DataWeak<dyn crate::handoff::HealthSink> =
+                DataArc::downgrade(&shared) as DataWeak<dyn crate::handoff::HealthSink>;
             shared.health.subscribe(sink);
         }
         let sink: DataWeak<dyn MembershipSink> = DataArc::downgrade(&shared) as DataWeak<dyn MembershipSink>;
-        registry.attach(sink).await;
-        Ok(Self { shared, strategy })
+        let lb = Self { shared, strategy };
+        registry.attach(sink).await?;
+        Ok(lb)
     }
 
     /// Starts the control-plane thread. Idempotent.
@@ -409,15 +435,24 @@ impl IntegratedLoadBalancer {
     /// Until started, registry changes are applied by the task making them; once started, a
     /// dedicated thread coalesces bursts of changes into one rebuild per service.
     ///
+    /// The thread applies every change under `catch_unwind`: a panic while applying one
+    /// service's change is logged at error level and its writers get
+    /// [`Error::PublishFailed`], while other services go on. Should the thread die anyway,
+    /// the changes it held fail the same way, and the next write (or `start`) restarts it.
+    ///
     /// # Errors
     ///
     /// [`Error::Stopped`] after [`stop`](Self::stop); [`Error::ControlPlane`] if the OS
     /// refuses a thread.
     pub async fn start(&self) -> Result<(), Error> {
-        let shared = self.shared.clone();
-        self.shared
-            .control
-            .start(move || shared.control.run(&shared.sources(), &shared.directory))?;
+        // A weak reference: the runner is kept to restart a thread that died, and must not
+        // keep the balancer alive.
+        let shared = DataArc::downgrade(&self.shared);
+        self.shared.control.start(DataArc::new(move || {
+            if let Some(shared) = shared.upgrade() {
+                shared.control.run(&shared.sources(), &shared.directory);
+            }
+        }))?;
         #[cfg(feature = "runtime")]
         if self.shared.control.settings().config.health_check.enabled {
             self.shared.health.start_now()?;
@@ -435,7 +470,8 @@ impl IntegratedLoadBalancer {
         Ok(())
     }
 
-    /// Whether the control-plane thread is running.
+    /// Whether the control-plane thread is running (`false` before `start`, after `stop`,
+    /// and after the thread died, until the next write or `start` restarts it).
     pub fn is_running(&self) -> bool {
         self.shared.control.is_running()
     }
@@ -575,7 +611,7 @@ impl IntegratedLoadBalancer {
 
     /// Calls `watcher` for every control-plane event from now on (pools follow routing so).
     #[cfg(feature = "runtime")]
-    pub(crate) fn subscribe_control(&self, watcher: crate::control::Watcher) {
+    pub(crate) fn subscribe_control(&self, watcher: crate::handoff::Watcher) {
         self.shared.control.subscribe(watcher);
     }
 
@@ -697,7 +733,9 @@ impl IntegratedLoadBalancer {
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`], [`Error::Stopped`].
+    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`], [`Error::Stopped`],
+    /// [`Error::PublishFailed`] (the control plane could not publish it yet: retry; the next
+    /// publication of the service includes it).
     pub async fn mark_down(&self, service: &str, endpoint: &Endpoint) -> Result<(), Error> {
         self.set_down(service, endpoint, true).await
     }
@@ -720,15 +758,14 @@ impl IntegratedLoadBalancer {
             table.service.clone()
         };
         let ack = self.shared.control.submit(Command::MarkDown {
-            service: name,
+            service: name.clone(),
             address: endpoint.address,
             down,
         });
         self.shared
             .control
             .help(&self.shared.sources(), &self.shared.directory);
-        ack.await;
-        Ok(())
+        ack.await.into_result(&name)
     }
 
     /// Routes `service` by a primary/backup order: every pick (without a hash key) goes to
@@ -775,7 +812,7 @@ impl IntegratedLoadBalancer {
             .members
             .binary_search_by(|m| m.state.address().cmp(&address))
             .ok()?;
-        Some(table.members[i].health.into())
+        Some(table.members[i].health)
     }
 
     /// Drains `endpoint` of `service` (for a rolling deploy): it gets no new picks from the
@@ -786,10 +823,13 @@ impl IntegratedLoadBalancer {
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`], [`Error::Stopped`].
+    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`], [`Error::Stopped`],
+    /// [`Error::PublishFailed`] (the control plane could not publish it yet: retry; the next
+    /// publication of the service includes it).
     #[cfg(feature = "runtime")]
     pub async fn drain(&self, service: &str, endpoint: &Endpoint) -> Result<crate::DrainReport, Error> {
-        use crate::rebalance::{RebalanceEvent, RebalanceStrategy, RebalanceTrigger, ReleasedEndpoint};
+        use crate::config::rebalance::RebalanceStrategy;
+        use crate::stats::{RebalanceEvent, RebalanceTrigger, ReleasedEndpoint};
 
         let started = tokio::time::Instant::now();
         let address = endpoint.address;
@@ -814,7 +854,7 @@ impl IntegratedLoadBalancer {
                 if now >= next_batch {
                     let batch = self.shared.affinity.unbind(&name, address, *batch_size);
                     moved += batch;
-                    next_batch = now + *batch_interval;
+                    next_batch = now.checked_add(*batch_interval).unwrap_or(now);
                     if batch > 0 {
                         let mut event = RebalanceEvent::new(&*name, RebalanceTrigger::Drain, 0);
                         event.affinity_keys_moved = batch;
@@ -917,12 +957,11 @@ impl IntegratedLoadBalancer {
             let slot = Shared::slot_by_name(&directory, service)?;
             slot.table.load().service.clone()
         };
-        let ack = self.shared.control.submit(make(name));
+        let ack = self.shared.control.submit(make(name.clone()));
         self.shared
             .control
             .help(&self.shared.sources(), &self.shared.directory);
-        ack.await;
-        Ok(())
+        ack.await.into_result(&name)
     }
 
     /// This balancer's rebalancer: topology events, key moves, `rebalance_service`.
@@ -932,7 +971,9 @@ impl IntegratedLoadBalancer {
     }
 
     /// Whether `service` is in panic mode: fewer than `panic_threshold_percent` of its
-    /// endpoints are healthy, so picks go to all of them regardless of health.
+    /// endpoints are healthy, so picks go to all of them regardless of health, except the
+    /// ones an operator marked down or is draining (those never take new picks, and do not
+    /// count towards the threshold).
     ///
     /// # Errors
     ///
@@ -987,6 +1028,24 @@ impl fmt::Debug for IntegratedLoadBalancer {
             .field("directory", &*self.shared.directory.load())
             .field("control", &self.shared.control)
             .finish()
+    }
+}
+
+// ===== failover groups over a balancer's health =====
+
+impl crate::failover::HealthView for IntegratedLoadBalancer {
+    fn health(&self, service: &str, address: SocketAddr) -> Option<EndpointHealth> {
+        self.endpoint_health(service, address)
+    }
+}
+
+impl crate::FailoverManager {
+    /// Learns endpoint health from `balancer`'s routing snapshots (a group of service `s`
+    /// reads the health of the same addresses in the balancer's service `s`): failover then
+    /// skips unhealthy backups, and failback returns to a recovered primary. Without it every
+    /// endpoint counts as healthy.
+    pub fn with_health_from(self, balancer: DataArc<IntegratedLoadBalancer>) -> Self {
+        self.with_health_view(balancer)
     }
 }
 
@@ -1128,5 +1187,137 @@ impl fmt::Debug for ServiceHandle {
         f.debug_struct("ServiceHandle")
             .field("service", &self.name)
             .finish()
+    }
+}
+
+#[cfg(all(test, not(tai_loadbalancer_loom)))]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::control::fault;
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)), None)
+    }
+
+    async fn balancer(service: &str, started: bool) -> (DataArc<ServiceRegistry>, IntegratedLoadBalancer) {
+        let registry = DataArc::new(ServiceRegistry::new());
+        registry.register(service, ep(1)).await.unwrap();
+        let lb = IntegratedLoadBalancer::new(
+            registry.clone(),
+            LoadBalancingStrategy::RoundRobin,
+            LoadBalancerConfig::default(),
+        )
+        .await
+        .unwrap();
+        if started {
+            lb.start().await.unwrap();
+        }
+        (registry, lb)
+    }
+
+    /// A panic while a balancer applies a registry write: the writer gets a typed error (never
+    /// `Ok` for an unpublished change), the registry keeps the change, other services keep
+    /// being published, and the next write of the service publishes everything.
+    async fn a_panicking_publication(service: &str, started: bool) {
+        let (registry, lb) = balancer(service, started).await;
+        registry.register("other", ep(9)).await.unwrap();
+        fault::panic_in_rebuild(service, 1);
+        let written = tokio::time::timeout(Duration::from_secs(10), registry.register(service, ep(2)))
+            .await
+            .expect("no write hangs");
+        match written {
+            Err(Error::PublishFailed { service: s, reason }) => {
+                assert_eq!(&*s, service);
+                assert!(reason.contains("injected fault"), "{reason}");
+            }
+            other => panic!("expected PublishFailed, got {other:?}"),
+        }
+        assert_eq!(
+            registry.endpoints(service).await.unwrap().len(),
+            2,
+            "the registry keeps it"
+        );
+        let routed = lb.service(service).unwrap().endpoints();
+        assert_eq!(routed.len(), 1, "not published by the balancer");
+        registry.register("other", ep(8)).await.unwrap();
+        assert_eq!(lb.service("other").unwrap().endpoints().len(), 2);
+        registry.register(service, ep(3)).await.unwrap();
+        let ports: Vec<u16> = lb
+            .service(service)
+            .unwrap()
+            .endpoints()
+            .iter()
+            .map(|(e, _)| e.address.port())
+            .collect();
+        assert_eq!(ports, [1, 2, 3]);
+        // Operator commands of that service work too.
+        lb.mark_down(service, &ep(2)).await.unwrap();
+        assert!(lb.is_running() == started);
+        lb.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_publication_on_the_control_thread_fails_only_its_writer() {
+        a_panicking_publication("fault-started", true).await;
+    }
+
+    #[tokio::test]
+    async fn a_panicking_publication_on_the_writer_fails_only_its_writer() {
+        a_panicking_publication("fault-unstarted", false).await;
+    }
+
+    #[tokio::test]
+    async fn an_operator_command_whose_publication_panics_is_an_error() {
+        let (_registry, lb) = balancer("fault-mark", true).await;
+        fault::panic_in_rebuild("fault-mark", 1);
+        assert!(matches!(
+            lb.mark_down("fault-mark", &ep(1)).await,
+            Err(Error::PublishFailed { .. })
+        ));
+        lb.mark_down("fault-mark", &ep(1)).await.unwrap();
+        assert_eq!(
+            lb.endpoint_health("fault-mark", ep(1).address),
+            Some(EndpointHealth::Down)
+        );
+        lb.stop().await.unwrap();
+        assert!(matches!(
+            lb.mark_up("fault-mark", &ep(1)).await,
+            Err(Error::Stopped)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_dead_control_thread_is_restarted_by_the_next_write() {
+        let registry = DataArc::new(ServiceRegistry::new());
+        registry.register("svc", ep(1)).await.unwrap();
+        let mut config = LoadBalancerConfig::default();
+        config.control_plane.thread_name = "fault-lb-thread".into();
+        let lb = IntegratedLoadBalancer::new(registry.clone(), LoadBalancingStrategy::RoundRobin, config)
+            .await
+            .unwrap();
+        lb.start().await.unwrap();
+        fault::kill_thread("fault-lb-thread");
+        let first = tokio::time::timeout(Duration::from_secs(10), registry.register("svc", ep(2)))
+            .await
+            .expect("no write hangs");
+        assert!(matches!(first, Err(Error::PublishFailed { .. })), "{first:?}");
+        // Later writes revive the thread (or, racing its last moments, fail); none hangs.
+        let mut published = false;
+        for port in 3..20 {
+            let write = tokio::time::timeout(Duration::from_secs(10), registry.register("svc", ep(port)))
+                .await
+                .expect("no write hangs");
+            if write.is_ok() {
+                published = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(published);
+        assert!(lb.is_running(), "the thread was restarted");
+        assert!(lb.service("svc").unwrap().endpoints().len() >= 3);
+        lb.stop().await.unwrap();
     }
 }

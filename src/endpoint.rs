@@ -20,8 +20,31 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::error::{Error, truncate};
 use crate::sync::DataArc;
+
+/// Longest accepted service name, in bytes (a DNS name's limit).
+pub const MAX_SERVICE_NAME_LEN: usize = 253;
+
+/// Checks a service name: non-empty, at most 253 bytes, no control characters, no leading or
+/// trailing whitespace.
+pub(crate) fn validate_service_name(name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() {
+        "must not be empty"
+    } else if name.len() > MAX_SERVICE_NAME_LEN {
+        "longer than 253 bytes"
+    } else if name.chars().any(char::is_control) {
+        "contains control characters"
+    } else if name.trim() != name {
+        "has leading or trailing whitespace"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidServiceName {
+        name: truncate(name).to_owned(),
+        reason,
+    })
+}
 
 /// Largest accepted endpoint weight.
 ///
@@ -336,6 +359,21 @@ impl<'de> Deserialize<'de> for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_names() {
+        for ok in ["api", "api-service", "a.b.c", "checkout/v2", "ünïcode"] {
+            validate_service_name(ok).unwrap();
+        }
+        for bad in ["", " api", "api ", "a\nb", "a\0b"] {
+            assert!(
+                matches!(validate_service_name(bad), Err(Error::InvalidServiceName { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(validate_service_name(&"x".repeat(254)).is_err());
+        assert!(validate_service_name(&"x".repeat(253)).is_ok());
+    }
 
     fn ep(s: &str) -> Endpoint {
         Endpoint::new(s.parse().unwrap(), None)

@@ -282,6 +282,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// A balancer's control plane could not publish a change of this service (a panic while
+    /// applying it, caught and logged at error level). The change is not visible to that
+    /// balancer's picks. A registry write that gets this error has still changed the
+    /// registry (it never loses registered state); the balancer publishes the service's
+    /// membership again with the next change that succeeds.
+    #[error("the control plane could not publish the change of service `{service}`: {reason}")]
+    PublishFailed {
+        /// The service.
+        service: DataArc<str>,
+        /// Why (the panic's message).
+        reason: DataArc<str>,
+    },
+
     /// An etcd call failed (unreachable, timed out, or refused): registering or
     /// deregistering an instance (`EtcdRegistration`, feature `etcd`).
     #[error("etcd {operation} failed: {reason}")]

@@ -22,11 +22,11 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::endpoint::Endpoint;
+use crate::endpoint::validate_service_name;
+use crate::error::Error;
 use crate::error::truncate;
-use crate::registry::validate_service_name;
 use crate::stats::EndpointHealth;
 use crate::sync::{DataArc, Mutex};
-use crate::{Error, IntegratedLoadBalancer};
 
 /// Failover settings (exactly the seed's three fields).
 ///
@@ -99,15 +99,11 @@ struct Group {
     stats: FailoverStats,
 }
 
-/// Where a manager learns endpoint health (a balancer's routing snapshots).
-trait HealthView: Send + Sync {
+/// Where a manager learns endpoint health (a balancer's routing snapshots; implemented by
+/// the balancer, which the manager does not otherwise know).
+pub(crate) trait HealthView: Send + Sync {
+    /// How `address` of `service` is routed now (`None` if it is not a member).
     fn health(&self, service: &str, address: SocketAddr) -> Option<EndpointHealth>;
-}
-
-impl HealthView for IntegratedLoadBalancer {
-    fn health(&self, service: &str, address: SocketAddr) -> Option<EndpointHealth> {
-        self.endpoint_health(service, address)
-    }
 }
 
 /// Primary/backup failover for named groups.
@@ -165,12 +161,10 @@ impl FailoverManager {
         self
     }
 
-    /// Learns endpoint health from `balancer`'s routing snapshots (a group of service `s`
-    /// reads the health of the same addresses in the balancer's service `s`): failover then
-    /// skips unhealthy backups, and failback returns to a recovered primary. Without it every
-    /// endpoint counts as healthy.
-    pub fn with_health_from(mut self, balancer: DataArc<IntegratedLoadBalancer>) -> Self {
-        self.health = Some(balancer as DataArc<dyn HealthView>);
+    /// Learns endpoint health from `view` (see `with_health_from`, defined beside the
+    /// balancer).
+    pub(crate) fn with_health_view(mut self, view: DataArc<dyn HealthView>) -> Self {
+        self.health = Some(view);
         self
     }
 

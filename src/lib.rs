@@ -32,6 +32,7 @@ mod export;
 mod failover;
 #[cfg(feature = "grpc")]
 mod grpc;
+mod handoff;
 mod health;
 mod histogram;
 mod pick;
@@ -44,11 +45,21 @@ mod table;
 #[cfg(feature = "tls")]
 mod tls;
 
-pub use affinity::{
-    AffinityConfig, AffinityManager, AffinityRequest, AffinityStats, AffinityStrategy, MAX_AFFINITY_ENTRIES,
-    MAX_AFFINITY_KEY_LEN, cookie_value,
-};
+pub use affinity::AffinityManager;
 pub use balancer::{IntegratedLoadBalancer, RoutingUpdates, ServiceHandle};
+pub use config::affinity::{
+    AffinityConfig, AffinityRequest, AffinityStrategy, MAX_AFFINITY_ENTRIES, MAX_AFFINITY_KEY_LEN,
+    MAX_AFFINITY_TTL, cookie_value,
+};
+pub use config::health::{
+    HealthCheck, HealthCheckConfig, HealthCheckKind, MAX_CHECK_DURATION, MAX_CONCURRENT_CHECKS,
+    MAX_EJECTION_TIME, OutlierDetectionConfig, SlowStartConfig, StatusRange,
+};
+pub use config::pool::{MAX_POOL_SIZE, PoolConfig};
+pub use config::rebalance::{
+    DEFAULT_DRAIN_TIMEOUT, MAX_BATCH_INTERVAL, MAX_DRAIN_TIMEOUT, RebalanceConfig, RebalanceStrategy,
+};
+pub use config::strategy::LoadBalancingStrategy;
 pub use config::{
     ConsistentHashConfig, ControlPlaneConfig, LoadBalancerConfig, MAX_HASH_SLOTS, MIN_HASH_SLOTS,
     PeakEwmaConfig, ServiceConfig,
@@ -65,7 +76,7 @@ pub use discovery::{
 };
 #[cfg(feature = "dns")]
 pub use discovery::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};
-pub use endpoint::{Endpoint, EndpointMetadata, MAX_WEIGHT};
+pub use endpoint::{Endpoint, EndpointMetadata, MAX_SERVICE_NAME_LEN, MAX_WEIGHT};
 pub use error::Error;
 /// `etcd-client`, re-exported so a client of the same version is at hand (to write records,
 /// or to pass [`ConnectOptions`](etcd_client::ConnectOptions) to [`EtcdConfig`]).
@@ -88,31 +99,26 @@ pub use grpc::{
 };
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;
-pub use health::config::{
-    HealthCheckConfig, HealthCheckKind, OutlierDetectionConfig, SlowStartConfig, StatusRange,
-};
-pub use health::{HealthCheck, HealthState, HealthStatus};
 pub use histogram::LatencyHistogram;
 pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;
 pub use pick::peak_ewma::FAILED_PROBE_ESTIMATE;
-pub use pick::{LoadBalancingStrategy, Outcome, Pick};
+pub use pick::{Outcome, Pick};
 #[cfg(feature = "grpc")]
 pub use pool::GrpcConnector;
+pub use pool::PoolStats;
 #[cfg(feature = "runtime")]
 pub use pool::{ConnectionPool, Connector, PooledConnection, TcpConnector};
-pub use pool::{MAX_POOL_SIZE, PoolConfig, PoolStats};
 /// `prometheus-client`, re-exported so a registry of the same version is at hand.
 #[cfg(feature = "prometheus")]
 pub use prometheus_client;
-pub use rebalance::{
-    DEFAULT_DRAIN_TIMEOUT, DrainReport, RebalanceConfig, RebalanceEvent, RebalanceStrategy, RebalanceTrigger,
-    ReleasedEndpoint,
-};
 #[cfg(feature = "runtime")]
 pub use rebalance::{RebalanceEvents, RebalanceManager};
-pub use registry::{MAX_SERVICE_NAME_LEN, ServiceRegistry};
-pub use stats::{EndpointHealth, EndpointMetrics, LoadBalancerMetrics, RoutingUpdate, ServiceMetrics};
+pub use registry::ServiceRegistry;
+pub use stats::{
+    AffinityStats, DrainReport, EndpointHealth, EndpointMetrics, HealthState, HealthStatus,
+    LoadBalancerMetrics, RebalanceEvent, RebalanceTrigger, ReleasedEndpoint, RoutingUpdate, ServiceMetrics,
+};
 #[cfg(feature = "tls")]
 pub use tls::{
     ClientTls, DEFAULT_TLS_POLL_INTERVAL, TLS_SERVER_NAME_TAG, TlsConnector, TlsFiles, TlsStats, TlsStream,

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::control::queue::{Ack, Queue};
+use crate::handoff::queue::{Ack, AckOutcome, Queue};
 
 /// The control plane's command queue, carrying plain numbers.
 #[derive(Debug)]
@@ -23,7 +23,7 @@ impl HandoffQueue {
         Self(Queue::new())
     }
 
-    /// Queues `value`; the future resolves once the value is taken and dropped.
+    /// Queues `value`; the future resolves once the value is taken (to `true`: applied).
     pub fn push(&self, value: u32) -> AckFuture {
         AckFuture(self.0.push(value))
     }
@@ -33,9 +33,18 @@ impl HandoffQueue {
         self.0.wait_pending()
     }
 
-    /// Takes up to `max` values; their acks resolve when this returns.
+    /// Takes up to `max` values; their acks resolve (applied) when this returns.
     pub fn take(&self, max: usize) -> Vec<u32> {
-        self.0.take(max).into_iter().map(|e| e.command).collect()
+        self.0
+            .take(max)
+            .into_iter()
+            .map(|e| {
+                if let Some(ack) = e.ack {
+                    ack.complete(AckOutcome::Applied);
+                }
+                e.command
+            })
+            .collect()
     }
 
     /// Closes the queue.
@@ -45,10 +54,13 @@ impl HandoffQueue {
 }
 
 impl Future for AckFuture {
-    type Output = ();
+    /// Whether the value was applied (taken before the queue closed).
+    type Output = bool;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|outcome| outcome == AckOutcome::Applied)
     }
 }
 

@@ -18,193 +18,9 @@
 //! plane (its counters are folded into the service's and its state dropped).
 #![deny(unsafe_code)]
 
+use crate::stats::{EndpointHealth, RebalanceEvent, RebalanceTrigger, RoutingUpdate};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-
-use crate::Error;
-use crate::stats::{EndpointHealth, RoutingUpdate};
-
-/// Drain timeout of the `Immediate` and `Manual` strategies.
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How affinity keys move and how long drains wait.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RebalanceStrategy {
-    /// Keys bound to an endpoint that leaves routing (or drains) are unbound at once.
-    #[default]
-    Immediate,
-    /// A draining endpoint keeps serving its sticky keys while they are unbound in batches.
-    Gradual {
-        /// How long a drain waits for requests in flight (and keys) before releasing.
-        #[serde(with = "humantime_serde")]
-        drain_timeout: Duration,
-        /// Keys unbound per batch.
-        batch_size: usize,
-        /// Time between batches.
-        #[serde(with = "humantime_serde")]
-        batch_interval: Duration,
-    },
-    /// Nothing moves until [`RebalanceManager::rebalance_service`] is called.
-    Manual,
-}
-
-impl RebalanceStrategy {
-    /// A gradual strategy with `drain_timeout`, 100 keys per batch, a batch every 100 ms.
-    pub fn gradual(drain_timeout: Duration) -> Self {
-        Self::Gradual {
-            drain_timeout,
-            batch_size: 100,
-            batch_interval: Duration::from_millis(100),
-        }
-    }
-
-    /// How long a drain waits for requests in flight.
-    pub fn drain_timeout(&self) -> Duration {
-        match self {
-            Self::Gradual { drain_timeout, .. } => *drain_timeout,
-            Self::Immediate | Self::Manual => DEFAULT_DRAIN_TIMEOUT,
-        }
-    }
-
-    /// Whether a draining endpoint keeps serving the keys bound to it (until they are moved).
-    pub(crate) fn sticky_while_draining(&self) -> bool {
-        !matches!(self, Self::Immediate)
-    }
-}
-
-/// Rebalancing settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RebalanceConfig {
-    /// How keys move and how long drains wait (default `Immediate`).
-    pub strategy: RebalanceStrategy,
-}
-
-impl RebalanceConfig {
-    /// Checks every field (prefix `rebalance.`).
-    pub fn validate(&self) -> Result<(), Error> {
-        if let RebalanceStrategy::Gradual {
-            drain_timeout,
-            batch_size,
-            batch_interval,
-        } = &self.strategy
-        {
-            if drain_timeout.is_zero() {
-                return Err(Error::invalid_config(
-                    "rebalance.strategy.drain_timeout",
-                    "must be greater than zero",
-                ));
-            }
-            if *batch_size == 0 {
-                return Err(Error::invalid_config(
-                    "rebalance.strategy.batch_size",
-                    "must be at least 1",
-                ));
-            }
-            if batch_interval.is_zero() {
-                return Err(Error::invalid_config(
-                    "rebalance.strategy.batch_interval",
-                    "must be greater than zero",
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What started a rebalance event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RebalanceTrigger {
-    /// A new routing table: membership or health changed.
-    Topology,
-    /// [`RebalanceManager::rebalance_service`].
-    Manual,
-    /// A drain (or a batch of its keys moving).
-    Drain,
-    /// An endpoint that left was released by the control plane.
-    Release,
-}
-
-/// An endpoint whose requests in flight are finished (or abandoned at the drain timeout).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReleasedEndpoint {
-    /// The endpoint.
-    pub address: SocketAddr,
-    /// Requests still in flight when it was released (0 unless it timed out).
-    pub in_flight_abandoned: u64,
-    /// Whether the drain timeout expired first.
-    pub timed_out: bool,
-}
-
-/// What changed in a service, and what the rebalancer did about it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RebalanceEvent {
-    /// The service.
-    pub service: String,
-    /// What started it.
-    pub trigger: RebalanceTrigger,
-    /// The routing-table version it refers to (0 when none).
-    pub version: u64,
-    /// Endpoints that joined.
-    pub added: Vec<SocketAddr>,
-    /// Endpoints that left (deregistered).
-    pub removed: Vec<SocketAddr>,
-    /// Endpoints whose health changed, with the new health.
-    pub health_changed: Vec<(SocketAddr, EndpointHealth)>,
-    /// Endpoints released after draining or removal.
-    pub released: Vec<ReleasedEndpoint>,
-    /// Affinity keys moved off endpoints (unbound, to be re-bound on their next request).
-    pub affinity_keys_moved: usize,
-    /// Affinity keys still bound to a draining endpoint (gradual progress).
-    pub affinity_keys_pending: usize,
-}
-
-impl RebalanceEvent {
-    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
-    pub(crate) fn new(service: impl Into<String>, trigger: RebalanceTrigger, version: u64) -> Self {
-        Self {
-            service: service.into(),
-            trigger,
-            version,
-            added: Vec::new(),
-            removed: Vec::new(),
-            health_changed: Vec::new(),
-            released: Vec::new(),
-            affinity_keys_moved: 0,
-            affinity_keys_pending: 0,
-        }
-    }
-
-    /// Whether anything changed or moved.
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty()
-            && self.removed.is_empty()
-            && self.health_changed.is_empty()
-            && self.released.is_empty()
-            && self.affinity_keys_moved == 0
-    }
-}
-
-/// The outcome of a drain.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DrainReport {
-    /// The endpoint.
-    pub address: SocketAddr,
-    /// Requests in flight when the drain started.
-    pub in_flight_at_start: u64,
-    /// Requests still in flight when it ended (0 unless it timed out).
-    pub in_flight_at_end: u64,
-    /// Whether the drain timeout expired first.
-    pub timed_out: bool,
-    /// Affinity keys moved off the endpoint.
-    pub affinity_keys_moved: usize,
-    /// How long the drain took.
-    pub elapsed: Duration,
-}
 
 /// Diffs consecutive publications of each service.
 #[derive(Debug, Default)]
@@ -237,16 +53,39 @@ impl TopologyDiff {
 }
 
 #[cfg(feature = "runtime")]
+pub(crate) use manager::RebalanceHost;
+#[cfg(feature = "runtime")]
 pub use manager::{RebalanceEvents, RebalanceManager};
 
 #[cfg(feature = "runtime")]
 mod manager {
     use std::fmt;
 
+    use std::time::Duration;
+
     use super::*;
-    use crate::balancer::Shared;
-    use crate::control::ControlEvent;
+    use crate::affinity::AffinityManager;
+    use crate::config::rebalance::RebalanceStrategy;
+    use crate::error::Error;
+    use crate::handoff::{ControlEvent, Watcher};
     use crate::sync::{DataArc, DataWeak, Mutex};
+
+    /// What the rebalancer needs of its balancer: its control-plane events, its topology, its
+    /// settings and its affinity table. Implemented by the balancer; the rebalancer holds it
+    /// weakly and knows nothing else of it.
+    pub(crate) trait RebalanceHost: Send + Sync {
+        /// Calls `watcher` for every control-plane event from now on.
+        fn subscribe(&self, watcher: Watcher);
+        /// Every service's members and their health in the current snapshots.
+        fn topology(&self) -> Vec<(String, Vec<(SocketAddr, EndpointHealth)>)>;
+        /// The configured strategy.
+        fn strategy(&self) -> RebalanceStrategy;
+        /// The routable members of `service` now (healthy, not draining), with the table
+        /// version.
+        fn routable_set(&self, service: &str) -> Result<(u64, std::collections::HashSet<SocketAddr>), Error>;
+        /// The session-affinity table.
+        fn affinity(&self) -> &AffinityManager;
+    }
 
     /// A subscription to [`RebalanceEvent`]s.
     #[derive(Debug)]
@@ -265,7 +104,7 @@ mod manager {
     }
 
     struct Inner {
-        shared: DataWeak<Shared>,
+        host: DataWeak<dyn RebalanceHost>,
         subscribers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>>,
         task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     }
@@ -300,10 +139,10 @@ mod manager {
     }
 
     impl RebalanceManager {
-        pub(crate) fn new(shared: DataWeak<Shared>) -> Self {
+        pub(crate) fn new(host: DataWeak<dyn RebalanceHost>) -> Self {
             Self {
                 inner: DataArc::new(Inner {
-                    shared,
+                    host,
                     subscribers: Mutex::new(Vec::new()),
                     task: Mutex::new(None),
                 }),
@@ -328,18 +167,18 @@ mod manager {
             if task.is_some() {
                 return Ok(());
             }
-            let shared = self.inner.shared.upgrade().ok_or(Error::Stopped)?;
+            let host = self.inner.host.upgrade().ok_or(Error::Stopped)?;
             let runtime = tokio::runtime::Handle::try_current().map_err(|e| Error::Runtime {
                 message: e.to_string(),
             })?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            shared.control.subscribe(Box::new(move |event: &ControlEvent| {
+            host.subscribe(Box::new(move |event: &ControlEvent| {
                 tx.send(event.clone()).is_ok()
             }));
             // What routing looks like now, so the first change after `start` is reported as a
             // change (an update already in this seed arrives as an empty diff).
             let mut diff = TopologyDiff::default();
-            for (name, members) in shared.current_topology() {
+            for (name, members) in host.topology() {
                 diff.last.insert(name, members.into_iter().collect());
             }
             *task = Some(runtime.spawn(Inner::run(self.inner.clone(), rx, diff)));
@@ -356,9 +195,9 @@ mod manager {
         /// The configured strategy.
         pub fn strategy(&self) -> RebalanceStrategy {
             self.inner
-                .shared
+                .host
                 .upgrade()
-                .map(|s| s.control.settings().config.rebalance.strategy.clone())
+                .map(|host| host.strategy())
                 .unwrap_or_default()
         }
 
@@ -370,9 +209,9 @@ mod manager {
         ///
         /// [`Error::UnknownService`], [`Error::Stopped`].
         pub async fn rebalance_service(&self, service: &str) -> Result<RebalanceEvent, Error> {
-            let shared = self.inner.shared.upgrade().ok_or(Error::Stopped)?;
-            let (version, keep) = shared.routable_set(service)?;
-            let moved = shared.affinity.unbind_where(service, |a| !keep.contains(&a));
+            let host = self.inner.host.upgrade().ok_or(Error::Stopped)?;
+            let (version, keep) = host.routable_set(service)?;
+            let moved = host.affinity().unbind_where(service, |a| !keep.contains(&a));
             let mut event = RebalanceEvent::new(service, RebalanceTrigger::Manual, version);
             event.affinity_keys_moved = moved;
             self.inner.publish(&event);
@@ -424,18 +263,18 @@ mod manager {
             batch_interval: Duration,
         ) {
             loop {
-                let Some(shared) = inner.shared.upgrade() else {
+                let Some(host) = inner.host.upgrade() else {
                     return;
                 };
-                let moved = shared.affinity.unbind(&service, address, batch_size);
+                let moved = host.affinity().unbind(&service, address, batch_size);
                 if moved == 0 {
                     return;
                 }
                 let mut event = RebalanceEvent::new(service.clone(), RebalanceTrigger::Topology, 0);
                 event.affinity_keys_moved = moved;
-                event.affinity_keys_pending = shared.affinity.count_bound(&service, address);
+                event.affinity_keys_pending = host.affinity().count_bound(&service, address);
                 let done = event.affinity_keys_pending == 0;
-                drop(shared);
+                drop(host);
                 inner.publish(&event);
                 if done {
                     return;
@@ -450,69 +289,85 @@ mod manager {
             mut diff: TopologyDiff,
         ) {
             while let Some(event) = events.recv().await {
-                let Some(shared) = inner.shared.upgrade() else {
+                let Some(host) = inner.host.upgrade() else {
                     return;
                 };
-                let strategy = shared.control.settings().config.rebalance.strategy.clone();
-                match event {
-                    ControlEvent::Published(update) => {
-                        let mut event = diff.apply(&update);
-                        // Under `Gradual`, the keys of removed endpoints are unbound in
-                        // batches (each key still moves at once on its own next request: the
-                        // endpoint is gone); progress is published per batch.
-                        let batched: Vec<SocketAddr> = match &strategy {
-                            RebalanceStrategy::Gradual {
-                                batch_size,
-                                batch_interval,
-                                ..
-                            } => {
-                                for &address in &event.removed {
-                                    let (inner, service) = (inner.clone(), update.service.clone());
-                                    let (batch_size, batch_interval) = (*batch_size, *batch_interval);
-                                    tokio::spawn(async move {
-                                        Self::unbind_in_batches(
-                                            inner,
-                                            service,
-                                            address,
-                                            batch_size,
-                                            batch_interval,
-                                        )
-                                        .await;
-                                    });
-                                }
-                                event.removed.clone()
+                // One event's handling panicking (a bug) is logged and the next event is
+                // handled: the rebalancer never stops silently.
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Self::handle(&inner, &*host, &mut diff, event);
+                }));
+                if handled.is_err() {
+                    tracing::error!("rebalancer: handling a topology event panicked; going on with the next");
+                }
+            }
+        }
+
+        fn handle(
+            inner: &DataArc<Inner>,
+            host: &dyn RebalanceHost,
+            diff: &mut TopologyDiff,
+            event: ControlEvent,
+        ) {
+            let strategy = host.strategy();
+            match event {
+                ControlEvent::Published(update) => {
+                    let mut event = diff.apply(&update);
+                    // Under `Gradual`, the keys of removed endpoints are unbound in
+                    // batches (each key still moves at once on its own next request: the
+                    // endpoint is gone); progress is published per batch.
+                    let batched: Vec<SocketAddr> = match &strategy {
+                        RebalanceStrategy::Gradual {
+                            batch_size,
+                            batch_interval,
+                            ..
+                        } => {
+                            for &address in &event.removed {
+                                let (inner, service) = (inner.clone(), update.service.clone());
+                                let (batch_size, batch_interval) = (*batch_size, *batch_interval);
+                                tokio::spawn(async move {
+                                    Self::unbind_in_batches(
+                                        inner,
+                                        service,
+                                        address,
+                                        batch_size,
+                                        batch_interval,
+                                    )
+                                    .await;
+                                });
                             }
-                            _ => Vec::new(),
-                        };
-                        // Keys bound to endpoints that can no longer serve them.
-                        let gone: Vec<SocketAddr> = event
-                            .removed
-                            .iter()
-                            .copied()
-                            .filter(|a| !batched.contains(a))
-                            .chain(event.health_changed.iter().filter_map(|(a, h)| {
-                                let leaves = match h {
-                                    EndpointHealth::Healthy => false,
-                                    EndpointHealth::Draining => !strategy.sticky_while_draining(),
-                                    _ => true,
-                                };
-                                leaves.then_some(*a)
-                            }))
-                            .collect();
-                        if !matches!(strategy, RebalanceStrategy::Manual) && !gone.is_empty() {
-                            event.affinity_keys_moved = shared
-                                .affinity
-                                .unbind_where(&update.service, |a| gone.contains(&a));
+                            event.removed.clone()
                         }
-                        if !event.is_empty() {
-                            inner.publish(&event);
-                        }
+                        _ => Vec::new(),
+                    };
+                    // Keys bound to endpoints that can no longer serve them.
+                    let gone: Vec<SocketAddr> = event
+                        .removed
+                        .iter()
+                        .copied()
+                        .filter(|a| !batched.contains(a))
+                        .chain(event.health_changed.iter().filter_map(|(a, h)| {
+                            let leaves = match h {
+                                EndpointHealth::Healthy => false,
+                                EndpointHealth::Draining => !strategy.sticky_while_draining(),
+                                _ => true,
+                            };
+                            leaves.then_some(*a)
+                        }))
+                        .collect();
+                    if !matches!(strategy, RebalanceStrategy::Manual) && !gone.is_empty() {
+                        event.affinity_keys_moved = host
+                            .affinity()
+                            .unbind_where(&update.service, |a| gone.contains(&a));
                     }
-                    ControlEvent::Released { service, released } => {
-                        let mut event = RebalanceEvent::new(service, RebalanceTrigger::Release, 0);
-                        event.released.push(released);
+                    if !event.is_empty() {
                         inner.publish(&event);
                     }
+                }
+                ControlEvent::Released { service, released } => {
+                    let mut event = RebalanceEvent::new(service, RebalanceTrigger::Release, 0);
+                    event.released.push(released);
+                    inner.publish(&event);
                 }
             }
         }

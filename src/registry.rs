@@ -8,9 +8,16 @@
 //!
 //! # Invariants
 //!
-//! * **Read-your-writes**: when `register`, `register_batch`, `deregister` or `remove_service`
-//!   returns, every balancer attached to this registry routes by the new membership: a
-//!   deregistered endpoint is never picked by a selection that starts after the call returned.
+//! * **Read-your-writes**: when `register`, `register_batch`, `replace`, `update`,
+//!   `deregister` or `remove_service` returns, every balancer attached to this registry routes
+//!   by the membership the call observed: a deregistered endpoint is never picked by a
+//!   selection that starts after the call returned. This holds whatever the call returns: a
+//!   call that changed nothing (an identical registration racing the first) or failed
+//!   because of the state it saw (a second `deregister` of the same endpoint: `UnknownEndpoint`)
+//!   also waits until the changes queued before it are published.
+//! * **No false success**: a call returns `Ok` only once every attached balancer has
+//!   published the change; if one could not (a panic while applying it, caught and logged),
+//!   the call returns [`Error::PublishFailed`] and the registry keeps the change.
 //! * **All or nothing**: a call validates everything before changing anything; a rejected
 //!   call leaves the registry exactly as it was. A batch is applied as one version.
 //! * **Identity is the address**: registering an address already present replaces its
@@ -23,45 +30,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::Error;
-use crate::control::queue::Ack;
-use crate::control::{Command, MembershipSource};
-use crate::endpoint::Endpoint;
-use crate::error::truncate;
+use crate::endpoint::{Endpoint, validate_service_name};
+use crate::error::{Error, truncate};
+use crate::handoff::queue::Ack;
+use crate::handoff::{Command, MembershipSink, MembershipSource};
 use crate::sync::{DataArc, DataWeak, Mutex};
-
-/// Longest accepted service name, in bytes (a DNS name's limit).
-pub const MAX_SERVICE_NAME_LEN: usize = 253;
-
-/// Checks a service name: non-empty, at most 253 bytes, no control characters, no leading or
-/// trailing whitespace.
-pub(crate) fn validate_service_name(name: &str) -> Result<(), Error> {
-    let reason = if name.is_empty() {
-        "must not be empty"
-    } else if name.len() > MAX_SERVICE_NAME_LEN {
-        "longer than 253 bytes"
-    } else if name.chars().any(char::is_control) {
-        "contains control characters"
-    } else if name.trim() != name {
-        "has leading or trailing whitespace"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidServiceName {
-        name: truncate(name).to_owned(),
-        reason,
-    })
-}
-
-/// Where the registry announces membership changes: a balancer's control plane.
-pub(crate) trait MembershipSink: Send + Sync {
-    /// Queues the command; the ack resolves once its effect is published.
-    fn submit(&self, command: Command) -> Ack;
-    /// Applies queued updates on the caller's thread if the sink has no thread of its own.
-    fn help(&self);
-    /// Whether the sink was stopped (it is then dropped from the registry).
-    fn is_closed(&self) -> bool;
-}
 
 #[derive(Default)]
 struct ServiceRecord {
@@ -94,7 +67,9 @@ impl RegistryState {
         let mut delivery = Delivery::default();
         self.sinks.retain(|weak| match weak.upgrade() {
             Some(sink) if !sink.is_closed() => {
-                delivery.acks.push(sink.submit(Command::Changed(service.clone())));
+                delivery
+                    .acks
+                    .push((service.clone(), sink.submit(Command::Changed(service.clone()))));
                 delivery.sinks.push(sink);
                 true
             }
@@ -102,24 +77,68 @@ impl RegistryState {
         });
         delivery
     }
+
+    /// What waits for every change of `service` announced so far (a service that is not in
+    /// the registry may still be in the balancers' tables until its removal is published).
+    /// A name that could never have been registered needs no wait.
+    fn sync(&mut self, service: &str) -> Delivery {
+        if validate_service_name(service).is_err() {
+            return Delivery::default();
+        }
+        self.broadcast(&DataArc::from(service))
+    }
 }
 
 /// Acks to await and sinks to help once the registry lock is released.
 #[derive(Default)]
 struct Delivery {
-    acks: Vec<Ack>,
+    acks: Vec<(DataArc<str>, Ack)>,
     sinks: Vec<DataArc<dyn MembershipSink>>,
 }
 
 impl Delivery {
     /// Lets sinks without a thread apply the change, then waits for every publication.
-    async fn complete(self) {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PublishFailed`] if a balancer could not publish it (the registry keeps the
+    /// change). A balancer that was stopped meanwhile routes nothing and is not an error.
+    async fn complete(self) -> Result<(), Error> {
         for sink in &self.sinks {
             sink.help();
         }
-        for ack in self.acks {
-            ack.await;
+        let mut first_error = None;
+        for (service, ack) in self.acks {
+            match ack.await.into_result(&service) {
+                Ok(()) | Err(Error::Stopped) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The outcome of a registry call and what to wait for before reporting it.
+///
+/// Every call that read a service's state waits, whatever its outcome, until every attached
+/// balancer has published that state: a call that changed nothing (an identical
+/// re-registration racing the first one) or that failed because of the state it saw (a
+/// second `deregister` of the same endpoint) must not return while picks still follow an
+/// older state than the one it observed.
+struct Synced {
+    delivery: Delivery,
+    result: Result<(), Error>,
+}
+
+impl Synced {
+    /// Waits for the publication, then reports: the call's own error first, then a failure
+    /// to publish.
+    async fn complete(self) -> Result<(), Error> {
+        let published = self.delivery.complete().await;
+        self.result?;
+        published
     }
 }
 
@@ -168,20 +187,21 @@ impl ServiceRegistry {
     /// # Errors
     ///
     /// [`Error::InvalidServiceName`], [`Error::InvalidAddress`], [`Error::InvalidWeight`],
-    /// [`Error::InvalidMetadata`].
+    /// [`Error::InvalidMetadata`]; [`Error::PublishFailed`] if an attached balancer could not
+    /// publish the change (the registry keeps it).
     pub async fn register(&self, service: impl Into<String>, endpoint: Endpoint) -> Result<(), Error> {
         let service = service.into();
         validate_service_name(&service)?;
         endpoint.validate()?;
-        let delivery = self.change(&service, true, |record| {
+        self.change(&service, true, |record| {
             let unchanged = record.endpoints.get(&endpoint.address) == Some(&endpoint);
             if !unchanged {
                 record.endpoints.insert(endpoint.address, endpoint);
             }
             Ok(!unchanged)
-        })?;
-        delivery.complete().await;
-        Ok(())
+        })
+        .complete()
+        .await
     }
 
     /// Registers several endpoints under `service` as one change: all of them or, if any is
@@ -210,7 +230,7 @@ impl ServiceRegistry {
         if endpoints.is_empty() {
             return Ok(());
         }
-        let delivery = self.change(&service, true, |record| {
+        self.change(&service, true, |record| {
             let mut changed = false;
             for endpoint in endpoints {
                 if record.endpoints.get(&endpoint.address) != Some(&endpoint) {
@@ -219,9 +239,9 @@ impl ServiceRegistry {
                 }
             }
             Ok(changed)
-        })?;
-        delivery.complete().await;
-        Ok(())
+        })
+        .complete()
+        .await
     }
 
     /// Makes `endpoints` the whole membership of `service`, as one change (one version, one
@@ -254,15 +274,15 @@ impl ServiceRegistry {
         let service = service.into();
         validate_service_name(&service)?;
         let wanted = validated_batch(&service, endpoints)?;
-        let delivery = self.change_or_create(&service, |record| {
+        self.change_or_create(&service, |record| {
             if record.endpoints == wanted {
                 return Ok(false);
             }
             record.endpoints = wanted;
             Ok(true)
-        })?;
-        delivery.complete().await;
-        Ok(())
+        })
+        .complete()
+        .await
     }
 
     /// Applies incremental changes to `service` as one change: `upserts` are added or have
@@ -281,7 +301,7 @@ impl ServiceRegistry {
         let service = service.into();
         validate_service_name(&service)?;
         let upserts = validated_batch(&service, upserts)?;
-        let delivery = self.change_or_create(&service, |record| {
+        self.change_or_create(&service, |record| {
             let mut changed = false;
             for (address, endpoint) in upserts {
                 if record.endpoints.get(&address) != Some(&endpoint) {
@@ -293,9 +313,9 @@ impl ServiceRegistry {
                 changed |= record.endpoints.remove(address).is_some();
             }
             Ok(changed)
-        })?;
-        delivery.complete().await;
-        Ok(())
+        })
+        .complete()
+        .await
     }
 
     /// As [`change`](Self::change) with `create`, except that a service created by this call
@@ -304,7 +324,7 @@ impl ServiceRegistry {
         &self,
         service: &str,
         f: impl FnOnce(&mut ServiceRecord) -> Result<bool, Error>,
-    ) -> Result<Delivery, Error> {
+    ) -> Synced {
         self.change(service, true, |record| {
             // A stored record has a version: it was inserted by an applied change.
             let created = record.version == 0;
@@ -320,18 +340,19 @@ impl ServiceRegistry {
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`].
+    /// [`Error::UnknownService`], [`Error::UnknownEndpoint`] (returned once every balancer
+    /// has published the state that made it so), [`Error::PublishFailed`].
     pub async fn deregister(&self, service: &str, endpoint: &Endpoint) -> Result<(), Error> {
         let address = endpoint.address;
-        let delivery = self.change(service, false, |record| match record.endpoints.remove(&address) {
+        self.change(service, false, |record| match record.endpoints.remove(&address) {
             Some(_) => Ok(true),
             None => Err(Error::UnknownEndpoint {
                 service: DataArc::from(truncate(service)),
                 address,
             }),
-        })?;
-        delivery.complete().await;
-        Ok(())
+        })
+        .complete()
+        .await
     }
 
     /// Removes `service` and all its endpoints; balancers then answer
@@ -341,17 +362,26 @@ impl ServiceRegistry {
     ///
     /// [`Error::UnknownService`].
     pub async fn remove_service(&self, service: &str) -> Result<(), Error> {
-        let delivery = {
+        let synced = {
             let mut state = self.state.lock();
-            let Some((name, _)) = state.services.remove_entry(service) else {
-                return Err(Error::unknown_service(service));
-            };
-            state.version += 1;
-            tracing::debug!(service = %name, version = state.version, "service removed from registry");
-            state.broadcast(&name)
+            match state.services.remove_entry(service) {
+                Some((name, _)) => {
+                    state.version += 1;
+                    tracing::debug!(service = %name, version = state.version, "service removed from registry");
+                    Synced {
+                        delivery: state.broadcast(&name),
+                        result: Ok(()),
+                    }
+                }
+                // Maybe removed by a call that is still waiting for its publication: wait for
+                // it too, so picks no longer see the service when this error is returned.
+                None => Synced {
+                    delivery: state.sync(service),
+                    result: Err(Error::unknown_service(service)),
+                },
+            }
         };
-        delivery.complete().await;
-        Ok(())
+        synced.complete().await
     }
 
     /// The endpoints of `service` in `region` and `zone` (`None` matches anything), in
@@ -402,17 +432,26 @@ impl ServiceRegistry {
     /// Applies `f` to the record of `service` under the lock; if it reports a change, bumps
     /// the version and queues the new membership to every balancer. A record created for this
     /// call is removed again if `f` fails or changes nothing.
+    ///
+    /// Whatever the outcome, the returned [`Synced`] waits until every balancer has published
+    /// the state the call observed (a change that changed nothing, or an error the state
+    /// caused, still waits for the changes queued before it).
     fn change(
         &self,
         service: &str,
         create: bool,
         f: impl FnOnce(&mut ServiceRecord) -> Result<bool, Error>,
-    ) -> Result<Delivery, Error> {
+    ) -> Synced {
         let mut state = self.state.lock();
         let (name, mut record, created) = match state.services.remove_entry(service) {
             Some((name, record)) => (name, record, false),
             None if create => (DataArc::from(service), ServiceRecord::default(), true),
-            None => return Err(Error::unknown_service(service)),
+            None => {
+                return Synced {
+                    delivery: state.sync(service),
+                    result: Err(Error::unknown_service(service)),
+                };
+            }
         };
         // The record is out of the map while `f` runs (invisible: we hold the lock); it goes
         // back unless it was created for this call and the call failed or changed nothing.
@@ -432,21 +471,28 @@ impl ServiceRegistry {
         if !created || changed {
             state.services.insert(name.clone(), record);
         }
-        result?;
-        if !changed {
-            return Ok(Delivery::default());
+        // A change is announced; anything else waits for what was announced before it (the
+        // same command: balancers re-read the membership, find nothing newer and publish
+        // nothing, but only after every earlier command).
+        Synced {
+            delivery: state.broadcast(&name),
+            result: result.map(|_| ()),
         }
-        Ok(state.broadcast(&name))
     }
 
     /// Attaches a balancer: announces every service to it and keeps it informed of every
     /// later change. Returns what to complete before the balancer is used.
-    pub(crate) fn attach(&self, sink: DataWeak<dyn MembershipSink>) -> impl Future<Output = ()> + use<> {
+    pub(crate) fn attach(
+        &self,
+        sink: DataWeak<dyn MembershipSink>,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
         let mut state = self.state.lock();
         let mut delivery = Delivery::default();
         if let Some(strong) = sink.upgrade() {
             for name in state.services.keys() {
-                delivery.acks.push(strong.submit(Command::Changed(name.clone())));
+                delivery
+                    .acks
+                    .push((name.clone(), strong.submit(Command::Changed(name.clone()))));
             }
             delivery.sinks.push(strong);
             state.sinks.push(sink);
@@ -487,25 +533,5 @@ impl fmt::Debug for ServiceRegistry {
             .field("version", &state.version)
             .field("balancers", &state.sinks.len())
             .finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_names() {
-        for ok in ["api", "api-service", "a.b.c", "checkout/v2", "ünïcode"] {
-            validate_service_name(ok).unwrap();
-        }
-        for bad in ["", " api", "api ", "a\nb", "a\0b"] {
-            assert!(
-                matches!(validate_service_name(bad), Err(Error::InvalidServiceName { .. })),
-                "{bad:?}"
-            );
-        }
-        assert!(validate_service_name(&"x".repeat(254)).is_err());
-        assert!(validate_service_name(&"x".repeat(253)).is_ok());
     }
 }

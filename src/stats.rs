@@ -23,9 +23,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::control::{EndpointCounters, ServiceCounters};
-use crate::table::MemberHealth;
-use crate::{HealthStatus, LatencyHistogram, LoadBalancingStrategy};
+use std::time::SystemTime;
+
+use crate::config::strategy::LoadBalancingStrategy;
+use crate::endpoint::Endpoint;
+use crate::histogram::LatencyHistogram;
+use crate::sync::DataArc;
 
 /// A snapshot of the balancer's request counters.
 ///
@@ -245,15 +248,12 @@ pub enum EndpointHealth {
     Draining,
 }
 
-impl From<MemberHealth> for EndpointHealth {
-    fn from(h: MemberHealth) -> Self {
-        match h {
-            MemberHealth::Healthy => Self::Healthy,
-            MemberHealth::Unhealthy => Self::Unhealthy,
-            MemberHealth::Ejected => Self::Ejected,
-            MemberHealth::Down => Self::Down,
-            MemberHealth::Draining => Self::Draining,
-        }
+impl EndpointHealth {
+    /// Out of routing by an operator's decision (marked down or draining): such an endpoint
+    /// is never routable, panic mode included, and does not count towards the panic
+    /// threshold.
+    pub(crate) fn is_operator_decision(self) -> bool {
+        matches!(self, EndpointHealth::Down | EndpointHealth::Draining)
     }
 }
 
@@ -310,4 +310,231 @@ impl RateWindow {
         }
         rate
     }
+}
+
+/// Hit, miss, insert, eviction and expiry counts of an [`AffinityManager`](crate::AffinityManager).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityStats {
+    /// Lookups that found a live entry.
+    pub hits: u64,
+    /// Lookups that found nothing (or an expired entry).
+    pub misses: u64,
+    /// Hits whose endpoint had left routing (deregistered, unhealthy or draining), so the key
+    /// was bound to a live endpoint instead (also counted in `hits`).
+    pub moved: u64,
+    /// Entries dropped because they expired.
+    pub expirations: u64,
+    /// Entries dropped to stay within `max_entries`.
+    pub evictions: u64,
+    /// Entries currently held.
+    pub entries: usize,
+}
+
+// ===== rebalancing events =====
+
+/// What started a rebalance event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RebalanceTrigger {
+    /// A new routing table: membership or health changed.
+    Topology,
+    /// [`RebalanceManager::rebalance_service`](crate::RebalanceManager::rebalance_service).
+    Manual,
+    /// A drain (or a batch of its keys moving).
+    Drain,
+    /// An endpoint that left was released by the control plane.
+    Release,
+}
+
+/// An endpoint whose requests in flight are finished (or abandoned at the drain timeout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleasedEndpoint {
+    /// The endpoint.
+    pub address: SocketAddr,
+    /// Requests still in flight when it was released (0 unless it timed out).
+    pub in_flight_abandoned: u64,
+    /// Whether the drain timeout expired first.
+    pub timed_out: bool,
+}
+
+/// What changed in a service, and what the rebalancer did about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebalanceEvent {
+    /// The service.
+    pub service: String,
+    /// What started it.
+    pub trigger: RebalanceTrigger,
+    /// The routing-table version it refers to (0 when none).
+    pub version: u64,
+    /// Endpoints that joined.
+    pub added: Vec<SocketAddr>,
+    /// Endpoints that left (deregistered).
+    pub removed: Vec<SocketAddr>,
+    /// Endpoints whose health changed, with the new health.
+    pub health_changed: Vec<(SocketAddr, EndpointHealth)>,
+    /// Endpoints released after draining or removal.
+    pub released: Vec<ReleasedEndpoint>,
+    /// Affinity keys moved off endpoints (unbound, to be re-bound on their next request).
+    pub affinity_keys_moved: usize,
+    /// Affinity keys still bound to a draining endpoint (gradual progress).
+    pub affinity_keys_pending: usize,
+}
+
+impl RebalanceEvent {
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn new(service: impl Into<String>, trigger: RebalanceTrigger, version: u64) -> Self {
+        Self {
+            service: service.into(),
+            trigger,
+            version,
+            added: Vec::new(),
+            removed: Vec::new(),
+            health_changed: Vec::new(),
+            released: Vec::new(),
+            affinity_keys_moved: 0,
+            affinity_keys_pending: 0,
+        }
+    }
+
+    /// Whether anything changed or moved.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.health_changed.is_empty()
+            && self.released.is_empty()
+            && self.affinity_keys_moved == 0
+    }
+}
+
+/// The outcome of a drain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainReport {
+    /// The endpoint.
+    pub address: SocketAddr,
+    /// Requests in flight when the drain started.
+    pub in_flight_at_start: u64,
+    /// Requests still in flight when it ended (0 unless it timed out).
+    pub in_flight_at_end: u64,
+    /// Whether the drain timeout expired first.
+    pub timed_out: bool,
+    /// Affinity keys moved off the endpoint.
+    pub affinity_keys_moved: usize,
+    /// How long the drain took.
+    pub elapsed: Duration,
+}
+
+// ===== active health =====
+
+/// Whether active checks consider an endpoint healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HealthState {
+    /// Routable (new endpoints start here).
+    Healthy,
+    /// Failed `unhealthy_threshold` checks in a row (outside its grace period); out of
+    /// routing until `healthy_threshold` checks in a row pass.
+    Unhealthy,
+}
+
+/// The active-check status of one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthStatus {
+    /// Current verdict.
+    pub state: HealthState,
+    /// Checks passed in a row.
+    pub consecutive_successes: u32,
+    /// Checks failed in a row (failures during the grace period are not counted).
+    pub consecutive_failures: u32,
+    /// Checks completed.
+    pub checks: u64,
+    /// Checks that failed.
+    pub failed_checks: u64,
+    /// When the last check completed.
+    pub last_check: Option<SystemTime>,
+    /// How long the last check took.
+    pub last_latency: Option<Duration>,
+    /// Why the last failed check failed.
+    pub last_error: Option<String>,
+    /// When `state` last changed (or the endpoint was first seen).
+    pub since: SystemTime,
+    /// Whether the endpoint is still in its grace period.
+    pub in_grace_period: bool,
+}
+
+impl HealthStatus {
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn new() -> Self {
+        Self {
+            state: HealthState::Healthy,
+            consecutive_successes: 0,
+            consecutive_failures: 0,
+            checks: 0,
+            failed_checks: 0,
+            last_check: None,
+            last_latency: None,
+            last_error: None,
+            since: SystemTime::now(),
+            in_grace_period: false,
+        }
+    }
+
+    /// Whether the endpoint is healthy.
+    pub fn is_healthy(&self) -> bool {
+        self.state == HealthState::Healthy
+    }
+}
+
+// ===== counters, as the control plane reads them =====
+
+/// A point-in-time sum of counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CounterValues {
+    pub(crate) in_flight: u64,
+    pub(crate) selections: u64,
+    pub(crate) successes: u64,
+    pub(crate) failures: u64,
+    pub(crate) latency: LatencyHistogram,
+}
+
+impl CounterValues {
+    pub(crate) fn add(&mut self, other: &CounterValues) {
+        self.in_flight += other.in_flight;
+        self.selections += other.selections;
+        self.successes += other.successes;
+        self.failures += other.failures;
+        self.latency.merge(&other.latency);
+    }
+
+    /// As [`add`](Self::add) without the latency histogram (summed separately).
+    pub(crate) fn add_counts(&mut self, other: &CounterValues) {
+        self.in_flight += other.in_flight;
+        self.selections += other.selections;
+        self.successes += other.successes;
+        self.failures += other.failures;
+    }
+}
+
+/// What one endpoint looks like to metrics, read under the control lock.
+#[derive(Debug)]
+pub(crate) struct EndpointCounters {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) routable: bool,
+    pub(crate) health: EndpointHealth,
+    pub(crate) effective_weight: u32,
+    pub(crate) ejections: u32,
+    pub(crate) consecutive_failures: u64,
+    pub(crate) counters: CounterValues,
+    pub(crate) check: Option<HealthStatus>,
+    pub(crate) latency_estimate: Option<Duration>,
+}
+
+/// Counters of one service, read under the control lock.
+#[derive(Debug)]
+pub(crate) struct ServiceCounters {
+    pub(crate) name: DataArc<str>,
+    pub(crate) strategy: LoadBalancingStrategy,
+    pub(crate) table_version: u64,
+    pub(crate) membership_version: u64,
+    pub(crate) panic: bool,
+    pub(crate) endpoints: Vec<EndpointCounters>,
+    /// Removed endpoints (retiring and retired) together.
+    pub(crate) removed: CounterValues,
 }

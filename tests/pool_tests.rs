@@ -606,8 +606,7 @@ async fn bad_config_is_a_typed_error_naming_the_field() {
         ),
         (
             PoolConfig {
-                min_connections: 5,
-                max_connections: 2,
+                min_connections: usize::MAX,
                 ..Default::default()
             },
             "pool.min_connections",

@@ -51,8 +51,8 @@ mod model {
                     seen
                 })
             };
-            block_on(queue.push(1));
-            block_on(queue.push(2));
+            assert!(block_on(queue.push(1)));
+            assert!(block_on(queue.push(2)));
             queue.close();
             assert_eq!(consumer.join().unwrap(), vec![1, 2]);
         });

@@ -33,91 +33,64 @@
 //!   balancer that was never started applies changes but does not run timers.
 #![deny(unsafe_code)]
 
-pub(crate) mod queue;
 mod service;
+#[cfg(all(test, not(tai_loadbalancer_loom)))]
+mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
-use crate::endpoint::Endpoint;
-use crate::stats::RoutingUpdate;
+use crate::config::LoadBalancerConfig;
+use crate::config::strategy::LoadBalancingStrategy;
+use crate::error::Error;
+use crate::handoff::queue::{Ack, AckOutcome, Queue};
+use crate::handoff::{Command, ControlEvent, HealthSource, MembershipSource, OutlierSink, Watcher};
+use crate::stats::{RoutingUpdate, ServiceCounters};
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{Arc, DataArc, DataWeak, Mutex, SnapshotCell, mpsc, thread};
-use crate::table::{Directory, Miss, OutlierSink};
-use crate::{Error, HealthStatus, LoadBalancerConfig, LoadBalancingStrategy};
-use queue::{Ack, Envelope, Queue};
+use crate::table::{Directory, Miss};
 use service::ServiceControl;
-pub(crate) use service::{EndpointCounters, ServiceCounters};
 
-/// A change for the control plane.
-#[derive(Debug)]
-pub(crate) enum Command {
-    /// The membership of this service changed in the registry (or it was created or removed):
-    /// read it again.
-    Changed(DataArc<str>),
-    /// A hash-keyed pick found no ring on this service's table: build rings for it.
-    WantRing(DataArc<str>),
-    /// The active health of an endpoint of this service changed: read it again.
-    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
-    HealthChanged(DataArc<str>),
-    /// An endpoint reached its consecutive-failure threshold (outlier detection).
-    Outlier {
-        service: DataArc<str>,
-        address: SocketAddr,
-    },
-    /// An operator marked an endpoint down (`true`) or up again (`false`).
-    MarkDown {
-        service: DataArc<str>,
-        address: SocketAddr,
-        down: bool,
-    },
-    /// Start (`true`) or stop draining an endpoint: no new picks, requests in flight finish.
-    Drain {
-        service: DataArc<str>,
-        address: SocketAddr,
-        draining: bool,
-    },
-    /// Route the service to the first healthy endpoint of this order (`None`: by strategy).
-    Failover {
-        service: DataArc<str>,
-        order: Option<Vec<SocketAddr>>,
-    },
+/// Test-only fault injection: panics at chosen points of the control plane.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::sync::Mutex;
+
+    /// Services whose next `n` rebuilds panic.
+    static REBUILDS: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+    /// Control-plane threads (by name) that die at their next step.
+    static THREADS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// Makes the next `times` rebuilds of `service` panic.
+    pub(crate) fn panic_in_rebuild(service: &str, times: usize) {
+        REBUILDS.lock().unwrap().push((service.to_owned(), times));
+    }
+
+    /// Makes the control-plane thread named `name` die at its next step.
+    pub(crate) fn kill_thread(name: &str) {
+        THREADS.lock().unwrap().push(name.to_owned());
+    }
+
+    pub(super) fn maybe_panic_in_rebuild(service: &str) {
+        let mut rebuilds = REBUILDS.lock().unwrap();
+        if let Some(entry) = rebuilds.iter_mut().find(|(s, n)| s == service && *n > 0) {
+            entry.1 -= 1;
+            drop(rebuilds);
+            panic!("injected fault: rebuild of `{service}`");
+        }
+    }
+
+    pub(super) fn maybe_kill_thread(name: &str) {
+        let mut threads = THREADS.lock().unwrap();
+        if let Some(i) = threads.iter().position(|t| t == name) {
+            threads.remove(i);
+            drop(threads);
+            panic!("injected fault: control-plane thread `{name}` dies");
+        }
+    }
 }
-
-/// Where the control plane reads memberships from (the registry; a trait so the control
-/// plane does not depend on the registry's internals).
-pub(crate) trait MembershipSource {
-    /// The current membership of `service` (sorted by address) and its version, `None` if
-    /// the service does not exist.
-    fn membership(&self, service: &str) -> Option<(u64, DataArc<[Endpoint]>)>;
-}
-
-/// Where the control plane reads active health from (the health checker).
-pub(crate) trait HealthSource: Send + Sync {
-    /// Members of `service` currently failing their checks.
-    fn unhealthy(&self, service: &str) -> Vec<SocketAddr>;
-    /// The check status of one endpoint, for metrics.
-    fn status(&self, service: &str, address: SocketAddr) -> Option<HealthStatus>;
-}
-
-/// What the control plane tells its subscribers.
-#[derive(Clone, Debug)]
-pub(crate) enum ControlEvent {
-    /// A table was published.
-    Published(RoutingUpdate),
-    /// A removed endpoint's requests are finished (or abandoned at the drain timeout).
-    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
-    Released {
-        service: String,
-        released: crate::rebalance::ReleasedEndpoint,
-    },
-}
-
-/// A subscriber: called for each event on the control plane's thread; must not block.
-/// Returns `false` to unsubscribe.
-pub(crate) type Watcher = Box<dyn FnMut(&ControlEvent) -> bool + Send>;
 
 /// What a control step reads from.
 #[derive(Clone, Copy)]
@@ -135,125 +108,154 @@ struct ControlState {
     stopped: bool,
 }
 
+/// Services whose changes a step could not publish, with the reason.
+type Failed = HashMap<DataArc<str>, DataArc<str>, ahash::RandomState>;
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> DataArc<str> {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
+    DataArc::from(text.as_str())
+}
+
 impl ControlState {
-    /// Applies a batch and publishes what changed.
+    /// Applies a batch and publishes what changed. Each service is applied on its own, under
+    /// `catch_unwind`: a panic while applying one service's changes (a bug, or a panicking
+    /// source) is logged at error level and reported in the result, and the other services of
+    /// the batch are still published.
     fn step(
         &mut self,
         cfg: &Settings,
         sources: &Sources<'_>,
         directory: &SnapshotCell<Directory>,
-        batch: impl Iterator<Item = Command>,
-    ) {
+        batch: Vec<Command>,
+    ) -> Failed {
+        let mut failed = Failed::default();
         if self.stopped {
-            return;
+            return failed;
         }
         let now = Instant::now();
-        let mut dirty: Vec<DataArc<str>> = Vec::new();
-        let mut changed: Vec<DataArc<str>> = Vec::new();
+        // Group by service, keeping each service's commands in push order.
+        let mut groups: Vec<(DataArc<str>, Vec<Command>)> = Vec::new();
         for command in batch {
-            match command {
-                Command::Changed(service) => {
-                    if !changed.contains(&service) {
-                        changed.push(service);
-                    }
-                }
-                Command::WantRing(service) | Command::HealthChanged(service) => {
-                    if let Some(sc) = self.services.get_mut(&service) {
-                        if sc.mark() {
-                            dirty.push(sc.name.clone());
-                        }
-                    }
-                }
-                Command::Outlier { service, address } => {
-                    if let Some(sc) = self.services.get_mut(&service) {
-                        if sc.eject(address, cfg, now) && sc.mark() {
-                            dirty.push(sc.name.clone());
-                        }
-                    }
-                }
-                Command::MarkDown {
-                    service,
-                    address,
-                    down,
-                } => {
-                    if let Some(sc) = self.services.get_mut(&service) {
-                        if sc.mark_down(address, down) && sc.mark() {
-                            dirty.push(sc.name.clone());
-                        }
-                    }
-                }
-                Command::Drain {
-                    service,
-                    address,
-                    draining,
-                } => {
-                    if let Some(sc) = self.services.get_mut(&service) {
-                        if sc.set_draining(address, draining) && sc.mark() {
-                            dirty.push(sc.name.clone());
-                        }
-                    }
-                }
-                Command::Failover { service, order } => {
-                    if let Some(sc) = self.services.get_mut(&service) {
-                        sc.failover_order = order;
-                        if sc.mark() {
-                            dirty.push(sc.name.clone());
-                        }
-                    }
-                }
+            let service = command.service().clone();
+            match groups.iter_mut().find(|(s, _)| *s == service) {
+                Some((_, commands)) => commands.push(command),
+                None => groups.push((service, vec![command])),
             }
         }
         let mut directory_changed = false;
-        for service in changed {
+        for (service, commands) in groups {
+            let applied = catch_unwind(AssertUnwindSafe(|| {
+                self.apply(&service, commands, cfg, sources, now)
+            }));
+            match applied {
+                Ok(changed) => directory_changed |= changed,
+                Err(payload) => {
+                    let reason = panic_message(&*payload);
+                    tracing::error!(service = %service, %reason, "control plane: applying a change panicked; its writers get an error, other services go on");
+                    // Whatever the panic left half-done is redone by the next command of
+                    // this service, whatever it is: the service stays marked for a rebuild,
+                    // and the next step that touches it rebuilds it.
+                    if let Some(sc) = self.services.get_mut(&service) {
+                        sc.dirty = true;
+                    }
+                    failed.insert(service, reason);
+                }
+            }
+        }
+        self.sweep(cfg, now);
+        if directory_changed {
+            self.publish_directory(directory);
+        }
+        failed
+    }
+
+    /// Applies the commands of one service, then re-reads its membership if it changed, and
+    /// rebuilds its table if anything changed. Returns whether the directory must be
+    /// republished (the service appeared or disappeared).
+    fn apply(
+        &mut self,
+        service: &DataArc<str>,
+        commands: Vec<Command>,
+        cfg: &Settings,
+        sources: &Sources<'_>,
+        now: Instant,
+    ) -> bool {
+        let mut reread = false;
+        // A service whose last rebuild failed is rebuilt by its next command, even one that
+        // changes nothing (a repeated mark-down whose first publication failed).
+        let mut dirty = self.services.get(service).is_some_and(|sc| sc.dirty);
+        for command in commands {
+            let Some(sc) = self.services.get_mut(service) else {
+                reread |= matches!(command, Command::Changed(_));
+                continue;
+            };
+            dirty |= match command {
+                Command::Changed(_) => {
+                    reread = true;
+                    false
+                }
+                Command::WantRing(_) | Command::HealthChanged(_) => true,
+                Command::Outlier { address, .. } => sc.eject(address, cfg, now),
+                Command::MarkDown { address, down, .. } => sc.mark_down(address, down),
+                Command::Drain {
+                    address, draining, ..
+                } => sc.set_draining(address, draining),
+                Command::Failover { order, .. } => {
+                    sc.failover_order = order;
+                    true
+                }
+            };
+        }
+        let mut directory_changed = false;
+        if reread {
             match (
-                sources.membership.membership(&service),
-                self.services.get_mut(&service),
+                sources.membership.membership(service),
+                self.services.get_mut(service),
             ) {
                 (Some((version, endpoints)), Some(sc)) => {
                     if version > sc.membership_version {
                         sc.membership_version = version;
                         sc.endpoints = endpoints;
-                        if sc.mark() {
-                            dirty.push(sc.name.clone());
-                        }
+                        dirty = true;
                     }
                 }
                 (Some((version, endpoints)), None) => {
                     let mut sc =
-                        ServiceControl::new(service.clone(), cfg.strategy_for(&service), cfg.hash_slots);
+                        ServiceControl::new(service.clone(), cfg.strategy_for(service), cfg.hash_slots);
                     sc.membership_version = version;
                     sc.endpoints = endpoints;
-                    dirty.push(sc.name.clone());
-                    self.services.insert(service, sc);
+                    self.services.insert(service.clone(), sc);
+                    dirty = true;
                     directory_changed = true;
                 }
                 (None, Some(_)) => {
-                    if let Some(mut sc) = self.services.remove(&service) {
-                        let update = sc.bury(Miss::Removed, cfg.strategy_for(&service), cfg.hash_slots);
+                    if let Some(mut sc) = self.services.remove(service) {
+                        let update = sc.bury(Miss::Removed, cfg.strategy_for(service), cfg.hash_slots);
                         self.announce(update);
                         tracing::debug!(service = %sc.name, "service removed");
                     }
-                    directory_changed = true;
+                    return true;
                 }
                 (None, None) => {}
             }
         }
-        self.rebuild(dirty, cfg, sources, now);
-        if directory_changed {
-            self.publish_directory(directory);
-        }
-    }
-
-    /// Rebuilds the named services that are still dirty, and sweeps retired generations.
-    fn rebuild(&mut self, dirty: Vec<DataArc<str>>, cfg: &Settings, sources: &Sources<'_>, now: Instant) {
-        for name in dirty {
-            if let Some(sc) = self.services.get_mut(&name) {
-                if sc.dirty {
-                    let update = sc.rebuild(cfg, sources, now);
-                    self.announce(update);
-                }
+        if dirty {
+            if let Some(sc) = self.services.get_mut(service) {
+                sc.dirty = true;
+                let update = sc.rebuild(cfg, sources, now);
+                self.announce(update);
             }
         }
+        directory_changed
+    }
+
+    /// Sweeps retired generations of every service (and releases timed-out drains).
+    fn sweep(&mut self, cfg: &Settings, now: Instant) {
         let drain_timeout = cfg.config.rebalance.strategy.drain_timeout();
         let mut released = Vec::new();
         for sc in self.services.values_mut() {
@@ -277,12 +279,30 @@ impl ControlState {
         let drain_timeout = cfg.config.rebalance.strategy.drain_timeout();
         let mut dirty = Vec::new();
         for sc in self.services.values_mut() {
-            if sc.next_deadline(drain_timeout).is_some_and(|d| d <= now) && sc.tick(cfg, now) && sc.mark() {
+            if sc.next_deadline(drain_timeout).is_some_and(|d| d <= now) && sc.tick(cfg, now) {
                 dirty.push(sc.name.clone());
             }
         }
-        // Rebuilding also sweeps retired generations (and releases timed-out drains).
-        self.rebuild(dirty, cfg, sources, now);
+        for name in dirty {
+            let rebuilt = catch_unwind(AssertUnwindSafe(|| {
+                self.services
+                    .get_mut(&name)
+                    .map(|sc| sc.rebuild(cfg, sources, now))
+            }));
+            match rebuilt {
+                Ok(Some(update)) => self.announce(update),
+                Ok(None) => {}
+                Err(payload) => {
+                    let reason = panic_message(&*payload);
+                    tracing::error!(service = %name, %reason, "control plane: a timer's rebuild panicked");
+                    if let Some(sc) = self.services.get_mut(&name) {
+                        sc.dirty = true;
+                    }
+                }
+            }
+        }
+        // Also releases timed-out drains.
+        self.sweep(cfg, now);
     }
 
     fn next_deadline(&self, cfg: &Settings) -> Option<Instant> {
@@ -301,9 +321,19 @@ impl ControlState {
         self.tell(ControlEvent::Published(update));
     }
 
+    /// Calls every watcher; one that hung up (returns `false`) or panics is dropped, so a
+    /// broken subscriber never stops publication.
     fn tell(&mut self, event: ControlEvent) {
         if !self.watchers.is_empty() {
-            self.watchers.retain_mut(|w| w(&event));
+            self.watchers
+                .retain_mut(|w| match catch_unwind(AssertUnwindSafe(|| w(&event))) {
+                    Ok(keep) => keep,
+                    Err(payload) => {
+                        let reason = panic_message(&*payload);
+                        tracing::error!(%reason, "control plane: a subscriber panicked and was dropped");
+                        false
+                    }
+                });
         }
     }
 
@@ -359,13 +389,20 @@ impl fmt::Debug for Settings {
 
 // ===== impl ControlPlane =====
 
+/// The body of the control-plane thread, kept so a thread that died can be restarted.
+pub(crate) type Runner = DataArc<dyn Fn() + Send + Sync>;
+
 /// The write path of one balancer.
 pub(crate) struct ControlPlane {
     settings: Settings,
     queue: Queue<Command>,
     state: Mutex<ControlState>,
     thread: Mutex<Option<thread::JoinHandle<()>>>,
+    /// The thread's body, from [`start`](Self::start) until shutdown.
+    runner: Mutex<Option<Runner>>,
     running: AtomicBool,
+    /// Set by a dying thread (before it fails the commands still queued).
+    dead: AtomicBool,
 }
 
 impl ControlPlane {
@@ -379,7 +416,9 @@ impl ControlPlane {
                 stopped: false,
             }),
             thread: Mutex::new(None),
+            runner: Mutex::new(None),
             running: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
         }
     }
 
@@ -398,56 +437,141 @@ impl ControlPlane {
         self.queue.push_unacked(command);
     }
 
-    /// Whether the control-plane thread is running.
+    /// Whether the control-plane thread is running: started, and not dead.
     pub(crate) fn is_running(&self) -> bool {
         // Acquire pairs with the Release in `start`: a helper that sees `true` may leave the
         // queue to the thread.
-        self.running.load(Ordering::Acquire)
+        self.running.load(Ordering::Acquire) && self.thread_alive(&self.thread.lock())
+    }
+
+    fn thread_alive(&self, thread: &Option<thread::JoinHandle<()>>) -> bool {
+        // SeqCst pairs with the store in `run`'s exit guard: a writer that queued after the
+        // dying thread's last look at the queue sees the flag and revives the thread.
+        !self.dead.load(Ordering::SeqCst) && thread.as_ref().is_some_and(|h| !h.is_finished())
     }
 
     /// Applies queued commands on the caller's thread unless the control-plane thread runs.
+    /// A thread that died (it never should: every step runs under `catch_unwind`) is
+    /// restarted here, so the next write after a death revives it.
     pub(crate) fn help(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) {
-        if !self.is_running() {
-            while self.process(sources, directory) {}
+        if self.is_running() || self.revive() {
+            return;
+        }
+        while self.process(sources, directory) {}
+    }
+
+    /// Restarts a control-plane thread that was started and died. Returns whether a thread
+    /// runs afterwards.
+    fn revive(&self) -> bool {
+        if !self.running.load(Ordering::Acquire) || self.queue.is_closed() {
+            return false;
+        }
+        let Some(runner) = self.runner.lock().clone() else {
+            return false;
+        };
+        let mut thread = self.thread.lock();
+        if self.thread_alive(&thread) {
+            return true; // someone else revived it
+        }
+        if let Some(dead) = thread.take() {
+            let reason = match dead.join() {
+                Ok(()) => DataArc::from("it returned"),
+                Err(payload) => panic_message(&*payload),
+            };
+            tracing::error!(%reason, "control-plane thread died; restarting it");
+        }
+        self.dead.store(false, Ordering::SeqCst);
+        match thread::spawn(
+            self.settings.config.control_plane.thread_name.clone(),
+            move || runner(),
+        ) {
+            Ok(handle) => {
+                *thread = Some(handle);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot restart the control-plane thread; writers apply their changes themselves");
+                // Writers now apply their changes themselves.
+                self.running.store(false, Ordering::Release);
+                false
+            }
         }
     }
 
     /// Takes one batch (in push order, under the state lock), applies and publishes it, then
-    /// resolves its acks. Returns whether anything was taken.
+    /// resolves its acks: `Applied` for the published services, `Failed` with the reason for
+    /// a service whose application panicked (or for all of them if the step itself
+    /// panicked), `Stopped` after shutdown. Returns whether anything was taken.
     pub(crate) fn process(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) -> bool {
-        let acks: Vec<_> = {
-            let mut state = self.state.lock();
-            let batch: Vec<Envelope<Command>> = self.queue.take(self.settings.config.control_plane.max_batch);
-            if batch.is_empty() {
-                return false;
+        let mut state = self.state.lock();
+        let batch = self.queue.take(self.settings.config.control_plane.max_batch);
+        if batch.is_empty() {
+            return false;
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut commands = Vec::with_capacity(batch.len());
+        for envelope in batch {
+            if let Some(ack) = envelope.ack {
+                acks.push((envelope.command.service().clone(), ack));
             }
-            let mut acks = Vec::with_capacity(batch.len());
-            let commands = batch.into_iter().map(|e| {
-                acks.push(e.ack);
-                e.command
-            });
-            state.step(&self.settings, sources, directory, commands);
-            acks
-        };
-        drop(acks); // resolves every ack of the batch, after publication
+            commands.push(envelope.command);
+        }
+        let stopped = state.stopped;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            state.step(&self.settings, sources, directory, commands)
+        }));
+        drop(state);
+        // Resolved after publication and outside the lock.
+        match result {
+            _ if stopped => {
+                for (_, ack) in acks {
+                    ack.complete(AckOutcome::Stopped);
+                }
+            }
+            Ok(failed) => {
+                for (service, ack) in acks {
+                    ack.complete(match failed.get(&service) {
+                        None => AckOutcome::Applied,
+                        Some(reason) => AckOutcome::Failed(reason.clone()),
+                    });
+                }
+            }
+            Err(payload) => {
+                let reason = panic_message(&*payload);
+                tracing::error!(%reason, "control plane: a step panicked; its writers get an error");
+                for (_, ack) in acks {
+                    ack.complete(AckOutcome::Failed(reason.clone()));
+                }
+            }
+        }
         true
     }
 
-    /// Starts the control-plane thread (idempotent). `run` is its body.
-    pub(crate) fn start(&self, run: impl FnOnce() + Send + 'static) -> Result<(), Error> {
+    /// Starts the control-plane thread (idempotent; restarts a thread that died). `run` is
+    /// its body; it is kept to restart the thread.
+    pub(crate) fn start(&self, run: Runner) -> Result<(), Error> {
         let mut thread = self.thread.lock();
-        if thread.is_some() {
+        if self.thread_alive(&thread) {
             return Ok(());
         }
         if self.queue.is_closed() {
             return Err(Error::Stopped);
         }
-        let handle =
-            thread::spawn(self.settings.config.control_plane.thread_name.clone(), run).map_err(|e| {
-                Error::ControlPlane {
-                    message: e.to_string(),
-                }
-            })?;
+        if let Some(dead) = thread.take() {
+            if let Err(payload) = dead.join() {
+                let reason = panic_message(&*payload);
+                tracing::error!(%reason, "control-plane thread had died; restarting it");
+            }
+        }
+        self.dead.store(false, Ordering::SeqCst);
+        *self.runner.lock() = Some(run.clone());
+        let handle = thread::spawn(
+            self.settings.config.control_plane.thread_name.clone(),
+            move || run(),
+        )
+        .map_err(|e| Error::ControlPlane {
+            message: e.to_string(),
+        })?;
         *thread = Some(handle);
         // Release pairs with the Acquire in `is_running`.
         self.running.store(true, Ordering::Release);
@@ -455,15 +579,45 @@ impl ControlPlane {
     }
 
     /// The thread's loop: wait for commands or the next timer, process, until shut down.
+    /// Steps and timers run under `catch_unwind`; should the thread die anyway, the commands
+    /// still queued fail (their writers get an error, never a hang) and the next write
+    /// restarts it.
     pub(crate) fn run(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) {
+        struct OnExit<'a>(&'a ControlPlane);
+        impl Drop for OnExit<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    // Writers that queue from now on revive the thread (see `help`).
+                    self.0.dead.store(true, Ordering::SeqCst);
+                    let reason: DataArc<str> = DataArc::from("the control-plane thread died");
+                    tracing::error!("control-plane thread died; failing the changes it held");
+                    while !self.0.queue.is_empty() {
+                        for envelope in self.0.queue.take(usize::MAX) {
+                            if let Some(ack) = envelope.ack {
+                                ack.complete(AckOutcome::Failed(reason.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let _on_exit = OnExit(self);
         tracing::debug!("control plane thread started");
         loop {
             let deadline = self.state.lock().next_deadline(&self.settings);
             if !self.queue.wait_pending_until(deadline) {
                 break;
             }
+            #[cfg(test)]
+            fault::maybe_kill_thread(&self.settings.config.control_plane.thread_name);
             self.process(sources, directory);
-            self.state.lock().tick(&self.settings, sources);
+            let ticked = catch_unwind(AssertUnwindSafe(|| {
+                self.state.lock().tick(&self.settings, sources);
+            }));
+            if let Err(payload) = ticked {
+                let reason = panic_message(&*payload);
+                tracing::error!(%reason, "control plane: running timers panicked");
+            }
         }
         tracing::debug!("control plane thread stopped");
     }
@@ -478,6 +632,7 @@ impl ControlPlane {
                 tracing::error!("control plane thread panicked");
             }
         }
+        self.runner.lock().take();
         self.running.store(false, Ordering::Release);
         while self.process(sources, directory) {}
         let mut state = self.state.lock();

@@ -7,7 +7,9 @@
 //!   membership they were built from.
 //! * A member is *healthy* when its active checks pass and it is not ejected; it is
 //!   *routable* when healthy, or when the service is in panic (fewer than
-//!   `panic_threshold_percent` of members healthy), in which case every member is.
+//!   `panic_threshold_percent` of the members not marked down or draining are healthy), in
+//!   which case every member not marked down or draining is. An operator's decision always
+//!   holds: marked-down and draining members are never routable.
 //! * Health never changes the consistent-hash ring (it is a function of addresses and
 //!   registered weights), so health flaps move no keys of healthy endpoints.
 //! * Ejection and ramp records exist only for current members.
@@ -18,16 +20,24 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{Settings, Sources};
+use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
-use crate::rebalance::ReleasedEndpoint;
-use crate::stats::{EndpointHealth, RoutingUpdate};
+use crate::stats::ReleasedEndpoint;
+use crate::stats::{EndpointCounters, EndpointHealth, RoutingUpdate, ServiceCounters};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
 use crate::table::build::{RingCache, TableInput, build};
 use crate::table::{
     CounterValues, EndpointState, Member, MemberHealth, Miss, OutlierReport, ServiceSlot, ServiceTable,
 };
-use crate::{HealthStatus, LoadBalancingStrategy};
+
+/// `now + d`, saturating instead of overflowing: validated durations are bounded (a day at
+/// most), so this only guards against a bound being raised without a look at this sum.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
 
 /// A retired endpoint generation waiting for its guards.
 pub(super) struct Retiring {
@@ -46,33 +56,6 @@ struct Ejection {
     count: u32,
     /// When `until` was last set or cleared.
     changed: Instant,
-}
-
-/// What one endpoint looks like to metrics, read under the control lock.
-#[derive(Debug)]
-pub(crate) struct EndpointCounters {
-    pub(crate) endpoint: Endpoint,
-    pub(crate) routable: bool,
-    pub(crate) health: EndpointHealth,
-    pub(crate) effective_weight: u32,
-    pub(crate) ejections: u32,
-    pub(crate) consecutive_failures: u64,
-    pub(crate) counters: CounterValues,
-    pub(crate) check: Option<HealthStatus>,
-    pub(crate) latency_estimate: Option<Duration>,
-}
-
-/// Counters of one service, read under the control lock.
-#[derive(Debug)]
-pub(crate) struct ServiceCounters {
-    pub(crate) name: DataArc<str>,
-    pub(crate) strategy: LoadBalancingStrategy,
-    pub(crate) table_version: u64,
-    pub(crate) membership_version: u64,
-    pub(crate) panic: bool,
-    pub(crate) endpoints: Vec<EndpointCounters>,
-    /// Removed endpoints (retiring and retired) together.
-    pub(crate) removed: CounterValues,
 }
 
 pub(super) struct ServiceControl {
@@ -142,11 +125,6 @@ impl ServiceControl {
         }
     }
 
-    /// Marks the service for a rebuild; returns whether it was clean before.
-    pub(super) fn mark(&mut self) -> bool {
-        !std::mem::replace(&mut self.dirty, true)
-    }
-
     /// Rebuilds and publishes this service's table.
     pub(super) fn rebuild(
         &mut self,
@@ -155,6 +133,8 @@ impl ServiceControl {
         now: Instant,
     ) -> RoutingUpdate {
         let started = Instant::now();
+        #[cfg(test)]
+        super::fault::maybe_panic_in_rebuild(&self.name);
         let strategy = settings.strategy_for(&self.name);
         let shards = crate::sync::shard_count();
         let slow_start = &settings.config.slow_start;
@@ -237,19 +217,26 @@ impl ServiceControl {
                 }
             })
             .collect();
+        // Panic mode is about health (active checks and outlier ejection), never about what
+        // an operator decided: marked-down and draining members are left out of the count and
+        // stay out of routing in panic (as Envoy leaves its excluded hosts out).
         let healthy = members.iter().filter(|m| m.routable).count();
+        let eligible = members
+            .iter()
+            .filter(|m| !m.health.is_operator_decision())
+            .count();
         let threshold = u64::from(settings.config.panic_threshold_percent);
-        let panic = !members.is_empty() && (healthy as u64) * 100 < threshold * members.len() as u64;
+        let panic = eligible > 0 && (healthy as u64) * 100 < threshold * eligible as u64;
         if panic {
             for m in &mut members {
-                m.routable = true;
+                m.routable = !m.health.is_operator_decision();
             }
         }
         if panic != self.panic {
             if panic {
-                tracing::warn!(service = %self.name, healthy, total = members.len(), "panic mode: routing to all endpoints");
+                tracing::warn!(service = %self.name, healthy, eligible, total = members.len(), "panic mode: routing to every endpoint not marked down or draining");
             } else {
-                tracing::info!(service = %self.name, healthy, total = members.len(), "panic mode over");
+                tracing::info!(service = %self.name, healthy, eligible, total = members.len(), "panic mode over");
             }
         }
         self.panic = panic;
@@ -261,10 +248,7 @@ impl ServiceControl {
         let update = RoutingUpdate {
             service: self.name.to_string(),
             version: self.table_version,
-            endpoints: members
-                .iter()
-                .map(|m| (m.state.address(), m.health.into()))
-                .collect(),
+            endpoints: members.iter().map(|m| (m.state.address(), m.health)).collect(),
             routable: members
                 .iter()
                 .filter(|m| m.routable)
@@ -345,7 +329,7 @@ impl ServiceControl {
         } else if self.ramp_tick.is_none() {
             let step = (settings.config.slow_start.window / 20)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1));
-            self.ramp_tick = Some(now + step);
+            self.ramp_tick = Some(later(now, step));
         }
     }
 
@@ -439,8 +423,8 @@ impl ServiceControl {
         let duration = od
             .base_ejection_time
             .saturating_mul(e.count)
-            .min(od.max_ejection_time);
-        e.until = Some(now + duration);
+            .min(od.effective_max_ejection_time());
+        e.until = Some(later(now, duration));
         e.changed = now;
         tracing::warn!(
             service = %self.name,
@@ -608,7 +592,7 @@ impl ServiceControl {
                 EndpointCounters {
                     endpoint: s.endpoint().clone(),
                     routable: member.is_some_and(|m| m.routable),
-                    health: member.map_or(EndpointHealth::Healthy, |m| m.health.into()),
+                    health: member.map_or(EndpointHealth::Healthy, |m| m.health),
                     effective_weight: member.map_or(s.endpoint().weight(), |m| m.effective_weight),
                     ejections: self.ejections.get(&s.address()).map_or(0, |e| e.count),
                     consecutive_failures: s.failures().consecutive(),

@@ -23,8 +23,8 @@ use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
 use super::{Backoff, Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
 use crate::Error;
+use crate::endpoint::validate_service_name;
 use crate::endpoint::{Endpoint, EndpointMetadata};
-use crate::registry::validate_service_name;
 
 /// Tag holding an SRV record's priority.
 const TAG_PRIORITY: &str = "srv_priority";
@@ -219,8 +219,9 @@ impl DnsConfig {
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming the field: refresh bounds with `min` zero or above
-    /// `max`, jitter outside `0.0..=0.5`, a zero timeout, backoff with `initial` zero or above
-    /// `max`, a name server on port 0 or the unspecified address.
+    /// `max` (or `max` above a day), jitter outside `0.0..=0.5`, a timeout that is zero or
+    /// above an hour, backoff with `initial` zero or above `max` (or `max` above a day), a
+    /// name server on port 0 or the unspecified address.
     pub fn validate(&self) -> Result<(), Error> {
         if self.min_refresh.is_zero() || self.min_refresh > self.max_refresh {
             return Err(Error::invalid_config(
@@ -237,8 +238,22 @@ impl DnsConfig {
                 format!("{} is outside 0.0..=0.5", self.jitter),
             ));
         }
-        if self.timeout.is_zero() {
-            return Err(Error::invalid_config("dns.timeout", "must be above zero"));
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
+            return Err(Error::invalid_config(
+                "dns.timeout",
+                "must be above zero and at most an hour",
+            ));
+        }
+        for (field, value) in [
+            ("dns.refresh", self.max_refresh),
+            ("dns.backoff", self.backoff_max),
+        ] {
+            if value > Duration::from_secs(24 * 3600) {
+                return Err(Error::invalid_config(
+                    field,
+                    format!("max ({value:?}) must be at most a day"),
+                ));
+            }
         }
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
             return Err(Error::invalid_config(

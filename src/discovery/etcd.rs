@@ -54,9 +54,9 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOp
 use serde::{Deserialize, Serialize};
 
 use super::{Backoff, Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
+use crate::endpoint::validate_service_name;
 use crate::endpoint::{Endpoint, EndpointMetadata};
 use crate::error::{Error, truncate};
-use crate::registry::validate_service_name;
 use crate::sync::DataArc;
 use crate::sync::atomic::{AtomicU64, Ordering};
 
@@ -228,8 +228,9 @@ impl EtcdConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field: no endpoints, an endpoint that is not
     /// `http://host:port` (or `host:port`; TLS is not built in), a root that is empty, does
-    /// not end with `/` or has control characters, a zero timeout, a backoff whose initial
-    /// delay is zero or above its maximum, or a range page size outside 1..=100,000.
+    /// not end with `/` or has control characters, a timeout that is zero or above an hour, a
+    /// backoff whose initial delay is zero or above its maximum (or a maximum above a day), or
+    /// a range page size outside 1..=100,000.
     pub fn validate(&self) -> Result<(), Error> {
         if self.endpoints.is_empty() {
             return Err(Error::invalid_config(
@@ -256,8 +257,17 @@ impl EtcdConfig {
                 "must be at most 1024 bytes without control characters",
             ));
         }
-        if self.request_timeout.is_zero() {
-            return Err(Error::invalid_config("etcd.request_timeout", "must be positive"));
+        if self.request_timeout.is_zero() || self.request_timeout > Duration::from_secs(3600) {
+            return Err(Error::invalid_config(
+                "etcd.request_timeout",
+                "must be positive and at most an hour",
+            ));
+        }
+        if self.backoff_max > Duration::from_secs(24 * 3600) {
+            return Err(Error::invalid_config(
+                "etcd.backoff",
+                "the maximum delay must be at most a day",
+            ));
         }
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
             return Err(Error::invalid_config(

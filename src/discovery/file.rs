@@ -20,8 +20,8 @@ use toml::Spanned;
 use super::{Discovery, DiscoverySink, MembershipUpdate, SourceHealth};
 use crate::Error;
 use crate::config::line_col;
+use crate::endpoint::validate_service_name;
 use crate::endpoint::{Endpoint, EndpointMetadata};
-use crate::registry::validate_service_name;
 
 /// How often [`FileDiscovery`] polls its file unless told otherwise.
 pub const DEFAULT_FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);

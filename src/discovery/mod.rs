@@ -337,7 +337,7 @@ impl fmt::Debug for DiscoverySink {
 /// are dropped and described).
 fn sanitize(update: MembershipUpdate) -> (Result<MembershipUpdate, crate::Error>, Vec<String>) {
     let mut malformed = Vec::new();
-    if let Err(error) = crate::registry::validate_service_name(update.service()) {
+    if let Err(error) = crate::endpoint::validate_service_name(update.service()) {
         return (Err(error), malformed);
     }
     let mut keep_valid = |endpoints: Vec<Endpoint>| {

@@ -37,9 +37,9 @@ use tower::{Service, ServiceExt};
 use super::body::{BalancedBody, FailureCodes, Recorder, Replay, grpc_status};
 use super::retry::{Idempotent, RetryBudget, RetryPolicy, format_grpc_timeout, parse_grpc_timeout};
 use crate::balancer::{IntegratedLoadBalancer, Route};
-use crate::control::ControlEvent;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::handoff::ControlEvent;
 use crate::pick::Outcome;
 use crate::pick::consistent::hash_key;
 use crate::sync::atomic::{AtomicUsize, Ordering};
@@ -286,7 +286,7 @@ impl BalancedChannelBuilder {
         if let Some(error) = self.key_error {
             return Err(error);
         }
-        crate::registry::validate_service_name(&self.service)?;
+        crate::endpoint::validate_service_name(&self.service)?;
         self.retry.validate()?;
         let bad = |field: &str, reason: &str| Error::InvalidConfig {
             field: format!("grpc.{field}"),

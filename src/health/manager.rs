@@ -10,20 +10,15 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::probe::{Probe, Recheck};
-use super::{HealthState, HealthStatus};
-use crate::control::queue::Ack;
-use crate::control::{Command, HealthSource, MembershipSource};
+use crate::config::health::HealthCheckConfig;
 use crate::endpoint::Endpoint;
-use crate::registry::{MembershipSink, ServiceRegistry};
+use crate::error::Error;
+use crate::handoff::queue::Ack;
+use crate::handoff::{Command, HealthSink, HealthSource, MembershipSink, MembershipSource};
+use crate::registry::ServiceRegistry;
+use crate::stats::{HealthState, HealthStatus};
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{DataArc, DataWeak, Mutex, random_below};
-use crate::{Error, HealthCheckConfig};
-
-/// Who wants to hear about health transitions (a balancer's control plane).
-pub(crate) trait HealthSink: Send + Sync {
-    /// An endpoint of `service` changed state.
-    fn health_changed(&self, service: &DataArc<str>);
-}
 
 struct Target {
     endpoint: Endpoint,
@@ -69,7 +64,7 @@ struct Inner {
 
 /// Active health checking of every endpoint of a registry.
 ///
-/// Each endpoint is probed every `interval` (plus up to `jitter`; first probes spread over one
+/// Each endpoint is probed every `interval` (plus up to `jitter`, clamped to half the interval; first probes spread over one
 /// interval), with at most `max_concurrent` probes at once and `timeout` enforced on each.
 /// `unhealthy_threshold` failures in a row (not counting those in the endpoint's
 /// `grace_period` after registration) make it unhealthy; `healthy_threshold` successes in a
@@ -145,7 +140,11 @@ impl HealthCheckManager {
     pub(crate) fn attach(&self) -> impl Future<Output = ()> + use<> {
         let sink: DataWeak<dyn MembershipSink> =
             DataArc::downgrade(&self.inner) as DataWeak<dyn MembershipSink>;
-        self.inner.registry.attach(sink)
+        let attached = self.inner.registry.attach(sink);
+        // The manager's own sink acknowledges at once and never fails.
+        async move {
+            let _ = attached.await;
+        }
     }
 
     /// Tells `sink` about every transition from now on.
@@ -336,6 +335,33 @@ impl fmt::Debug for HealthCheckManager {
     }
 }
 
+// ===== impl CatchUnwind =====
+
+/// A future that turns a panic while polling the inner future into `Err(message)`.
+struct CatchUnwind<'a, T>(std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>);
+
+impl<T> Future for CatchUnwind<'_, T> {
+    type Output = Result<T, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(poll) => poll.map(Ok),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic with a non-string payload".to_owned());
+                std::task::Poll::Ready(Err(message))
+            }
+        }
+    }
+}
+
 // ===== impl Inner =====
 
 impl Inner {
@@ -471,9 +497,13 @@ impl Inner {
         let tls = self.tls.lock().get(&*due.service).cloned();
         #[cfg(not(feature = "tls"))]
         let tls: Option<super::probe::Tls> = None;
-        let check = self.probe.check(&due.endpoint, tls.as_ref());
+        // A check that panics (a custom one with a bug) is a failed check with the panic's
+        // message as its reason: the endpoint keeps being checked, and the scheduler, the
+        // other checks and the balancer never see the panic.
+        let check = CatchUnwind(Box::pin(self.probe.check(&due.endpoint, tls.as_ref())));
         let result = match tokio::time::timeout(self.config.timeout, check).await {
-            Ok(result) => result,
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => Err(format!("the check panicked: {panic}")),
             Err(_) => Err(format!("timed out after {:?}", self.config.timeout)),
         };
         let latency = started.elapsed();
@@ -510,7 +540,7 @@ impl Inner {
         target.next_due = if std::mem::take(&mut target.recheck) {
             now
         } else {
-            now + config.interval + Self::random_delay(config.jitter)
+            now + config.interval + Self::random_delay(config.effective_jitter())
         };
         let in_grace = now.saturating_duration_since(target.registered_at) < config.grace_period;
         let status = &mut target.status;

@@ -5,12 +5,10 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use super::HealthCheck;
 #[cfg(feature = "grpc")]
 use super::grpc_watch::WatchProbe;
-use crate::HealthCheckConfig;
+use crate::config::health::{HealthCheck, HealthCheckConfig, HealthCheckKind, StatusRange};
 use crate::endpoint::Endpoint;
-use crate::health::config::{HealthCheckKind, StatusRange};
 use crate::sync::{DataArc, DataWeak};
 
 /// The TLS settings a check of one service uses: the service's [`ClientTls`] (feature

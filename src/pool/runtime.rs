@@ -11,11 +11,12 @@ use std::pin::Pin as StdPin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::PoolStats;
 use super::slots::{Acquired, Aftermath, Grant, Refused, Slots, Tracked};
-use super::{PoolConfig, PoolStats};
-use crate::control::ControlEvent;
+use crate::config::pool::PoolConfig;
 use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::handoff::ControlEvent;
 use crate::stats::EndpointHealth;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::clock::Clock;
@@ -766,7 +767,7 @@ impl<C: Connector> ConnectionPool<C> {
                 &mut after,
             );
             pool.finish(after);
-            let want = pool.slots.reserve(inner.config.min_connections);
+            let want = pool.slots.reserve(inner.config.effective_min_connections());
             for _ in 0..want {
                 let this = self.clone();
                 let pool = pool.clone();

@@ -41,12 +41,14 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::LoadBalancingStrategy;
+use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
+pub(crate) use crate::handoff::OutlierSink;
 use crate::histogram::{AtomicHistogram, LatencyHistogram};
 use crate::pick::consistent::HashRing;
 use crate::pick::peak_ewma::{RttEstimate, now_ns};
 use crate::pick::weighted::Schedule;
+pub(crate) use crate::stats::CounterValues;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::sync::{Arc, CachePadded, DataArc, DataWeak, SnapshotCell};
 
@@ -86,12 +88,6 @@ pub(crate) struct Pin {
 }
 
 // ===== impl Failures =====
-
-/// Where a run of consecutive failures is reported (the balancer's control plane).
-pub(crate) trait OutlierSink: Send + Sync {
-    /// `address` of `service` reached its consecutive-failure threshold.
-    fn consecutive_failures(&self, service: &DataArc<str>, address: SocketAddr);
-}
 
 /// Whom to tell when the threshold is reached.
 pub(crate) struct OutlierReport {
@@ -147,34 +143,6 @@ impl Failures {
 
     pub(crate) fn consecutive(&self) -> u64 {
         self.consecutive.load(Ordering::Relaxed)
-    }
-}
-
-/// A point-in-time sum of counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct CounterValues {
-    pub(crate) in_flight: u64,
-    pub(crate) selections: u64,
-    pub(crate) successes: u64,
-    pub(crate) failures: u64,
-    pub(crate) latency: LatencyHistogram,
-}
-
-impl CounterValues {
-    pub(crate) fn add(&mut self, other: &CounterValues) {
-        self.in_flight += other.in_flight;
-        self.selections += other.selections;
-        self.successes += other.successes;
-        self.failures += other.failures;
-        self.latency.merge(&other.latency);
-    }
-
-    /// As [`add`](Self::add) without the latency histogram (summed separately).
-    pub(crate) fn add_counts(&mut self, other: &CounterValues) {
-        self.in_flight += other.in_flight;
-        self.selections += other.selections;
-        self.successes += other.successes;
-        self.failures += other.failures;
     }
 }
 
@@ -415,23 +383,12 @@ pub(crate) struct Member {
     /// Weight the weighted and least-connections strategies use (slow start ramps it).
     pub(crate) effective_weight: u32,
     pub(crate) health: MemberHealth,
-    /// Picks may return it: healthy, or every member while the service is in panic.
+    /// Picks may return it: healthy, or (while the service is in panic) any member not
+    /// marked down or draining.
     pub(crate) routable: bool,
 }
 
-/// Why a member is or is not healthy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum MemberHealth {
-    Healthy,
-    /// Failed its active health checks.
-    Unhealthy,
-    /// Ejected by outlier detection until the given time.
-    Ejected,
-    /// Marked down by an operator.
-    Down,
-    /// Being drained: no new picks; sticky sessions may finish moving off.
-    Draining,
-}
+pub(crate) use crate::stats::EndpointHealth as MemberHealth;
 
 impl Member {
     /// What the consistent-hash ring is a function of: address and weight.

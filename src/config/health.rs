@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::HealthCheck;
-use crate::Error;
+use crate::endpoint::Endpoint;
+use crate::error::Error;
 use crate::sync::DataArc;
 
 // ===== active checks =====
@@ -44,11 +44,14 @@ use crate::sync::DataArc;
 pub struct HealthCheckConfig {
     /// Run active checks (default `false`).
     pub enabled: bool,
-    /// Time between two checks of one endpoint (default 2 s, HAProxy's `inter`).
+    /// Time between two checks of one endpoint (default 2 s, HAProxy's `inter`; at most
+    /// [`MAX_CHECK_DURATION`]). Checks of one endpoint never overlap: the next one is due
+    /// `interval` (plus jitter) after the previous one finished.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// A check that has not answered within this time fails (default 1 s; must be shorter
-    /// than `interval`).
+    /// A check that has not answered within this time fails (default 1 s; at most
+    /// [`MAX_CHECK_DURATION`]). It may be longer than `interval`: a slow check only delays
+    /// the next one of the same endpoint.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Consecutive failures that take a healthy endpoint out of routing (default 3,
@@ -58,19 +61,48 @@ pub struct HealthCheckConfig {
     /// `rise`).
     pub healthy_threshold: u32,
     /// After an endpoint is registered, failures during this time do not count towards
-    /// `unhealthy_threshold` (default 10 s), so an instance still starting up is not ejected
-    /// before it had a chance. It is routable from the start.
+    /// `unhealthy_threshold` (default 10 s, at most a day), so an instance still starting up
+    /// is not ejected before it had a chance. It is routable from the start.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
-    /// Each check is delayed by a random amount up to this (default 200 ms; must be shorter
-    /// than `interval`). First checks are also spread over one `interval`, so 1,000
-    /// endpoints are never probed in one burst.
+    /// Each check is delayed by a random amount up to this (default 200 ms, at most
+    /// [`MAX_CHECK_DURATION`]). It follows the interval: a jitter longer than half of
+    /// `interval` is clamped to half of it (see [`effective_jitter`](Self::effective_jitter)),
+    /// so setting a short `interval` alone keeps checks roughly periodic. First checks are
+    /// also spread over one `interval`, so 1,000 endpoints are never probed in one burst.
     #[serde(with = "humantime_serde")]
     pub jitter: Duration,
-    /// Most checks in progress at once (default 64).
+    /// Most checks in progress at once (default 64, `1..=`[`MAX_CONCURRENT_CHECKS`]).
     pub max_concurrent: usize,
     /// What a check does (default: TCP connect).
     pub check: HealthCheckKind,
+}
+
+/// Longest accepted `health_check.interval`, `timeout` and `jitter`.
+pub const MAX_CHECK_DURATION: Duration = Duration::from_secs(3600);
+
+/// Most health checks in progress at once (`health_check.max_concurrent`).
+pub const MAX_CONCURRENT_CHECKS: usize = 65_536;
+
+/// Longest accepted `outlier_detection.base_ejection_time`, `max_ejection_time`, and
+/// `health_check.grace_period`.
+pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(24 * 3600);
+
+impl HealthCheckConfig {
+    /// The jitter checks actually use: `jitter`, clamped to half of `interval`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tai_loadbalancer::HealthCheckConfig;
+    ///
+    /// let fast = HealthCheckConfig { interval: Duration::from_millis(100), ..Default::default() };
+    /// fast.validate().unwrap(); // the default 200 ms jitter follows the interval
+    /// assert_eq!(fast.effective_jitter(), Duration::from_millis(50));
+    /// assert_eq!(HealthCheckConfig::default().effective_jitter(), Duration::from_millis(200));
+    /// ```
+    pub fn effective_jitter(&self) -> Duration {
+        self.jitter.min(self.interval / 2)
+    }
 }
 
 impl Default for HealthCheckConfig {
@@ -311,15 +343,36 @@ pub struct OutlierDetectionConfig {
     pub enabled: bool,
     /// Consecutive reported failures that eject an endpoint (default 5).
     pub consecutive_failures: u32,
-    /// First ejection lasts this long; the n-th lasts n times as long (default 30 s).
+    /// First ejection lasts this long; the n-th lasts n times as long (default 30 s, at
+    /// most [`MAX_EJECTION_TIME`]).
     #[serde(with = "humantime_serde")]
     pub base_ejection_time: Duration,
-    /// Cap on one ejection's duration (default 300 s).
+    /// Cap on one ejection's duration (default 300 s, at most [`MAX_EJECTION_TIME`]). As in
+    /// Envoy, the cap is this or `base_ejection_time`, whichever is larger (see
+    /// [`effective_max_ejection_time`](Self::effective_max_ejection_time)), so a long
+    /// `base_ejection_time` set alone is accepted.
     #[serde(with = "humantime_serde")]
     pub max_ejection_time: Duration,
     /// Most endpoints of a service ejected at once, in percent (default 10; at least one
     /// endpoint can always be ejected).
     pub max_ejection_percent: u32,
+}
+
+impl OutlierDetectionConfig {
+    /// The cap ejections actually use: the larger of `max_ejection_time` and
+    /// `base_ejection_time` (Envoy's rule).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tai_loadbalancer::OutlierDetectionConfig;
+    ///
+    /// let long = OutlierDetectionConfig { base_ejection_time: Duration::from_secs(600), ..Default::default() };
+    /// long.validate().unwrap();
+    /// assert_eq!(long.effective_max_ejection_time(), Duration::from_secs(600));
+    /// ```
+    pub fn effective_max_ejection_time(&self) -> Duration {
+        self.max_ejection_time.max(self.base_ejection_time)
+    }
 }
 
 impl Default for OutlierDetectionConfig {
@@ -383,28 +436,27 @@ fn bad(field: &str, reason: impl Into<String>) -> Error {
 impl HealthCheckConfig {
     /// Checks every field (prefix `health_check.`).
     pub fn validate(&self) -> Result<(), Error> {
-        if self.interval.is_zero() {
-            return Err(bad("health_check.interval", "must be greater than zero"));
+        for (field, value) in [
+            ("health_check.interval", self.interval),
+            ("health_check.timeout", self.timeout),
+        ] {
+            if value.is_zero() {
+                return Err(bad(field, "must be greater than zero"));
+            }
+            if value > MAX_CHECK_DURATION {
+                return Err(bad(field, format!("{value:?} is more than one hour")));
+            }
         }
-        if self.interval > Duration::from_secs(3600) {
-            return Err(bad("health_check.interval", "must be at most one hour"));
-        }
-        if self.timeout.is_zero() {
-            return Err(bad("health_check.timeout", "must be greater than zero"));
-        }
-        if self.timeout >= self.interval {
-            return Err(bad(
-                "health_check.timeout",
-                format!(
-                    "{:?} is not shorter than health_check.interval ({:?})",
-                    self.timeout, self.interval
-                ),
-            ));
-        }
-        if self.jitter >= self.interval {
+        if self.jitter > MAX_CHECK_DURATION {
             return Err(bad(
                 "health_check.jitter",
-                "must be shorter than health_check.interval",
+                format!("{:?} is more than one hour", self.jitter),
+            ));
+        }
+        if self.grace_period > MAX_EJECTION_TIME {
+            return Err(bad(
+                "health_check.grace_period",
+                format!("{:?} is more than a day", self.grace_period),
             ));
         }
         if self.unhealthy_threshold == 0 {
@@ -413,8 +465,14 @@ impl HealthCheckConfig {
         if self.healthy_threshold == 0 {
             return Err(bad("health_check.healthy_threshold", "must be at least 1"));
         }
-        if self.max_concurrent == 0 {
-            return Err(bad("health_check.max_concurrent", "must be at least 1"));
+        if !(1..=MAX_CONCURRENT_CHECKS).contains(&self.max_concurrent) {
+            return Err(bad(
+                "health_check.max_concurrent",
+                format!(
+                    "{} is not between 1 and {MAX_CONCURRENT_CHECKS}",
+                    self.max_concurrent
+                ),
+            ));
         }
         match &self.check {
             HealthCheckKind::Http {
@@ -498,11 +556,13 @@ impl OutlierDetectionConfig {
                 "must be greater than zero",
             ));
         }
-        if self.max_ejection_time < self.base_ejection_time {
-            return Err(bad(
-                "outlier_detection.max_ejection_time",
-                "must be at least outlier_detection.base_ejection_time",
-            ));
+        for (field, value) in [
+            ("outlier_detection.base_ejection_time", self.base_ejection_time),
+            ("outlier_detection.max_ejection_time", self.max_ejection_time),
+        ] {
+            if value > MAX_EJECTION_TIME {
+                return Err(bad(field, format!("{value:?} is more than a day")));
+            }
         }
         if self.max_ejection_percent > 100 {
             return Err(bad(
@@ -530,6 +590,36 @@ impl SlowStartConfig {
     }
 }
 
+// ===== custom checks =====
+
+/// A health check of your own, for [`HealthCheckKind::Custom`](crate::HealthCheckKind::Custom).
+///
+/// Return `Ok(())` when the endpoint is healthy, `Err(reason)` otherwise. The manager
+/// enforces the configured timeout around it and runs it concurrently with other checks.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::{Endpoint, HealthCheck, HealthCheckKind};
+///
+/// struct AlwaysUp;
+///
+/// #[async_trait::async_trait]
+/// impl HealthCheck for AlwaysUp {
+///     async fn check(&self, _endpoint: &Endpoint) -> Result<(), String> {
+///         Ok(())
+///     }
+/// }
+///
+/// let kind = HealthCheckKind::custom(AlwaysUp);
+/// # let _ = kind;
+/// ```
+#[async_trait::async_trait]
+pub trait HealthCheck: Send + Sync + 'static {
+    /// Probes `endpoint`.
+    async fn check(&self, endpoint: &Endpoint) -> Result<(), String>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,15 +642,29 @@ mod tests {
             }
         };
         assert_eq!(hc(|c| c.interval = Duration::ZERO), "health_check.interval");
-        assert_eq!(hc(|c| c.timeout = c.interval), "health_check.timeout");
+        assert_eq!(
+            hc(|c| c.timeout = Duration::from_secs(3601)),
+            "health_check.timeout"
+        );
         assert_eq!(hc(|c| c.timeout = Duration::ZERO), "health_check.timeout");
         assert_eq!(
             hc(|c| c.unhealthy_threshold = 0),
             "health_check.unhealthy_threshold"
         );
         assert_eq!(hc(|c| c.healthy_threshold = 0), "health_check.healthy_threshold");
-        assert_eq!(hc(|c| c.jitter = c.interval), "health_check.jitter");
+        assert_eq!(
+            hc(|c| c.jitter = Duration::from_secs(3601)),
+            "health_check.jitter"
+        );
         assert_eq!(hc(|c| c.max_concurrent = 0), "health_check.max_concurrent");
+        assert_eq!(
+            hc(|c| c.max_concurrent = usize::MAX),
+            "health_check.max_concurrent"
+        );
+        assert_eq!(
+            hc(|c| c.grace_period = Duration::MAX),
+            "health_check.grace_period"
+        );
         assert_eq!(
             hc(|c| c.check = HealthCheckKind::http("healthz")),
             "health_check.check.path"

@@ -3,17 +3,19 @@
 //!
 //! A writer (a registry call, later a health checker or a discovery source) pushes a command
 //! with an [`AckSender`] and awaits the paired [`Ack`]. The control plane completes the ack
-//! only *after* it has published the tables the command changed, which is what gives registry
-//! calls read-your-writes: when the ack resolves, every pick that starts afterwards loads the
-//! new table.
+//! with [`Applied`](AckOutcome::Applied) only *after* it has published the tables the command
+//! changed, which is what gives registry calls read-your-writes: when the ack resolves, every
+//! pick that starts afterwards loads the new table.
 //!
 //! # Invariants
 //!
 //! * Commands are taken in push order, and only while the control state lock is held
 //!   (see `ControlPlane::process`), so they are applied in the order writers pushed them.
-//! * An ack resolves exactly once: completed, or dropped (the control plane stopped or the
-//!   command was discarded). A dropped sender also resolves its ack, so a writer never waits
-//!   forever.
+//! * An ack resolves exactly once, and never to `Applied` for a change that was not
+//!   published: a sender dropped without [`AckSender::complete`] (a panic unwinding through
+//!   the control plane, a discarded command) resolves its ack to
+//!   [`Failed`](AckOutcome::Failed), so a writer never waits forever and never sees a false
+//!   success.
 #![deny(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -22,13 +24,39 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use crate::sync::{Arc, Condvar, Mutex};
+use crate::error::Error;
+use crate::sync::{Arc, Condvar, DataArc, Mutex};
 
 // ===== impl Ack =====
 
+/// How a command ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum AckOutcome {
+    /// Its effect is published.
+    Applied,
+    /// The balancer was stopped: nothing is published any more, and nothing needs to be.
+    Stopped,
+    /// The control plane could not publish it (a panic while applying it); the reason.
+    Failed(DataArc<str>),
+}
+
+impl AckOutcome {
+    /// The result a writer reports for a command of `service` that ended so.
+    pub(crate) fn into_result(self, service: &DataArc<str>) -> Result<(), Error> {
+        match self {
+            AckOutcome::Applied => Ok(()),
+            AckOutcome::Stopped => Err(Error::Stopped),
+            AckOutcome::Failed(reason) => Err(Error::PublishFailed {
+                service: service.clone(),
+                reason,
+            }),
+        }
+    }
+}
+
 #[derive(Default)]
 struct AckState {
-    done: bool,
+    outcome: Option<AckOutcome>,
     waker: Option<Waker>,
 }
 
@@ -56,27 +84,37 @@ pub(crate) fn ack_pair() -> (AckSender, Ack) {
 }
 
 impl Ack {
-    /// An ack that is already resolved.
+    /// An ack that is already resolved to `Applied` (nothing needed publishing).
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
     pub(crate) fn resolved() -> Ack {
         Ack { inner: None }
     }
 
+    /// An ack already resolved to `Stopped` (the queue is closed).
+    fn stopped() -> Ack {
+        let (sender, ack) = ack_pair();
+        sender.complete(AckOutcome::Stopped);
+        ack
+    }
+
     /// Whether the command was applied or abandoned.
     pub(crate) fn is_resolved(&self) -> bool {
-        self.inner.as_ref().is_none_or(|i| i.state.lock().done)
+        self.inner
+            .as_ref()
+            .is_none_or(|i| i.state.lock().outcome.is_some())
     }
 }
 
 impl Future for Ack {
-    type Output = ();
+    type Output = AckOutcome;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AckOutcome> {
         let Some(inner) = &self.inner else {
-            return Poll::Ready(());
+            return Poll::Ready(AckOutcome::Applied);
         };
         let mut state = inner.state.lock();
-        if state.done {
-            return Poll::Ready(());
+        if let Some(outcome) = &state.outcome {
+            return Poll::Ready(outcome.clone());
         }
         match &state.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -86,17 +124,36 @@ impl Future for Ack {
     }
 }
 
-impl Drop for AckSender {
-    fn drop(&mut self) {
+impl AckSender {
+    /// Resolves the ack to `outcome`.
+    pub(crate) fn complete(self, outcome: AckOutcome) {
+        self.resolve(outcome);
+        // `Drop` sees the outcome set and leaves it.
+    }
+
+    fn resolve(&self, outcome: AckOutcome) {
         let waker = {
             let mut state = self.inner.state.lock();
-            state.done = true;
+            if state.outcome.is_some() {
+                return;
+            }
+            state.outcome = Some(outcome);
             state.waker.take()
         };
         // Wake outside the lock: the woken task may poll on this thread at once.
         if let Some(w) = waker {
             w.wake();
         }
+    }
+}
+
+impl Drop for AckSender {
+    fn drop(&mut self) {
+        // Dropped without an outcome: the command was not published (the control plane
+        // unwound past it, or discarded it). Never a false success.
+        self.resolve(AckOutcome::Failed(DataArc::from(
+            "the control plane dropped the change before publishing it",
+        )));
     }
 }
 
@@ -146,33 +203,39 @@ impl<C> Queue<C> {
     }
 
     /// Queues `command`; the returned ack resolves once it is applied. After
-    /// [`close`](Self::close) the command is discarded and the ack is already resolved.
+    /// [`close`](Self::close) the command is discarded and the ack is already resolved to
+    /// `Stopped`.
     pub(crate) fn push(&self, command: C) -> Ack {
         let (sender, ack) = ack_pair();
-        if self.push_envelope(Envelope {
+        let envelope = Envelope {
             command,
             ack: Some(sender),
-        }) {
-            ack
-        } else {
-            Ack::resolved()
+        };
+        match self.push_envelope(envelope) {
+            Ok(()) => ack,
+            Err(envelope) => {
+                if let Some(sender) = envelope.ack {
+                    sender.complete(AckOutcome::Stopped);
+                }
+                Ack::stopped()
+            }
         }
     }
 
     /// Queues `command` without an acknowledgement.
     pub(crate) fn push_unacked(&self, command: C) {
-        self.push_envelope(Envelope { command, ack: None });
+        let _ = self.push_envelope(Envelope { command, ack: None });
     }
 
-    fn push_envelope(&self, envelope: Envelope<C>) -> bool {
+    fn push_envelope(&self, envelope: Envelope<C>) -> Result<(), Envelope<C>> {
         let mut state = self.state.lock();
         if state.closed {
-            return false;
+            return Err(envelope);
         }
         state.pending.push_back(envelope);
         drop(state);
         self.wake.notify_one();
-        true
+        Ok(())
     }
 
     /// Blocks until a command is pending (`true`) or the queue is closed and empty (`false`).
@@ -210,6 +273,11 @@ impl<C> Queue<C> {
             let (guard, _timed_out) = self.wake.wait_timeout(state, deadline - now);
             state = guard;
         }
+    }
+
+    /// Whether nothing is pending.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.state.lock().pending.is_empty()
     }
 
     /// Takes up to `max` pending commands, oldest first, without blocking.
@@ -253,12 +321,22 @@ mod tests {
     }
 
     #[test]
-    fn ack_resolves_on_drop_of_sender() {
+    fn a_dropped_sender_resolves_its_ack_to_failed_never_applied() {
         let (tx, rx) = ack_pair();
         assert!(!rx.is_resolved());
         drop(tx);
         assert!(rx.is_resolved());
-        block_on(rx);
+        assert!(matches!(block_on(rx), AckOutcome::Failed(_)));
+    }
+
+    #[test]
+    fn a_completed_sender_resolves_once_with_its_outcome() {
+        let (tx, rx) = ack_pair();
+        tx.complete(AckOutcome::Applied);
+        assert_eq!(block_on(rx), AckOutcome::Applied);
+        let (tx, rx) = ack_pair();
+        tx.complete(AckOutcome::Failed("boom".into()));
+        assert_eq!(block_on(rx), AckOutcome::Failed("boom".into()));
     }
 
     #[test]
@@ -267,7 +345,9 @@ mod tests {
         let a = q.push(1);
         assert!(!a.is_resolved());
         q.close();
-        assert!(q.push(2).is_resolved());
+        let late = q.push(2);
+        assert!(late.is_resolved());
+        assert_eq!(block_on(late), AckOutcome::Stopped);
         assert!(q.wait_pending(), "queued work survives close");
         let taken = q.take(10);
         assert_eq!(taken.iter().map(|e| e.command).collect::<Vec<_>>(), vec![1]);
@@ -300,10 +380,12 @@ mod tests {
         let t = crate::sync::thread::spawn("ack-test".into(), move || {
             assert!(q2.wait_pending());
             std::thread::sleep(std::time::Duration::from_millis(20));
-            drop(q2.take(1));
+            for envelope in q2.take(1) {
+                envelope.ack.unwrap().complete(AckOutcome::Applied);
+            }
         })
         .unwrap();
-        block_on(ack);
+        assert_eq!(block_on(ack), AckOutcome::Applied);
         t.join().unwrap();
     }
 }

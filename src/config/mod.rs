@@ -14,11 +14,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::affinity::AffinityConfig;
-use crate::health::config::{HealthCheckConfig, OutlierDetectionConfig, SlowStartConfig};
-use crate::rebalance::RebalanceConfig;
-use crate::registry::validate_service_name;
-use crate::{Error, LoadBalancingStrategy};
+pub(crate) mod affinity;
+pub(crate) mod health;
+pub(crate) mod pool;
+pub(crate) mod rebalance;
+pub(crate) mod strategy;
+
+use crate::endpoint::validate_service_name;
+use crate::error::Error;
+use affinity::AffinityConfig;
+use health::{HealthCheckConfig, OutlierDetectionConfig, SlowStartConfig};
+use rebalance::RebalanceConfig;
+use strategy::LoadBalancingStrategy;
 
 /// Top-level configuration of an [`IntegratedLoadBalancer`](crate::IntegratedLoadBalancer).
 ///
@@ -57,10 +64,12 @@ pub struct LoadBalancerConfig {
     /// How affinity keys move on topology changes and how long drains wait.
     pub rebalance: RebalanceConfig,
     /// Connection-pool limits, for `ConnectionPool::new(config.pool.clone(), connector)`.
-    pub pool: crate::PoolConfig,
+    pub pool: pool::PoolConfig,
     /// When fewer than this percentage of a service's endpoints are healthy, picks go to all
     /// of them regardless of health (Envoy's panic mode; default 50, 0 disables it: then a
-    /// service with no healthy endpoint answers [`Error::NoHealthyEndpoints`]).
+    /// service with no healthy endpoint answers [`Error::NoHealthyEndpoints`]). Endpoints
+    /// marked down or draining are an operator's decision, not health: they are left out of
+    /// the percentage and stay out of routing in panic.
     pub panic_threshold_percent: u32,
     /// The consistent-hash ring (used by [`LoadBalancingStrategy::ConsistentHash`] and by
     /// every `*_with_hash` call).
@@ -81,7 +90,7 @@ impl Default for LoadBalancerConfig {
             slow_start: SlowStartConfig::default(),
             affinity: AffinityConfig::default(),
             rebalance: RebalanceConfig::default(),
-            pool: crate::PoolConfig::default(),
+            pool: pool::PoolConfig::default(),
             panic_threshold_percent: 50,
             consistent_hash: ConsistentHashConfig::default(),
             control_plane: ControlPlaneConfig::default(),
