@@ -107,6 +107,8 @@ pub use pick::{Outcome, Pick};
 #[cfg(feature = "grpc")]
 pub use pool::GrpcConnector;
 pub use pool::PoolStats;
+#[cfg(feature = "tls")]
+pub use pool::TlsConnector;
 #[cfg(feature = "runtime")]
 pub use pool::{ConnectionPool, Connector, PooledConnection, TcpConnector};
 /// `prometheus-client`, re-exported so a registry of the same version is at hand.
@@ -120,9 +122,7 @@ pub use stats::{
     LoadBalancerMetrics, RebalanceEvent, RebalanceTrigger, ReleasedEndpoint, RoutingUpdate, ServiceMetrics,
 };
 #[cfg(feature = "tls")]
-pub use tls::{
-    ClientTls, DEFAULT_TLS_POLL_INTERVAL, TLS_SERVER_NAME_TAG, TlsConnector, TlsFiles, TlsStats, TlsStream,
-};
+pub use tls::{ClientTls, DEFAULT_TLS_POLL_INTERVAL, TLS_SERVER_NAME_TAG, TlsFiles, TlsStats, TlsStream};
 
 /// Internal hooks for `loom-tests/`. Not public API: absent from normal builds, outside
 /// semver.

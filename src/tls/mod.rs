@@ -1,14 +1,14 @@
 //! TLS and mTLS for every client the crate opens (feature `tls`): [`ClientTls`], the TLS
 //! settings of a service, loaded from tonic's `ClientTlsConfig`, from PEM, or from files
-//! that are reloaded when they change ([`TlsFiles`]); [`TlsConnector`] for
-//! [`ConnectionPool`](crate::ConnectionPool)s; and the wording of handshake failures.
+//! that are reloaded when they change ([`TlsFiles`]); the handshake and the wording of
+//! handshake failures. (`TlsConnector`, the pools' connector, lives with the pools.)
 //!
 //! rustls only, with its `ring` crypto provider (see the README's TLS section for why);
 //! no OpenSSL.
 //!
 //! This module owns the current TLS material of a service and its rotation. It does not own
 //! connections: [`BalancedChannel`](crate::BalancedChannel), the health checks,
-//! [`GrpcConnector`](crate::GrpcConnector), [`TlsConnector`] and
+//! [`GrpcConnector`](crate::GrpcConnector), [`TlsConnector`](crate::TlsConnector) and
 //! [`EtcdConfig`](crate::EtcdConfig) read the current material each time they open one.
 //!
 //! # Invariants
@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 use rustls::pki_types::ServerName;
 use tonic::transport::ClientTlsConfig;
 
-pub use connector::{TlsConnector, TlsStream};
+pub use connector::TlsStream;
 pub(crate) use connector::{describe_error, handshake, tls_cause};
 pub use reload::{DEFAULT_TLS_POLL_INTERVAL, TlsFiles};
 
@@ -54,7 +54,7 @@ pub const TLS_SERVER_NAME_TAG: &str = "tls_server_name";
 /// [`BalancedChannelBuilder::tls`](crate::BalancedChannelBuilder::tls) and the channel's
 /// connections *and* the balancer's gRPC and HTTP health checks of that service use it (one
 /// setting, not two to keep in sync). [`GrpcConnector::tls`](crate::GrpcConnector::tls),
-/// [`TlsConnector`] and [`EtcdConfig::with_tls`](crate::EtcdConfig::with_tls) take it too.
+/// [`TlsConnector`](crate::TlsConnector) and [`EtcdConfig::with_tls`](crate::EtcdConfig::with_tls) take it too.
 ///
 /// - **Server name**: [`with_server_name`](Self::with_server_name) sets one name for the
 ///   service; an endpoint's metadata tag `tls_server_name` ([`TLS_SERVER_NAME_TAG`])
@@ -164,7 +164,7 @@ impl ClientTls {
     /// tonic's own TLS settings, used as they are for gRPC (the channel and the gRPC health
     /// checks; tonic performs the handshakes). A `ClientTlsConfig` does not show its
     /// certificates, so settings made this way cannot serve an HTTPS check or a
-    /// [`TlsConnector`], do not report expiry, and do not reload: use [`from_pem`](Self::from_pem)
+    /// [`TlsConnector`](crate::TlsConnector), do not report expiry, and do not reload: use [`from_pem`](Self::from_pem)
     /// or [`TlsFiles`] for those. A server name set with `domain_name` applies to every
     /// endpoint, unless the endpoint's `tls_server_name` tag or
     /// [`with_server_name`](Self::with_server_name) says otherwise.
