@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use tai_lb_greeter::{GreeterClient, GreeterServer, HelloRequest, SERVICE_NAME, ServingStatus};
 use tai_loadbalancer::{
-    BalancedChannel, ClientTls, ConnectionPool, Endpoint, EndpointMetadata, Error, GrpcConnector,
-    HealthCheckConfig, HealthCheckKind, HealthState, IntegratedLoadBalancer, LoadBalancerConfig,
-    LoadBalancingStrategy, PoolConfig, ServiceRegistry, TLS_SERVER_NAME_TAG, TlsConnector, TlsFiles,
+    BalancedChannel, ClientTls, ConnectionPool, Endpoint, EndpointHealth, EndpointMetadata, Error,
+    GrpcConnector, HealthCheckConfig, HealthCheckKind, HealthState, IntegratedLoadBalancer,
+    LoadBalancerConfig, LoadBalancingStrategy, PoolConfig, ServiceRegistry, TLS_SERVER_NAME_TAG,
+    TlsConnector, TlsFiles,
 };
 use tls_support::{
     CURRENT_NOT_AFTER, Ca, GrpcioServer, Leaf, TempDir, grpcio_python, replace_file, server_tls,
@@ -176,7 +177,8 @@ async fn hello(channel: &BalancedChannel, name: &str) -> Result<tai_lb_greeter::
         .map(tonic::Response::into_inner)
 }
 
-/// Waits (bounded) until `endpoint`'s health state is `state`; returns its status.
+/// Waits (bounded) until `endpoint`'s health state is `state` and routing follows it;
+/// returns its status.
 async fn wait_for_state(
     lb: &IntegratedLoadBalancer,
     endpoint: &Endpoint,
@@ -189,7 +191,15 @@ async fn wait_for_state(
             .get_health_status(SERVICE, endpoint)
             .await
             .unwrap();
-        if status.state == state && status.checks > 0 {
+        // The checker's verdict, and the routing snapshot that publishes it (a moment later).
+        let routed = match state {
+            HealthState::Healthy => EndpointHealth::Healthy,
+            HealthState::Unhealthy => EndpointHealth::Unhealthy,
+        };
+        if status.state == state
+            && status.checks > 0
+            && lb.endpoint_health(SERVICE, endpoint.address) == Some(routed)
+        {
             return status;
         }
         assert!(
