@@ -29,14 +29,14 @@ use crate::handoff::queue::Ack;
 use crate::handoff::{Command, MembershipSink, OutlierSink};
 #[cfg(feature = "runtime")]
 use crate::health::HealthCheckManager;
-use crate::pick::consistent::hash_key;
 use crate::pick::{Outcome, Pick, choose};
 use crate::registry::ServiceRegistry;
 use crate::stats::EndpointHealth;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
-use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc};
-use crate::table::{Directory, MemberHealth, Miss, Pin, ServiceSlot, ServiceTable};
+use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc, thread_ordinal};
+use crate::table::ring::hash_key;
+use crate::table::{Directory, MemberHealth, Members, Miss, ServiceSlot, ServiceTable, report};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
@@ -111,6 +111,10 @@ impl crate::rebalance::RebalanceHost for Shared {
     fn affinity(&self) -> &AffinityManager {
         &self.affinity
     }
+
+    fn drain_status(&self, service: &str, address: SocketAddr, since_version: u64) -> Option<(u64, bool)> {
+        self.control.drain_status(service, address, since_version)
+    }
 }
 
 impl Shared {
@@ -149,10 +153,8 @@ impl Shared {
             .iter()
             .map(|(name, slot)| {
                 let table = slot.table.load();
-                let members = table
-                    .members
-                    .iter()
-                    .map(|m| (m.state.address(), m.health))
+                let members = (0..table.members.len())
+                    .map(|i| (table.member_address(i), table.info[i].health))
                     .collect();
                 (name.to_string(), members)
             })
@@ -172,41 +174,37 @@ impl Shared {
             return Err(miss_error(&table, miss));
         }
         let set = table
-            .members
+            .routable
+            .entries()
             .iter()
-            .filter(|m| {
-                m.health == MemberHealth::Healthy || (m.routable && m.health != MemberHealth::Draining)
-            })
-            .map(|m| m.state.address())
+            .map(|e| table.address(&e.payload))
             .collect();
         Ok((table.version, set))
     }
 
     /// The endpoint `key` is bound to if that endpoint is still routable; otherwise the key's
-    /// consistent-hash owner, which becomes the new binding. Returns the chosen pin.
+    /// consistent-hash owner, which becomes the new binding. Returns the chosen view and
+    /// entry.
     #[inline]
     fn choose_with_affinity<'t>(
         &self,
         table: &'t ServiceTable,
         slot: &ServiceSlot,
         key: &str,
-    ) -> Result<&'t Arc<Pin>, Error> {
+        shard: usize,
+    ) -> Result<(&'t Members, usize), Error> {
         let fp = fingerprint(&table.service, key);
         if let Some(binding) = self.affinity.lookup(fp) {
             let address = binding.endpoint.address;
             let index = binding.hint(table.version).or_else(|| {
-                let i = table
-                    .members
-                    .binary_search_by(|m| m.state.address().cmp(&address))
-                    .ok()?;
+                let i = table.member_index(address)?;
                 binding.set_hint(table.version, i);
                 Some(i)
             });
             if let Some(i) = index {
-                let member = &table.members[i];
                 // A draining endpoint keeps its sticky keys unless the strategy moves them at
                 // once (they then move in batches or on `rebalance_service`).
-                let sticky_draining = member.health == MemberHealth::Draining
+                let sticky_draining = table.info[i].health == MemberHealth::Draining
                     && self
                         .control
                         .settings()
@@ -214,15 +212,15 @@ impl Shared {
                         .rebalance
                         .strategy
                         .sticky_while_draining();
-                if member.routable || sticky_draining {
-                    return Ok(&table.local().members[i]);
+                if table.members.entries()[i].payload.routable() || sticky_draining {
+                    return Ok((&table.members, i));
                 }
             }
             self.affinity.note_moved();
         }
-        let pin = self.choose(table, slot, Some(hash_key(key)))?;
-        self.affinity.insert(&table.service, fp, pin.endpoint().clone());
-        Ok(pin)
+        let (view, i) = self.choose(table, slot, Some(hash_key(key)), shard)?;
+        self.affinity.insert(&table.service, fp, table.endpoint(view, i));
+        Ok((view, i))
     }
 
     /// What the control plane reads from.
@@ -261,17 +259,19 @@ impl Shared {
     #[inline]
     pub(crate) fn pick(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Pick, Error> {
         let table = slot.table.load();
-        let pin = self.choose(&table, slot, hash)?;
-        Ok(Pick::new(pin, table.version))
+        let shard = thread_ordinal();
+        let (view, i) = self.choose(&table, slot, hash, shard)?;
+        Ok(Pick::new(&table, view, i, shard))
     }
 
     /// An unguarded selection from `slot`.
     #[inline]
     pub(crate) fn select(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Endpoint, Error> {
         let table = slot.table.load();
-        let pin = self.choose(&table, slot, hash)?;
-        pin.note_selection();
-        Ok(pin.endpoint().clone())
+        let shard = thread_ordinal();
+        let (view, i) = self.choose(&table, slot, hash, shard)?;
+        view.note_selection(i, shard);
+        Ok(table.endpoint(view, i))
     }
 
     #[inline]
@@ -280,13 +280,14 @@ impl Shared {
         table: &'t ServiceTable,
         slot: &ServiceSlot,
         hash: Option<u64>,
-    ) -> Result<&'t Arc<Pin>, Error> {
-        match choose(table, slot, hash) {
-            Ok(pin) => {
+        shard: usize,
+    ) -> Result<(&'t Members, usize), Error> {
+        match choose(table, slot, hash, shard) {
+            Ok(chosen) => {
                 if hash.is_some() && table.ring.is_none() {
                     self.want_ring(slot, table);
                 }
-                Ok(pin)
+                Ok(chosen)
             }
             Err(miss) => Err(miss_error(table, miss)),
         }
@@ -302,24 +303,17 @@ impl Shared {
                 .submit_unacked(Command::WantRing(table.service.clone()));
         }
     }
+}
 
-    /// The calling thread's pin of member `address` of `slot`'s current table.
-    fn member(slot: &ServiceSlot, address: SocketAddr) -> Result<Arc<Pin>, Error> {
-        let table = slot.table.load();
-        if let Some(miss) = table.miss {
-            return Err(miss_error(&table, miss));
-        }
-        match table
-            .members
-            .binary_search_by(|m| m.state.address().cmp(&address))
-        {
-            Ok(i) => Ok(table.local().members[i].clone()),
-            Err(_) => Err(Error::UnknownEndpoint {
-                service: table.service.clone(),
-                address,
-            }),
-        }
+/// The index of member `address` of `table`, or why there is none.
+fn member(table: &ServiceTable, address: SocketAddr) -> Result<usize, Error> {
+    if let Some(miss) = table.miss {
+        return Err(miss_error(table, miss));
     }
+    table.member_index(address).ok_or_else(|| Error::UnknownEndpoint {
+        service: table.service.clone(),
+        address,
+    })
 }
 
 #[cold]
@@ -545,9 +539,10 @@ impl IntegratedLoadBalancer {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
-        let pin = self.shared.choose_with_affinity(&table, slot, key)?;
-        pin.note_selection();
-        Ok(pin.endpoint().clone())
+        let shard = thread_ordinal();
+        let (view, i) = self.shared.choose_with_affinity(&table, slot, key, shard)?;
+        view.note_selection(i, shard);
+        Ok(table.endpoint(view, i))
     }
 
     /// A guarded pick by session affinity (see
@@ -561,8 +556,9 @@ impl IntegratedLoadBalancer {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
-        let pin = self.shared.choose_with_affinity(&table, slot, key)?;
-        Ok(Pick::new(pin, table.version))
+        let shard = thread_ordinal();
+        let (view, i) = self.shared.choose_with_affinity(&table, slot, key, shard)?;
+        Ok(Pick::new(&table, view, i, shard))
     }
 
     /// A guarded pick for one attempt of a call that may be retried: routed by `route`, and
@@ -579,24 +575,25 @@ impl IntegratedLoadBalancer {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
-        let pin = match route {
-            Route::Strategy => self.shared.choose(&table, slot, None)?,
-            Route::Hash(hash) => self.shared.choose(&table, slot, Some(hash))?,
+        let shard = thread_ordinal();
+        let (view, i) = match route {
+            Route::Strategy => self.shared.choose(&table, slot, None, shard)?,
+            Route::Hash(hash) => self.shared.choose(&table, slot, Some(hash), shard)?,
             Route::Affinity(key) => {
                 validate_key(key)?;
-                self.shared.choose_with_affinity(&table, slot, key)?
+                self.shared.choose_with_affinity(&table, slot, key, shard)?
             }
         };
-        if !avoid.contains(&pin.address()) {
-            return Ok(Pick::new(pin, table.version));
+        if !avoid.contains(&table.address(&view.entries()[i].payload)) {
+            return Ok(Pick::new(&table, view, i, shard));
         }
-        let routable = &table.local().routable;
+        let routable = &table.routable;
         let n = routable.len();
         let start = crate::sync::random_below(n.max(1));
         (0..n)
-            .map(|i| &routable[(start + i) % n])
-            .find(|pin| !avoid.contains(&pin.address()))
-            .map(|pin| Pick::new(pin, table.version))
+            .map(|k| (start + k) % n)
+            .find(|&k| !avoid.contains(&table.address(&routable.entries()[k].payload)))
+            .map(|k| Pick::new(&table, routable, k, shard))
             .ok_or_else(|| Error::NoHealthyEndpoints {
                 service: table.service.clone(),
                 total: table.members.len(),
@@ -705,8 +702,18 @@ impl IntegratedLoadBalancer {
     ) -> Result<(), Error> {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service)?;
-        let pin = Shared::member(slot, endpoint.address)?;
-        pin.record(outcome == Outcome::Success, latency);
+        let table = slot.table.load();
+        let i = member(&table, endpoint.address)?;
+        let view = &table.members;
+        let shard = thread_ordinal();
+        report(
+            view.record(i),
+            view.context(),
+            view.aux(i, shard),
+            |success| view.count(i, shard, success),
+            outcome == Outcome::Success,
+            latency,
+        );
         Ok(())
     }
 
@@ -753,8 +760,8 @@ impl IntegratedLoadBalancer {
         let name = {
             let directory = self.shared.directory.load();
             let slot = Shared::slot_by_name(&directory, service)?;
-            Shared::member(slot, endpoint.address)?;
             let table = slot.table.load();
+            member(&table, endpoint.address)?;
             table.service.clone()
         };
         let ack = self.shared.control.submit(Command::MarkDown {
@@ -808,11 +815,8 @@ impl IntegratedLoadBalancer {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service).ok()?;
         let table = slot.table.load();
-        let i = table
-            .members
-            .binary_search_by(|m| m.state.address().cmp(&address))
-            .ok()?;
-        Some(table.members[i].health)
+        let i = table.member_index(address)?;
+        Some(table.info[i].health)
     }
 
     /// Drains `endpoint` of `service` (for a rolling deploy): it gets no new picks from the
@@ -828,75 +832,18 @@ impl IntegratedLoadBalancer {
     /// publication of the service includes it).
     #[cfg(feature = "runtime")]
     pub async fn drain(&self, service: &str, endpoint: &Endpoint) -> Result<crate::DrainReport, Error> {
-        use crate::config::rebalance::RebalanceStrategy;
-        use crate::stats::{RebalanceEvent, RebalanceTrigger, ReleasedEndpoint};
-
         let started = tokio::time::Instant::now();
         let address = endpoint.address;
         let name = self.member_name(service, address)?;
-        let in_flight_at_start = self.in_flight_of(&name, address);
+        let in_flight_at_start = self.in_flight(service, address).unwrap_or(0);
         self.set_draining(service, endpoint, true).await?;
-        let strategy = self.shared.control.settings().config.rebalance.strategy.clone();
-        let timeout = strategy.drain_timeout();
-        let mut moved = match strategy {
-            RebalanceStrategy::Immediate => self.shared.affinity.unbind(&name, address, usize::MAX),
-            _ => 0,
-        };
-        let mut next_batch = started;
-        loop {
-            let now = tokio::time::Instant::now();
-            if let RebalanceStrategy::Gradual {
-                batch_size,
-                batch_interval,
-                ..
-            } = &strategy
-            {
-                if now >= next_batch {
-                    let batch = self.shared.affinity.unbind(&name, address, *batch_size);
-                    moved += batch;
-                    next_batch = now.checked_add(*batch_interval).unwrap_or(now);
-                    if batch > 0 {
-                        let mut event = RebalanceEvent::new(&*name, RebalanceTrigger::Drain, 0);
-                        event.affinity_keys_moved = batch;
-                        event.affinity_keys_pending = self.shared.affinity.count_bound(&name, address);
-                        self.shared.rebalancer.publish(&event);
-                    }
-                }
-            }
-            let in_flight = self.in_flight_of(&name, address);
-            let keys_left = matches!(strategy, RebalanceStrategy::Gradual { .. })
-                && self.shared.affinity.count_bound(&name, address) > 0;
-            let timed_out = now.duration_since(started) >= timeout;
-            if (in_flight == 0 && !keys_left) || timed_out {
-                let report = crate::DrainReport {
-                    address,
-                    in_flight_at_start,
-                    in_flight_at_end: in_flight,
-                    timed_out: timed_out && (in_flight > 0 || keys_left),
-                    affinity_keys_moved: moved,
-                    elapsed: now.duration_since(started),
-                };
-                let mut event = RebalanceEvent::new(&*name, RebalanceTrigger::Drain, 0);
-                event.released.push(ReleasedEndpoint {
-                    address,
-                    in_flight_abandoned: in_flight,
-                    timed_out: report.timed_out,
-                });
-                event.affinity_keys_moved = moved;
-                self.shared.rebalancer.publish(&event);
-                tracing::info!(
-                    service,
-                    endpoint = %address,
-                    in_flight_at_start,
-                    in_flight_at_end = in_flight,
-                    timed_out = report.timed_out,
-                    keys_moved = moved,
-                    "drain finished"
-                );
-                return Ok(report);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        // Every table from this version on has the endpoint out of routing.
+        let since = self.shared.control.table_version(&name).unwrap_or(0);
+        Ok(self
+            .shared
+            .rebalancer
+            .wait_drained(&name, address, since, in_flight_at_start, started)
+            .await)
     }
 
     /// Ends a drain: the endpoint routes by its health again.
@@ -923,27 +870,22 @@ impl IntegratedLoadBalancer {
     fn member_name(&self, service: &str, address: SocketAddr) -> Result<DataArc<str>, Error> {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service)?;
-        Shared::member(slot, address)?;
-        Ok(slot.table.load().service.clone())
+        let table = slot.table.load();
+        member(&table, address)?;
+        Ok(table.service.clone())
     }
 
-    #[cfg(feature = "runtime")]
-    fn in_flight_of(&self, service: &str, address: SocketAddr) -> u64 {
-        self.in_flight(service, address).unwrap_or(0)
-    }
-
-    /// Requests in flight on `address` of `service` now, over all threads (`None` if it is
-    /// not a member). Read with `Acquire`: when it returns 0, everything those requests
-    /// recorded (outcomes, latencies) is visible.
+    /// Requests in flight on `address` of `service` now, over all threads and every
+    /// generation of the endpoint (an earlier registration of the same address whose requests
+    /// are still running counts too); `None` if it is not a member. Read with `Acquire`: when
+    /// it returns 0, everything those requests recorded (outcomes, latencies) is visible.
     pub fn in_flight(&self, service: &str, address: SocketAddr) -> Option<u64> {
         let directory = self.shared.directory.load();
         let slot = Shared::slot_by_name(&directory, service).ok()?;
         let table = slot.table.load();
-        let i = table
-            .members
-            .binary_search_by(|m| m.state.address().cmp(&address))
-            .ok()?;
-        Some(table.members[i].state.counters().in_flight)
+        table.member_index(address)?;
+        let (in_flight, _) = self.shared.control.drain_status(&table.service, address, 0)?;
+        Some(in_flight)
     }
 
     /// Queues a command for `service` and waits until it is published.
@@ -1174,10 +1116,14 @@ impl ServiceHandle {
     /// The current endpoints and whether each is routable, in address order.
     pub fn endpoints(&self) -> Vec<(Endpoint, bool)> {
         let table = self.slot.table.load();
-        table
-            .members
-            .iter()
-            .map(|m| (m.state.endpoint().clone(), m.routable))
+        let view = &table.members;
+        (0..view.len())
+            .map(|i| {
+                (
+                    view.record(i).endpoint.clone(),
+                    view.entries()[i].payload.routable(),
+                )
+            })
             .collect()
     }
 }

@@ -168,13 +168,9 @@ impl Endpoint {
         self
     }
 
-    /// A copy whose metadata is a fresh allocation, not shared with `self`: each counter shard
-    /// keeps its own copy, so cloning endpoints on different cores touches different lines.
-    pub(crate) fn detached(&self) -> Endpoint {
-        Endpoint {
-            address: self.address,
-            metadata: self.metadata.as_deref().map(|m| DataArc::new(m.clone())),
-        }
+    /// Whether it was registered with metadata (`false` for `Endpoint::new(address, None)`).
+    pub(crate) fn has_metadata(&self) -> bool {
+        self.metadata.is_some()
     }
 
     /// The relative weight (1 unless set).

@@ -24,7 +24,8 @@
 
 use std::time::Duration;
 
-use crate::sync::OnceLock;
+use once_cell::race::OnceBox;
+
 use crate::sync::atomic::{AtomicU64, Ordering};
 
 const SUB_BITS: u32 = 6;
@@ -88,9 +89,14 @@ fn representative(i: usize) -> u64 {
 }
 
 /// The recorder: lock-free, allocated on first use.
+///
+/// The buckets (8 bytes each) are allocated by the first latency recorded, not up front, so
+/// an endpoint that never reports a latency costs 24 bytes here. That first record allocates
+/// once and never blocks: threads racing to it each build buckets and the losers free theirs
+/// (`once_cell`'s `race::OnceBox`), where a `OnceLock` would park them.
 #[derive(Default)]
 pub(crate) struct AtomicHistogram {
-    buckets: OnceLock<Box<[AtomicU64]>>,
+    buckets: OnceBox<[AtomicU64; BUCKETS]>,
     /// Bit `c` set: some bucket of chunk `c` (buckets `64c..64c+64`) was recorded into, so a
     /// snapshot scans only the chunks in use (latencies usually span a few powers of two).
     chunks: AtomicU64,
@@ -110,7 +116,7 @@ impl AtomicHistogram {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         let buckets = self
             .buckets
-            .get_or_init(|| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect());
+            .get_or_init(|| Box::new(core::array::from_fn(|_| AtomicU64::new(0))));
         let i = index(ns);
         let chunk = 1u64 << (i >> SUB_BITS);
         if self.chunks.load(Ordering::Relaxed) & chunk == 0 {

@@ -100,9 +100,7 @@ pub use grpc::{
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;
 pub use histogram::LatencyHistogram;
-pub use pick::consistent::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 pub use pick::jump::jump_hash;
-pub use pick::peak_ewma::FAILED_PROBE_ESTIMATE;
 pub use pick::{Outcome, Pick};
 #[cfg(feature = "grpc")]
 pub use pool::GrpcConnector;
@@ -121,6 +119,8 @@ pub use stats::{
     AffinityStats, DrainReport, EndpointHealth, EndpointMetrics, HealthState, HealthStatus,
     LoadBalancerMetrics, RebalanceEvent, RebalanceTrigger, ReleasedEndpoint, RoutingUpdate, ServiceMetrics,
 };
+pub use table::estimate::FAILED_PROBE_ESTIMATE;
+pub use table::ring::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
 #[cfg(feature = "tls")]
 pub use tls::{ClientTls, DEFAULT_TLS_POLL_INTERVAL, TLS_SERVER_NAME_TAG, TlsFiles, TlsStats, TlsStream};
 
@@ -140,5 +140,5 @@ mod loom_hooks;
 #[doc(hidden)]
 pub mod __fuzz {
     pub use crate::affinity::FuzzAffinity as Affinity;
-    pub use crate::pick::consistent::FuzzRing as Ring;
+    pub use crate::table::ring::FuzzRing as Ring;
 }

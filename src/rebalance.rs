@@ -18,6 +18,8 @@
 //! plane (its counters are folded into the service's and its state dropped).
 #![deny(unsafe_code)]
 
+#[cfg(feature = "runtime")]
+use crate::stats::{DrainReport, ReleasedEndpoint};
 use crate::stats::{EndpointHealth, RebalanceEvent, RebalanceTrigger, RoutingUpdate};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -85,6 +87,10 @@ mod manager {
         fn routable_set(&self, service: &str) -> Result<(u64, std::collections::HashSet<SocketAddr>), Error>;
         /// The session-affinity table.
         fn affinity(&self) -> &AffinityManager;
+        /// Requests in flight on `address` of `service` over all its generations, and
+        /// whether every table older than `since_version` is gone (`None`: unknown service).
+        fn drain_status(&self, service: &str, address: SocketAddr, since_version: u64)
+        -> Option<(u64, bool)>;
     }
 
     /// A subscription to [`RebalanceEvent`]s.
@@ -218,9 +224,95 @@ mod manager {
             Ok(event)
         }
 
-        /// Publishes an event to the subscribers (used by drains).
-        pub(crate) fn publish(&self, event: &RebalanceEvent) {
-            self.inner.publish(event);
+        /// Waits until a draining endpoint is released: nothing in flight on it (over all its
+        /// generations) once no table older than `since_version` (the first one with it out of
+        /// routing) is held, so no request can still start on it; and, under `Gradual`, its
+        /// affinity keys moved off in batches. Or until the drain timeout. Moves the keys by
+        /// the strategy, publishes the progress and the release, and reports.
+        pub(crate) async fn wait_drained(
+            &self,
+            service: &DataArc<str>,
+            address: SocketAddr,
+            since_version: u64,
+            in_flight_at_start: u64,
+            started: tokio::time::Instant,
+        ) -> DrainReport {
+            let Some(host) = self.inner.host.upgrade() else {
+                return DrainReport {
+                    address,
+                    in_flight_at_start,
+                    in_flight_at_end: 0,
+                    timed_out: false,
+                    affinity_keys_moved: 0,
+                    elapsed: started.elapsed(),
+                };
+            };
+            let strategy = host.strategy();
+            let timeout = strategy.drain_timeout();
+            let affinity = host.affinity();
+            let mut moved = match strategy {
+                RebalanceStrategy::Immediate => affinity.unbind(service, address, usize::MAX),
+                _ => 0,
+            };
+            let mut next_batch = started;
+            loop {
+                let now = tokio::time::Instant::now();
+                if let RebalanceStrategy::Gradual {
+                    batch_size,
+                    batch_interval,
+                    ..
+                } = &strategy
+                {
+                    if now >= next_batch {
+                        let batch = affinity.unbind(service, address, *batch_size);
+                        moved += batch;
+                        next_batch = now.checked_add(*batch_interval).unwrap_or(now);
+                        if batch > 0 {
+                            let mut event = RebalanceEvent::new(&**service, RebalanceTrigger::Drain, 0);
+                            event.affinity_keys_moved = batch;
+                            event.affinity_keys_pending = affinity.count_bound(service, address);
+                            self.inner.publish(&event);
+                        }
+                    }
+                }
+                // Unknown service (removed meanwhile): nothing can be in flight through it.
+                let (in_flight, settled) = host
+                    .drain_status(service, address, since_version)
+                    .unwrap_or((0, true));
+                let keys_left = matches!(strategy, RebalanceStrategy::Gradual { .. })
+                    && affinity.count_bound(service, address) > 0;
+                let timed_out = now.duration_since(started) >= timeout;
+                let drained = settled && in_flight == 0 && !keys_left;
+                if drained || timed_out {
+                    let report = DrainReport {
+                        address,
+                        in_flight_at_start,
+                        in_flight_at_end: in_flight,
+                        timed_out: !drained,
+                        affinity_keys_moved: moved,
+                        elapsed: now.duration_since(started),
+                    };
+                    let mut event = RebalanceEvent::new(&**service, RebalanceTrigger::Drain, 0);
+                    event.released.push(ReleasedEndpoint {
+                        address,
+                        in_flight_abandoned: in_flight,
+                        timed_out: report.timed_out,
+                    });
+                    event.affinity_keys_moved = moved;
+                    self.inner.publish(&event);
+                    tracing::info!(
+                        service = %service,
+                        endpoint = %address,
+                        in_flight_at_start,
+                        in_flight_at_end = in_flight,
+                        timed_out = report.timed_out,
+                        keys_moved = moved,
+                        "drain finished"
+                    );
+                    return report;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
     }
 

@@ -39,6 +39,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
@@ -56,7 +57,7 @@ use service::ServiceControl;
 /// Test-only fault injection: panics at chosen points of the control plane.
 #[cfg(test)]
 pub(crate) mod fault {
-    use std::sync::Mutex;
+    use crate::sync::Mutex;
 
     /// Services whose next `n` rebuilds panic.
     static REBUILDS: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
@@ -65,16 +66,16 @@ pub(crate) mod fault {
 
     /// Makes the next `times` rebuilds of `service` panic.
     pub(crate) fn panic_in_rebuild(service: &str, times: usize) {
-        REBUILDS.lock().unwrap().push((service.to_owned(), times));
+        REBUILDS.lock().push((service.to_owned(), times));
     }
 
     /// Makes the control-plane thread named `name` die at its next step.
     pub(crate) fn kill_thread(name: &str) {
-        THREADS.lock().unwrap().push(name.to_owned());
+        THREADS.lock().push(name.to_owned());
     }
 
     pub(super) fn maybe_panic_in_rebuild(service: &str) {
-        let mut rebuilds = REBUILDS.lock().unwrap();
+        let mut rebuilds = REBUILDS.lock();
         if let Some(entry) = rebuilds.iter_mut().find(|(s, n)| s == service && *n > 0) {
             entry.1 -= 1;
             drop(rebuilds);
@@ -83,7 +84,7 @@ pub(crate) mod fault {
     }
 
     pub(super) fn maybe_kill_thread(name: &str) {
-        let mut threads = THREADS.lock().unwrap();
+        let mut threads = THREADS.lock();
         if let Some(i) = threads.iter().position(|t| t == name) {
             threads.remove(i);
             drop(threads);
@@ -225,8 +226,7 @@ impl ControlState {
                     }
                 }
                 (Some((version, endpoints)), None) => {
-                    let mut sc =
-                        ServiceControl::new(service.clone(), cfg.strategy_for(service), cfg.hash_slots);
+                    let mut sc = ServiceControl::new(service.clone(), cfg);
                     sc.membership_version = version;
                     sc.endpoints = endpoints;
                     self.services.insert(service.clone(), sc);
@@ -259,11 +259,12 @@ impl ControlState {
         let drain_timeout = cfg.config.rebalance.strategy.drain_timeout();
         let mut released = Vec::new();
         for sc in self.services.values_mut() {
-            if !sc.retiring.is_empty() {
+            if sc.sweep_due() {
                 for r in sc.sweep(now, drain_timeout) {
                     released.push((sc.name.to_string(), r));
                 }
             }
+            sc.maintain(now);
         }
         for (service, released) in released {
             self.tell(ControlEvent::Released { service, released });
@@ -447,7 +448,7 @@ impl ControlPlane {
     fn thread_alive(&self, thread: &Option<thread::JoinHandle<()>>) -> bool {
         // SeqCst pairs with the store in `run`'s exit guard: a writer that queued after the
         // dying thread's last look at the queue sees the flag and revives the thread.
-        !self.dead.load(Ordering::SeqCst) && thread.as_ref().is_some_and(|h| !h.is_finished())
+        !self.dead.load(Ordering::SeqCst) && thread.as_ref().is_some_and(|h| !thread::is_finished(h))
     }
 
     /// Applies queued commands on the caller's thread unless the control-plane thread runs.
@@ -676,15 +677,57 @@ impl ControlPlane {
     }
 
     /// Counters of every service (live endpoints, plus removed ones folded together).
+    ///
+    /// The control lock is held only to take each service's snapshot (its current table and
+    /// the counters of retired generations), never for a pass over the endpoints, so a
+    /// scrape of a large service does not delay a registry write's publication.
     pub(crate) fn counters(&self, sources: &Sources<'_>) -> Vec<ServiceCounters> {
-        let mut state = self.state.lock();
-        let mut out: Vec<ServiceCounters> = state
-            .services
-            .values_mut()
-            .map(|sc| sc.counters(sources))
+        let running = self.is_running();
+        let snapshots: Vec<_> = {
+            let mut state = self.state.lock();
+            state
+                .services
+                .values_mut()
+                .map(|sc| {
+                    if !running {
+                        // No thread folds them every minute: fold now (O(endpoints), but a
+                        // balancer that is not started has no writer waiting on the thread).
+                        sc.fold_selections();
+                    }
+                    (self.settings.strategy_for(&sc.name), sc.snapshot())
+                })
+                .collect()
+        };
+        let mut out: Vec<ServiceCounters> = snapshots
+            .into_iter()
+            .map(|(strategy, snapshot)| snapshot.counters(strategy, sources.health))
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Requests in flight on `address` of `service`, over all its generations, and whether
+    /// no table older than `since_version` is still held (see `ServiceControl::drain_status`).
+    /// `None` if the service is unknown.
+    pub(crate) fn drain_status(
+        &self,
+        service: &str,
+        address: SocketAddr,
+        since_version: u64,
+    ) -> Option<(u64, bool)> {
+        let mut state = self.state.lock();
+        let sc = state.services.get_mut(service)?;
+        Some(sc.drain_status(address, since_version))
+    }
+
+    /// The published table version of `service` (`None` if unknown).
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(crate) fn table_version(&self, service: &str) -> Option<u64> {
+        self.state
+            .lock()
+            .services
+            .get(service)
+            .map(|sc| sc.table_version())
     }
 }
 

@@ -1,10 +1,12 @@
-//! Control-plane bookkeeping of one service: its membership, endpoint generations, health
-//! (active results, ejections, slow-start ramps) and the tables built from them.
+//! Control-plane bookkeeping of one service: its membership, endpoint generations and their
+//! slots in the service's counter arena, health (active results, ejections, slow-start
+//! ramps), the tables built from them, and the tables and slots being retired.
 //!
 //! # Invariants
 //!
-//! * `states` is in address order, one generation per current member; `endpoints` is the
-//!   membership they were built from.
+//! * `states` is in address order, one generation (one live slot) per current member;
+//!   `endpoints` is the membership they were built from. A metadata change starts a new
+//!   generation in a new slot; the old one retires.
 //! * A member is *healthy* when its active checks pass and it is not ejected; it is
 //!   *routable* when healthy, or when the service is in panic (fewer than
 //!   `panic_threshold_percent` of the members not marked down or draining are healthy), in
@@ -13,6 +15,10 @@
 //! * Health never changes the consistent-hash ring (it is a function of addresses and
 //!   registered weights), so health flaps move no keys of healthy endpoints.
 //! * Ejection and ramp records exist only for current members.
+//! * A replaced table is kept here until no picker holds it, and dropped here: the request
+//!   path never frees a table (which would cost it one release per endpoint and view). A
+//!   retired slot is recycled (its counters folded into the service's totals) once no kept
+//!   table contains it and nothing is in flight on it.
 #![deny(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -22,13 +28,16 @@ use std::time::{Duration, Instant};
 use super::{Settings, Sources};
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
-use crate::stats::ReleasedEndpoint;
-use crate::stats::{EndpointCounters, EndpointHealth, RoutingUpdate, ServiceCounters};
+use crate::handoff::HealthSource;
+use crate::stats::{CounterValues, EndpointCounters, ReleasedEndpoint, RoutingUpdate, ServiceCounters};
+use crate::sync::arena::{SlotCounters, SlotId};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
-use crate::table::build::{RingCache, TableInput, build};
+use crate::table::build::{MemberInput, RingCache, TableInput, build};
+use crate::table::estimate::{Decay, estimate_ns, expire, now_ns};
 use crate::table::{
-    CounterValues, EndpointState, Member, MemberHealth, Miss, OutlierReport, ServiceSlot, ServiceTable,
+    Arena, MemberHealth, MemberInfo, Miss, OutlierReport, ServiceContext, ServiceSlot, ServiceTable,
+    SlotRecord,
 };
 
 /// `now + d`, saturating instead of overflowing: validated durations are bounded (a day at
@@ -39,12 +48,29 @@ fn later(now: Instant, d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-/// A retired endpoint generation waiting for its guards.
+/// How often kept tables and retired slots are looked at again while some wait.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often selection counts are folded and stale Peak-EWMA estimates cleared.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One current member: its endpoint and its generation's slot.
+#[derive(Clone, Debug)]
+struct MemberState {
+    endpoint: Endpoint,
+    slot: SlotId,
+}
+
+/// A retired endpoint generation: its slot waits for the tables and guards that hold it.
+#[derive(Debug)]
 pub(super) struct Retiring {
-    state: Arc<EndpointState>,
+    slot: SlotId,
+    address: SocketAddr,
     since: Instant,
     /// The address left the service (not just a metadata change): its release is reported.
     departed: bool,
+    /// Its release was reported (at the drain timeout, with requests still in flight).
+    released: bool,
 }
 
 /// Outlier-detection history of one address.
@@ -58,21 +84,38 @@ struct Ejection {
     changed: Instant,
 }
 
+/// What a metrics read takes under the control lock: O(1) per service plus the retired
+/// generations (few), so a scrape never holds the lock for a pass over the endpoints.
+pub(super) struct ServiceSnapshot {
+    name: DataArc<str>,
+    /// The last live table (not a tombstone): its members are the current endpoints.
+    table: Arc<ServiceTable>,
+    /// The published table's version and panic state (a tombstone after stop).
+    published: (u64, u64, bool),
+    removed: CounterValues,
+    earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState>,
+}
+
 pub(super) struct ServiceControl {
     pub(super) name: DataArc<str>,
     pub(super) slot: DataArc<ServiceSlot>,
     pub(super) membership_version: u64,
     pub(super) endpoints: DataArc<[Endpoint]>,
-    /// Current members' states, in address order.
-    states: Vec<Arc<EndpointState>>,
+    /// The service's counter arena.
+    arena: Arena,
+    /// Current members, in address order.
+    states: Vec<MemberState>,
     ring: RingCache,
     table_version: u64,
-    /// Retired generations still referenced by an old table or a guard, with when they
-    /// retired and whether their address left the service.
+    /// The last table built from a membership (not a tombstone).
+    live: Arc<ServiceTable>,
+    /// Replaced tables a picker may still hold; dropped here once nothing else does.
+    old_tables: Vec<Arc<ServiceTable>>,
+    /// Retired generations whose slots are not recycled yet.
     pub(super) retiring: Vec<Retiring>,
-    /// Final counters of dropped generations whose address is still a member.
+    /// Final counters of recycled generations whose address is still a member.
     retired_members: HashMap<SocketAddr, CounterValues, ahash::RandomState>,
-    /// Final counters of dropped generations of addresses no longer members.
+    /// Final counters of recycled generations of addresses no longer members.
     retired: CounterValues,
     /// Members failing their active checks (as of the last rebuild).
     unhealthy: HashSet<SocketAddr, ahash::RandomState>,
@@ -87,6 +130,10 @@ pub(super) struct ServiceControl {
     ramps: HashMap<SocketAddr, Instant, ahash::RandomState>,
     /// When the ramping weights are next recomputed (`None` without ramps).
     ramp_tick: Option<Instant>,
+    /// When kept tables and retired slots are next looked at (`None` without any).
+    sweep_tick: Option<Instant>,
+    /// When selection counts are next folded.
+    maintenance_tick: Instant,
     /// Whether a table was built from a membership yet (members of the first one do not
     /// slow-start: nothing was serving before them).
     built: bool,
@@ -95,10 +142,29 @@ pub(super) struct ServiceControl {
 }
 
 impl ServiceControl {
-    pub(super) fn new(name: DataArc<str>, strategy: LoadBalancingStrategy, hash_slots: u32) -> Self {
-        let table = ServiceTable::empty(name.clone(), 0, strategy, hash_slots, None);
+    pub(super) fn new(name: DataArc<str>, settings: &Settings) -> Self {
+        let strategy = settings.strategy_for(&name);
+        let od = &settings.config.outlier_detection;
+        let context = ServiceContext {
+            service: name.clone(),
+            outlier: od.enabled.then(|| OutlierReport {
+                sink: settings.outlier_sink.clone(),
+                threshold: u64::from(od.consecutive_failures),
+            }),
+            decay: (strategy == LoadBalancingStrategy::PeakEwma)
+                .then(|| Decay::new(settings.config.peak_ewma.decay)),
+        };
+        let arena = Arena::new(crate::sync::shard_count(), context);
+        let table = Arc::new(ServiceTable::empty(
+            &arena,
+            name.clone(),
+            0,
+            strategy,
+            settings.hash_slots,
+            None,
+        ));
         let slot = DataArc::new(ServiceSlot::new(
-            table,
+            ServiceTable::empty(&arena, name.clone(), 0, strategy, settings.hash_slots, None),
             strategy == LoadBalancingStrategy::ConsistentHash,
         ));
         Self {
@@ -106,9 +172,12 @@ impl ServiceControl {
             slot,
             membership_version: 0,
             endpoints: DataArc::from(Vec::new()),
+            arena,
             states: Vec::new(),
             ring: RingCache::default(),
             table_version: 0,
+            live: table,
+            old_tables: Vec::new(),
             retiring: Vec::new(),
             retired_members: HashMap::default(),
             retired: CounterValues::default(),
@@ -119,6 +188,8 @@ impl ServiceControl {
             ejections: HashMap::default(),
             ramps: HashMap::default(),
             ramp_tick: None,
+            sweep_tick: None,
+            maintenance_tick: later(Instant::now(), MAINTENANCE_INTERVAL),
             built: false,
             panic: false,
             dirty: true,
@@ -136,50 +207,40 @@ impl ServiceControl {
         #[cfg(test)]
         super::fault::maybe_panic_in_rebuild(&self.name);
         let strategy = settings.strategy_for(&self.name);
-        let shards = crate::sync::shard_count();
         let slow_start = &settings.config.slow_start;
-        let rtt_decay =
-            (strategy == LoadBalancingStrategy::PeakEwma).then_some(settings.config.peak_ewma.decay);
         self.refresh_health(sources, now, slow_start.window > Duration::ZERO);
 
-        // Merge the sorted previous states with the sorted new membership: keep the state of
-        // every endpoint that stays as it was, start a generation for new or changed ones,
-        // retire the rest.
+        // Merge the sorted previous states with the sorted new membership: keep the slot of
+        // every endpoint that stays as it was, give new or changed ones a new generation (a
+        // new slot), retire the rest.
         let previous = std::mem::take(&mut self.states);
         let mut previous = previous.into_iter().peekable();
         let mut states = Vec::with_capacity(self.endpoints.len());
         let endpoints = self.endpoints.clone();
         for endpoint in endpoints.iter() {
-            while let Some(old) = previous.next_if(|s| s.address() < endpoint.address) {
-                self.retire(old, false);
+            while let Some(old) = previous.next_if(|s| s.endpoint.address < endpoint.address) {
+                self.retire(old, false, now);
             }
-            let state = match previous.next_if(|s| s.address() == endpoint.address) {
-                Some(old) if old.endpoint() == endpoint => old,
+            let slot = match previous.next_if(|s| s.endpoint.address == endpoint.address) {
+                Some(old) if old.endpoint == *endpoint => old.slot,
                 Some(old) => {
-                    self.retire(old, true);
-                    Arc::new(EndpointState::new(
-                        endpoint.clone(),
-                        shards,
-                        self.report(settings),
-                        rtt_decay,
-                    ))
+                    self.retire(old, true, now);
+                    self.arena.alloc(SlotRecord::new(endpoint.clone()))
                 }
                 None => {
                     if self.built && !slow_start.window.is_zero() {
                         self.ramps.insert(endpoint.address, now);
                     }
-                    Arc::new(EndpointState::new(
-                        endpoint.clone(),
-                        shards,
-                        self.report(settings),
-                        rtt_decay,
-                    ))
+                    self.arena.alloc(SlotRecord::new(endpoint.clone()))
                 }
             };
-            states.push(state);
+            states.push(MemberState {
+                endpoint: endpoint.clone(),
+                slot,
+            });
         }
         for old in previous {
-            self.retire(old, false);
+            self.retire(old, false, now);
         }
         self.states = states;
         self.forget_departed();
@@ -187,11 +248,11 @@ impl ServiceControl {
 
         // Health, weights, panic.
         let scale = if slow_start.window.is_zero() { 1 } else { 100 };
-        let mut members: Vec<Member> = self
+        let mut members: Vec<MemberInput> = self
             .states
             .iter()
             .map(|state| {
-                let address = state.address();
+                let address = state.endpoint.address;
                 let health = if self.draining.contains(&address) {
                     MemberHealth::Draining
                 } else if self.down.contains(&address) {
@@ -203,16 +264,21 @@ impl ServiceControl {
                 } else {
                     MemberHealth::Healthy
                 };
-                let weight = state.endpoint().weight();
+                let weight = state.endpoint.weight();
                 let factor = self.ramps.get(&address).map_or(1.0, |start| {
                     slow_start.factor(now.saturating_duration_since(*start))
                 });
                 let effective = (f64::from(weight) * f64::from(scale) * factor).round().max(1.0) as u32;
-                Member {
-                    state: state.clone(),
-                    weight,
-                    effective_weight: effective,
-                    health,
+                MemberInput {
+                    slot: state.slot,
+                    address,
+                    has_metadata: state.endpoint.has_metadata(),
+                    info: MemberInfo {
+                        health,
+                        weight,
+                        effective_weight: effective,
+                        ejections: self.ejections.get(&address).map_or(0, |e| e.count),
+                    },
                     routable: health == MemberHealth::Healthy,
                 }
             })
@@ -223,13 +289,13 @@ impl ServiceControl {
         let healthy = members.iter().filter(|m| m.routable).count();
         let eligible = members
             .iter()
-            .filter(|m| !m.health.is_operator_decision())
+            .filter(|m| !m.info.health.is_operator_decision())
             .count();
         let threshold = u64::from(settings.config.panic_threshold_percent);
         let panic = eligible > 0 && (healthy as u64) * 100 < threshold * eligible as u64;
         if panic {
             for m in &mut members {
-                m.routable = !m.health.is_operator_decision();
+                m.routable = !m.info.health.is_operator_decision();
             }
         }
         if panic != self.panic {
@@ -243,41 +309,43 @@ impl ServiceControl {
 
         let wants_ring = strategy == LoadBalancingStrategy::ConsistentHash
             || self.slot.hash_wanted.load(Ordering::Relaxed);
-        let ring = wants_ring.then(|| self.ring.ring_for(&members, settings.hash_slots));
+        let ring = wants_ring.then(|| {
+            let key = members.iter().map(|m| (m.address, m.info.weight)).collect();
+            self.ring.ring_for(key, settings.hash_slots)
+        });
         self.table_version += 1;
         let update = RoutingUpdate {
             service: self.name.to_string(),
             version: self.table_version,
-            endpoints: members.iter().map(|m| (m.state.address(), m.health)).collect(),
-            routable: members
-                .iter()
-                .filter(|m| m.routable)
-                .map(|m| m.state.address())
-                .collect(),
+            endpoints: members.iter().map(|m| (m.address, m.info.health)).collect(),
+            routable: members.iter().filter(|m| m.routable).map(|m| m.address).collect(),
             panic,
             removed: false,
         };
         let failover = self.failover_order.as_ref().map(|order| {
             order
                 .iter()
-                .filter_map(|a| members.binary_search_by(|m| m.state.address().cmp(a)).ok())
+                .filter_map(|a| members.binary_search_by(|m| m.address.cmp(a)).ok())
                 .map(|i| i as u32)
                 .collect()
         });
-        let table = build(TableInput {
-            service: self.name.clone(),
-            version: self.table_version,
-            membership_version: self.membership_version,
-            strategy,
-            members,
-            hash_slots: settings.hash_slots,
-            ring,
-            shards,
-            panic,
-            failover,
-        });
+        let table = Arc::new(build(
+            &self.arena,
+            TableInput {
+                service: self.name.clone(),
+                version: self.table_version,
+                membership_version: self.membership_version,
+                strategy,
+                members,
+                hash_slots: settings.hash_slots,
+                ring,
+                panic,
+                failover,
+            },
+        ));
         let (total, routable) = (table.members.len(), table.routable_len());
-        self.slot.table.store(Arc::new(table));
+        self.publish(table.clone(), now);
+        self.live = table;
         self.built = true;
         self.dirty = false;
         tracing::debug!(
@@ -295,13 +363,23 @@ impl ServiceControl {
         update
     }
 
-    fn report(&self, settings: &Settings) -> Option<OutlierReport> {
-        let od = &settings.config.outlier_detection;
-        od.enabled.then(|| OutlierReport {
-            sink: settings.outlier_sink.clone(),
-            service: self.name.clone(),
-            threshold: u64::from(od.consecutive_failures),
-        })
+    /// Stores `table` as the service's current one, keeping the one it replaces until no
+    /// picker holds it.
+    fn publish(&mut self, table: Arc<ServiceTable>, now: Instant) {
+        let old = self.slot.table.swap(table);
+        self.old_tables.push(old);
+        self.drop_unread_tables();
+        if self.sweep_tick.is_none() && !self.old_tables.is_empty() {
+            self.sweep_tick = Some(later(now, SWEEP_INTERVAL));
+        }
+    }
+
+    /// Drops the kept tables nothing else holds any more (their views release their slots).
+    fn drop_unread_tables(&mut self) {
+        // A count of 1 is ours alone: the cell no longer has it and no loaded snapshot does
+        // (arc-swap turns every outstanding load of a replaced value into a count before
+        // `swap` returns), so none can appear.
+        self.old_tables.retain(|t| Arc::strong_count(t) > 1);
     }
 
     /// Reads active health from the health checker; endpoints that recovered start their
@@ -336,7 +414,7 @@ impl ServiceControl {
     /// Drops health records of addresses that are no longer members.
     fn forget_departed(&mut self) {
         let states = &self.states;
-        let is_member = |a: &SocketAddr| states.binary_search_by(|s| s.address().cmp(a)).is_ok();
+        let is_member = |a: &SocketAddr| states.binary_search_by(|s| s.endpoint.address.cmp(a)).is_ok();
         self.ejections.retain(|a, _| is_member(a));
         self.ramps.retain(|a, _| is_member(a));
         self.unhealthy.retain(|a| is_member(a));
@@ -348,7 +426,7 @@ impl ServiceControl {
     pub(super) fn set_draining(&mut self, address: SocketAddr, draining: bool) -> bool {
         if self
             .states
-            .binary_search_by(|s| s.address().cmp(&address))
+            .binary_search_by(|s| s.endpoint.address.cmp(&address))
             .is_err()
         {
             return false;
@@ -368,7 +446,7 @@ impl ServiceControl {
     pub(super) fn mark_down(&mut self, address: SocketAddr, down: bool) -> bool {
         if self
             .states
-            .binary_search_by(|s| s.address().cmp(&address))
+            .binary_search_by(|s| s.endpoint.address.cmp(&address))
             .is_err()
         {
             return false;
@@ -388,11 +466,10 @@ impl ServiceControl {
     /// whether the table must be rebuilt.
     pub(super) fn eject(&mut self, address: SocketAddr, settings: &Settings, now: Instant) -> bool {
         let od = &settings.config.outlier_detection;
-        let Ok(index) = self.states.binary_search_by(|s| s.address().cmp(&address)) else {
+        let Ok(index) = self.states.binary_search_by(|s| s.endpoint.address.cmp(&address)) else {
             return false; // removed meanwhile
         };
-        let state = self.states[index].clone();
-        state.failures().reset();
+        self.arena.record(self.states[index].slot).reset_failures();
         if !od.enabled {
             return false;
         }
@@ -440,12 +517,9 @@ impl ServiceControl {
     /// Runs the timers due at `now`: ends ejections and advances ramps. Returns whether the
     /// table must be rebuilt.
     pub(super) fn tick(&mut self, settings: &Settings, now: Instant) -> bool {
-        let drain_timeout = settings.config.rebalance.strategy.drain_timeout();
-        // A departed endpoint past its drain timeout is released by the sweep a rebuild runs.
-        let mut changed = self
-            .retiring
-            .iter()
-            .any(|r| r.departed && now.saturating_duration_since(r.since) >= drain_timeout);
+        // Retired generations are swept (and released at their drain timeout) by the control
+        // plane's sweep after every tick, whether or not the table changes.
+        let mut changed = false;
         let ramp = !settings.config.slow_start.window.is_zero();
         for (address, e) in &mut self.ejections {
             if e.until.is_some_and(|until| until <= now) {
@@ -453,8 +527,8 @@ impl ServiceControl {
                 e.changed = now;
                 changed = true;
                 tracing::info!(service = %self.name, endpoint = %address, "ejection over: endpoint back in routing");
-                if let Ok(i) = self.states.binary_search_by(|s| s.address().cmp(address)) {
-                    self.states[i].failures().reset();
+                if let Ok(i) = self.states.binary_search_by(|s| s.endpoint.address.cmp(address)) {
+                    self.arena.record(self.states[i].slot).reset_failures();
                 }
                 if ramp {
                     self.ramps.insert(*address, now);
@@ -479,58 +553,137 @@ impl ServiceControl {
         let release = self
             .retiring
             .iter()
-            .filter(|r| r.departed)
+            .filter(|r| r.departed && !r.released)
             .filter_map(|r| r.since.checked_add(drain_timeout))
             .min();
-        [ejection, self.ramp_tick, release].into_iter().flatten().min()
+        [
+            ejection,
+            self.ramp_tick,
+            release,
+            self.sweep_tick,
+            Some(self.maintenance_tick),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Retires a generation. `stays` tells whether its address remains a member.
-    fn retire(&mut self, state: Arc<EndpointState>, stays: bool) {
-        if !stays {
-            if let Some(c) = self.retired_members.remove(&state.address()) {
-                self.retired.add(&c);
-            }
-        }
+    fn retire(&mut self, state: MemberState, stays: bool, now: Instant) {
+        self.arena.retire(state.slot);
         self.retiring.push(Retiring {
-            state,
-            since: Instant::now(),
+            slot: state.slot,
+            address: state.endpoint.address,
+            since: now,
             departed: !stays,
+            released: false,
         });
+        if self.sweep_tick.is_none() {
+            self.sweep_tick = Some(later(now, SWEEP_INTERVAL));
+        }
     }
 
-    /// Folds retired generations that nothing refers to any more into the retired totals,
-    /// and releases departed ones still in use after `drain_timeout` (their late counter
-    /// updates are then lost). Returns the releases of departed endpoints.
+    /// Drops unread tables, recycles the slots nothing holds any more (folding their counters
+    /// into the service's totals), and reports departed generations released: once nothing
+    /// is in flight on them, or at `drain_timeout` with what is still in flight (their slots
+    /// then wait for those requests). Returns the releases.
     pub(super) fn sweep(&mut self, now: Instant, drain_timeout: Duration) -> Vec<ReleasedEndpoint> {
-        let members = &self.states;
-        let retired_members = &mut self.retired_members;
-        let retired = &mut self.retired;
+        self.drop_unread_tables();
         let mut released = Vec::new();
-        self.retiring.retain(|r| {
-            let referenced = EndpointState::is_referenced(&r.state);
-            let timed_out =
-                referenced && r.departed && now.saturating_duration_since(r.since) >= drain_timeout;
-            if referenced && !timed_out {
-                return true;
-            }
-            let counters = r.state.counters();
-            let address = r.state.address();
-            if members.binary_search_by(|m| m.address().cmp(&address)).is_ok() {
-                retired_members.entry(address).or_default().add(&counters);
+        for recycled in self.arena.recycle() {
+            let mut counters = CounterValues::from_slot(&recycled.counters);
+            counters.latency = recycled.record.latency.snapshot();
+            let address = recycled.record.endpoint.address;
+            if self
+                .states
+                .binary_search_by(|m| m.endpoint.address.cmp(&address))
+                .is_ok()
+            {
+                self.retired_members.entry(address).or_default().add(&counters);
             } else {
-                retired.add(&counters);
+                if let Some(earlier) = self.retired_members.remove(&address) {
+                    self.retired.add(&earlier);
+                }
+                self.retired.add(&counters);
             }
-            if r.departed {
+            if let Some(i) = self.retiring.iter().position(|r| r.slot == recycled.slot) {
+                let r = self.retiring.swap_remove(i);
+                if r.departed && !r.released {
+                    released.push(ReleasedEndpoint {
+                        address: r.address,
+                        in_flight_abandoned: 0,
+                        timed_out: false,
+                    });
+                }
+            }
+        }
+        for r in &mut self.retiring {
+            if r.departed && !r.released && now.saturating_duration_since(r.since) >= drain_timeout {
+                r.released = true;
                 released.push(ReleasedEndpoint {
-                    address,
-                    in_flight_abandoned: if timed_out { counters.in_flight } else { 0 },
-                    timed_out,
+                    address: r.address,
+                    in_flight_abandoned: self.arena.counters(r.slot).in_flight,
+                    timed_out: true,
                 });
             }
-            false
-        });
+        }
+        self.sweep_tick =
+            (!self.old_tables.is_empty() || !self.retiring.is_empty()).then(|| later(now, SWEEP_INTERVAL));
         released
+    }
+
+    /// Whether a sweep has something to do now: retired generations or kept tables to look
+    /// at again, a departed generation's drain timeout reached.
+    pub(super) fn sweep_due(&self) -> bool {
+        !self.retiring.is_empty() || !self.old_tables.is_empty()
+    }
+
+    /// Folds selection counts now (see [`maintain`](Self::maintain)).
+    pub(super) fn fold_selections(&self) {
+        self.arena.fold_selections();
+    }
+
+    /// Folds selection counts and clears stale Peak-EWMA estimates, when due.
+    pub(super) fn maintain(&mut self, now: Instant) {
+        if now < self.maintenance_tick {
+            return;
+        }
+        self.maintenance_tick = later(now, MAINTENANCE_INTERVAL);
+        self.arena.fold_selections();
+        if self.arena.context().decay.is_some() {
+            let (table, ns) = (&self.live, now_ns());
+            for i in 0..table.members.len() {
+                for shard in 0..table.members.shards() {
+                    expire(table.members.aux(i, shard), ns);
+                }
+            }
+        }
+    }
+
+    /// Requests in flight on `address` now, over its current and retired generations, and
+    /// whether that is final: whether every table older than `since_version` (in which the
+    /// address may still have been routable) is gone, so no new request can start on it.
+    pub(super) fn drain_status(&mut self, address: SocketAddr, since_version: u64) -> (u64, bool) {
+        self.drop_unread_tables();
+        let settled = self.old_tables.iter().all(|t| t.version >= since_version);
+        let current = self
+            .states
+            .binary_search_by(|m| m.endpoint.address.cmp(&address))
+            .ok()
+            .map_or(0, |i| self.arena.counters(self.states[i].slot).in_flight);
+        let retired: u64 = self
+            .retiring
+            .iter()
+            .filter(|r| r.address == address)
+            .map(|r| self.arena.counters(r.slot).in_flight)
+            .sum();
+        (current + retired, settled)
+    }
+
+    /// The version of the published table.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    pub(super) fn table_version(&self) -> u64 {
+        self.table_version
     }
 
     /// Publishes a tombstone table.
@@ -542,13 +695,14 @@ impl ServiceControl {
     ) -> RoutingUpdate {
         self.table_version += 1;
         let table = ServiceTable::empty(
+            &self.arena,
             self.name.clone(),
             self.table_version,
             strategy,
             hash_slots,
             Some(miss),
         );
-        self.slot.table.store(Arc::new(table));
+        self.publish(Arc::new(table), Instant::now());
         RoutingUpdate {
             service: self.name.to_string(),
             version: self.table_version,
@@ -559,57 +713,98 @@ impl ServiceControl {
         }
     }
 
-    /// Counters of the service (live endpoints one by one, removed ones folded together).
-    pub(super) fn counters(&mut self, sources: &Sources<'_>) -> ServiceCounters {
-        let table = self.slot.table.load();
+    /// What a metrics read needs, taken under the control lock in O(retired generations).
+    pub(super) fn snapshot(&mut self) -> ServiceSnapshot {
         let mut removed = self.retired.clone();
-        let mut earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState> =
-            self.retired_members.clone();
+        let mut earlier = self.retired_members.clone();
         for r in &self.retiring {
-            let address = r.state.address();
+            let mut counters = CounterValues::from_slot(&self.arena.counters(r.slot));
+            counters.latency = self.arena.record(r.slot).latency.snapshot();
             if self
                 .states
-                .binary_search_by(|m| m.address().cmp(&address))
+                .binary_search_by(|m| m.endpoint.address.cmp(&r.address))
                 .is_ok()
             {
-                earlier.entry(address).or_default().add(&r.state.counters());
+                earlier.entry(r.address).or_default().add(&counters);
             } else {
-                removed.add(&r.state.counters());
+                removed.add(&counters);
             }
         }
-        // `states` and a live table's `members` are built in the same (address) order; a
-        // tombstone has no members, and nothing in it is routable.
-        let endpoints = self
-            .states
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let member = table.members.get(i);
-                let mut counters = s.counters();
-                if let Some(c) = earlier.get(&s.address()) {
+        let published = self.slot.table.load();
+        ServiceSnapshot {
+            name: self.name.clone(),
+            table: self.live.clone(),
+            published: (published.version, published.membership_version, published.panic),
+            removed,
+            earlier,
+        }
+    }
+}
+
+impl ServiceSnapshot {
+    /// The service's counters, read outside the control lock: each member's counters from the
+    /// table's view, its check status from `health`.
+    pub(super) fn counters(
+        self,
+        strategy: LoadBalancingStrategy,
+        health: Option<&dyn HealthSource>,
+    ) -> ServiceCounters {
+        let table = &self.table;
+        let view = &table.members;
+        let now = now_ns();
+        let decay = view.context().decay;
+        let endpoints = (0..view.len())
+            .map(|i| {
+                let record = view.record(i);
+                let info = &table.info[i];
+                let target = &view.entries()[i].payload;
+                let mut counters = CounterValues::from_slot(&view.counters(i));
+                counters.latency = record.latency.snapshot();
+                let address = record.endpoint.address;
+                if let Some(c) = self.earlier.get(&address) {
                     counters.add(c);
                 }
+                let latency_estimate = decay.and_then(|decay| {
+                    let (sum, n) = (0..view.shards())
+                        .map(|s| estimate_ns(view.aux(i, s), decay, now))
+                        .filter(|&ns| ns > 0.0)
+                        .fold((0.0, 0u32), |(sum, n), ns| (sum + ns, n + 1));
+                    (n > 0).then(|| Duration::from_nanos((sum / f64::from(n)).min(u64::MAX as f64) as u64))
+                });
                 EndpointCounters {
-                    endpoint: s.endpoint().clone(),
-                    routable: member.is_some_and(|m| m.routable),
-                    health: member.map_or(EndpointHealth::Healthy, |m| m.health),
-                    effective_weight: member.map_or(s.endpoint().weight(), |m| m.effective_weight),
-                    ejections: self.ejections.get(&s.address()).map_or(0, |e| e.count),
-                    consecutive_failures: s.failures().consecutive(),
+                    endpoint: record.endpoint.clone(),
+                    routable: target.routable() && self.published.0 == table.version,
+                    health: info.health,
+                    effective_weight: info.effective_weight,
+                    ejections: info.ejections,
+                    consecutive_failures: record.consecutive_failures(),
                     counters,
-                    check: sources.health.and_then(|h| h.status(&self.name, s.address())),
-                    latency_estimate: s.latency_estimate(),
+                    check: health.and_then(|h| h.status(&self.name, address)),
+                    latency_estimate,
                 }
             })
             .collect();
         ServiceCounters {
-            name: self.name.clone(),
-            strategy: table.strategy,
-            table_version: table.version,
-            membership_version: table.membership_version,
-            panic: table.panic,
+            name: self.name,
+            strategy,
+            table_version: self.published.0,
+            membership_version: self.published.1,
+            panic: self.published.2,
             endpoints,
-            removed,
+            removed: self.removed,
+        }
+    }
+}
+
+impl CounterValues {
+    /// The counts of one slot (the latency histogram is read separately).
+    pub(crate) fn from_slot(c: &SlotCounters) -> CounterValues {
+        CounterValues {
+            in_flight: c.in_flight,
+            selections: c.selections,
+            successes: c.successes,
+            failures: c.failures,
+            latency: Default::default(),
         }
     }
 }

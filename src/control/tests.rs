@@ -79,10 +79,10 @@ fn routable(directory: &SnapshotCell<Directory>, service: &str) -> Vec<u16> {
     };
     let table = slot.table.load();
     table
-        .members
+        .routable
+        .entries()
         .iter()
-        .filter(|m| m.routable)
-        .map(|m| m.state.address().port())
+        .map(|e| table.address(&e.payload).port())
         .collect()
 }
 

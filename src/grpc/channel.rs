@@ -41,9 +41,9 @@ use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::handoff::ControlEvent;
 use crate::pick::Outcome;
-use crate::pick::consistent::hash_key;
 use crate::sync::atomic::{AtomicUsize, Ordering};
 use crate::sync::{DataArc, DataWeak, Mutex, SnapshotCell};
+use crate::table::ring::hash_key;
 
 /// Errors a [`BalancedChannel`] returns: a `tonic::Status` (no endpoint, deadline) or the
 /// endpoint channel's transport error, which tonic turns into a status.

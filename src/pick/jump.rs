@@ -59,7 +59,7 @@ mod tests {
         let n = 10u32;
         let mut counts = [0u32; 10];
         for k in 0..100_000u64 {
-            counts[jump_hash(crate::pick::consistent::mix64(k), n) as usize] += 1;
+            counts[jump_hash(crate::table::ring::mix64(k), n) as usize] += 1;
         }
         for c in counts {
             assert!((9_500..10_500).contains(&c), "{counts:?}");

@@ -9,26 +9,32 @@
 //! | [`Random`](LoadBalancingStrategy::Random) | thread-local RNG | none |
 //! | [`LeastConnections`](LoadBalancingStrategy::LeastConnections) | 2 RNG draws + 2 loads | none |
 //! | [`Weighted`](LoadBalancingStrategy::Weighted) | `fetch_add` + schedule read | the slot's cursor |
-//! | [`ConsistentHash`](LoadBalancingStrategy::ConsistentHash) | hash + shift + 4-byte read | none |
+//! | [`ConsistentHash`](LoadBalancingStrategy::ConsistentHash) | hash + shift + 2-byte read | none |
 //! | [`PeakEwma`](LoadBalancingStrategy::PeakEwma) | 2 RNG draws + 2 loads + 2 estimates + one `exp` | none (reports write the shard's estimate) |
 //!
-//! (A guarded [`Pick`] adds its in-flight increment and decrement.)
+//! A decision reads the table's dense views (16 bytes per endpoint: its slot, address and
+//! weight) and the counters of the calling thread's shard (8 bytes per endpoint), so its
+//! cost does not grow with the number of endpoints until those arrays leave the core's cache
+//! (65,536 endpoints take 1.5 MiB). A guarded [`Pick`] adds one `fetch_add` on the chosen
+//! endpoint's load word (one more selection, one more request in flight) and one
+//! `fetch_sub` when it is dropped; an unguarded selection adds the `fetch_add` alone.
 //!
 //! # Invariants
 //!
 //! * A decision reads exactly one table version (the caller loads it once).
-//! * Only routable endpoints are returned; an empty routable set is a typed miss.
-//! * Every [`Pick`] increments its endpoint's in-flight count once and its `Drop` decrements
-//!   it once, whatever happens to the tables meanwhile.
+//! * Only routable endpoints are returned by the strategies; an empty routable set is a
+//!   typed miss. (Session affinity may keep a draining endpoint's sticky keys on it while
+//!   its keys move off, by the rebalance strategy; see `crate::affinity`.)
+//! * Every [`Pick`] holds one request in flight on its endpoint's slot from its creation to
+//!   its drop, whatever happens to the tables meanwhile: the slot is not reused while it does
+//!   (see [`crate::sync::arena`]).
+
 #![deny(unsafe_code)]
 
-pub(crate) mod consistent;
 pub(crate) mod jump;
 mod p2c;
-pub(crate) mod peak_ewma;
 mod random;
 mod round_robin;
-pub(crate) mod weighted;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,32 +42,23 @@ use std::time::Duration;
 
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
-use crate::sync::Arc;
-use crate::table::{Member, MemberHealth, Miss, Pin, ServiceSlot, ServiceTable};
-use consistent::{FALLBACK_PROBES, owner_without_ring, probe_hash, reduce};
-
-/// The result of a request, as reported on a [`Pick`] or to
-/// [`IntegratedLoadBalancer::record_result`](crate::IntegratedLoadBalancer::record_result).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// The request succeeded.
-    Success,
-    /// The request failed.
-    Failure,
-}
+use crate::table::ring::{FALLBACK_PROBES, owner_without_ring, probe_hash, reduce};
+use crate::table::{Members, Miss, ServiceSlot, ServiceTable, SlotLease, report};
 
 // ===== the read path =====
 
-/// Chooses a routable endpoint of `table` and returns the calling thread's pin of it.
-/// `hash` routes by consistent hash; `None` uses the table's strategy.
+/// Chooses an endpoint of `table` for a thread of `shard`: the view it is in (the routable
+/// members, or all members for hash and primary/backup picks, which check routability
+/// themselves) and its index there. `hash` routes by consistent hash; `None` uses the
+/// table's strategy.
 #[inline]
 pub(crate) fn choose<'t>(
     table: &'t ServiceTable,
     slot: &ServiceSlot,
     hash: Option<u64>,
-) -> Result<&'t Arc<Pin>, Miss> {
-    let view = table.local();
-    let routable = &view.routable;
+    shard: usize,
+) -> Result<(&'t Members, usize), Miss> {
+    let routable = &table.routable;
     let n = routable.len();
     if n == 0 {
         return Err(table.miss());
@@ -70,8 +67,8 @@ pub(crate) fn choose<'t>(
         return Ok(by_hash(table, h));
     }
     if let Some(order) = &table.failover {
-        if let Some(pin) = by_order(table, order) {
-            return Ok(pin);
+        if let Some(i) = by_order(table, order) {
+            return Ok((&table.members, i));
         }
     }
     let index = match table.strategy {
@@ -81,30 +78,32 @@ pub(crate) fn choose<'t>(
             None => round_robin::index(slot.next_ticket(), n),
         },
         LoadBalancingStrategy::Random | LoadBalancingStrategy::ConsistentHash => random::index(n),
-        LoadBalancingStrategy::LeastConnections => p2c::index(routable, table.routable_weights.as_deref()),
-        LoadBalancingStrategy::PeakEwma => p2c::index_by_cost(routable, table.routable_weights.as_deref()),
+        LoadBalancingStrategy::LeastConnections => p2c::index(routable, shard, table.weighted),
+        LoadBalancingStrategy::PeakEwma => p2c::index_by_cost(routable, shard, table.weighted),
     };
-    Ok(&routable[index])
+    Ok((routable, index))
 }
 
 /// Primary/backup pick: the first healthy member of `order`; if none is healthy (panic), the
 /// first routable one; `None` if the order holds no routable member.
 #[inline]
-fn by_order<'t>(table: &'t ServiceTable, order: &[u32]) -> Option<&'t Arc<Pin>> {
-    let members = &table.members;
-    let view = table.local();
-    let first = |ok: &dyn Fn(&Member) -> bool| order.iter().map(|&i| i as usize).find(|&i| ok(&members[i]));
-    first(&|m| m.health == MemberHealth::Healthy)
-        .or_else(|| first(&|m| m.routable))
-        .map(|i| &view.members[i])
+fn by_order(table: &ServiceTable, order: &[u32]) -> Option<usize> {
+    let entries = table.members.entries();
+    let first = |ok: fn(&crate::table::Target) -> bool| {
+        order
+            .iter()
+            .map(|&i| i as usize)
+            .find(|&i| ok(&entries[i].payload))
+    };
+    first(|t| t.healthy() && t.routable()).or_else(|| first(|t| t.routable()))
 }
 
 /// Consistent-hash pick with the deterministic health fallback (see
-/// [`consistent`](self::consistent)). At least one member is routable.
+/// [`ring`](crate::table::ring)). At least one member is routable. Returns a member index,
+/// or a routable index for the final fallback.
 #[inline]
-fn by_hash(table: &ServiceTable, h: u64) -> &Arc<Pin> {
-    let members = &table.members;
-    let view = table.local();
+fn by_hash(table: &ServiceTable, h: u64) -> (&Members, usize) {
+    let members = table.members.entries();
     for probe in 0..=FALLBACK_PROBES {
         let hp = probe_hash(h, probe);
         let owner = match &table.ring {
@@ -112,13 +111,13 @@ fn by_hash(table: &ServiceTable, h: u64) -> &Arc<Pin> {
             None => ringless_owner(table, hp),
         };
         if let Some(o) = owner {
-            if members[o].routable {
-                return &view.members[o];
+            if members[o].payload.routable() {
+                return (&table.members, o);
             }
         }
     }
     let last = probe_hash(h, FALLBACK_PROBES + 1);
-    &view.routable[reduce(last, view.routable.len())]
+    (&table.routable, reduce(last, table.routable.len()))
 }
 
 /// The owner the ring would give, computed from the definition (`O(total weight)`): only
@@ -127,7 +126,17 @@ fn by_hash(table: &ServiceTable, h: u64) -> &Arc<Pin> {
 fn ringless_owner(table: &ServiceTable, h: u64) -> Option<usize> {
     let slots = table.hash_slots;
     let slot = (h >> (64 - slots.trailing_zeros())) as u32;
-    owner_without_ring(&table.members, Member::ring_key, slots, slot)
+    owner_without_ring(table.members.len(), |i| table.ring_key(i), slots, slot)
+}
+
+/// The result of a request, as reported on a [`Pick`] or to
+/// [`IntegratedLoadBalancer::record_result`](crate::IntegratedLoadBalancer::record_result).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The request succeeded.
+    Success,
+    /// The request failed.
+    Failure,
 }
 
 // ===== impl Pick =====
@@ -181,18 +190,21 @@ fn ringless_owner(table: &ServiceTable, h: u64) -> Option<usize> {
 /// ```
 #[must_use = "dropping a Pick ends the request it accounts for"]
 pub struct Pick {
-    pin: Arc<Pin>,
+    lease: SlotLease,
+    address: SocketAddr,
     version: u64,
 }
 
 impl Pick {
-    /// Takes a guarded pick of `pin` from table `version`.
+    /// Takes a guarded pick of entry `i` of `view` (a view of `table`) for a thread of
+    /// `shard`.
     #[inline]
-    pub(crate) fn new(pin: &Arc<Pin>, version: u64) -> Pick {
-        pin.acquire();
+    pub(crate) fn new(table: &ServiceTable, view: &Members, i: usize, shard: usize) -> Pick {
+        let address = table.address(&view.entries()[i].payload);
         Pick {
-            pin: pin.clone(),
-            version,
+            lease: view.lease(i, shard),
+            address,
+            version: table.version,
         }
     }
 
@@ -205,23 +217,31 @@ impl Pick {
     /// The endpoint's address.
     #[inline]
     pub fn address(&self) -> SocketAddr {
-        self.pin.address()
+        self.address
     }
 
     /// The endpoint (address and metadata, as registered when it was picked).
     pub fn endpoint(&self) -> &Endpoint {
-        self.pin.endpoint()
+        &self.lease.record().endpoint
     }
 
     /// Requests in flight on this endpoint that were picked by threads of the same counter
     /// shard as this one, this one included (the load signal least-connections compares).
     pub fn in_flight(&self) -> u64 {
-        self.pin.in_flight()
+        self.lease.in_flight()
     }
 
     /// Reports the outcome (and optionally the latency) and ends the request.
     pub fn record(self, outcome: Outcome, latency: Option<Duration>) {
-        self.pin.record(outcome == Outcome::Success, latency);
+        let lease = &self.lease;
+        report(
+            lease.record(),
+            lease.context(),
+            lease.aux(),
+            |success| lease.count(success),
+            outcome == Outcome::Success,
+            latency,
+        );
     }
 
     /// Reports success and ends the request.
@@ -235,20 +255,13 @@ impl Pick {
     }
 }
 
-impl Drop for Pick {
-    #[inline]
-    fn drop(&mut self) {
-        self.pin.release();
-    }
-}
-
 impl std::ops::Deref for Pick {
     type Target = Endpoint;
 
     /// A `Pick` reads as its [`Endpoint`]: `pick.address`, `&*pick` where an `&Endpoint` is
     /// wanted.
     fn deref(&self) -> &Endpoint {
-        self.pin.endpoint()
+        self.endpoint()
     }
 }
 

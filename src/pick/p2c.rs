@@ -10,16 +10,18 @@
 //! beats an idle light one and load follows weight.
 #![deny(unsafe_code)]
 
-use super::peak_ewma::b_is_cheaper;
-use crate::sync::{Arc, random_below};
-use crate::table::Pin;
+use crate::sync::arena::in_flight;
+use crate::sync::atomic::Ordering;
+use crate::sync::random_below;
+use crate::table::Members;
+use crate::table::estimate::b_is_cheaper;
 
-/// The power of two choices over `routable` (`len >= 1`): two distinct members drawn
-/// uniformly, and `b` of them if `b_wins(a, b)`, else `a` (so ties keep the first, which is
-/// itself random).
+/// The power of two choices over `view` (`len >= 1`): two distinct entries drawn uniformly,
+/// and `b` of them if `b_wins(a, b)`, else `a` (so ties keep the first, which is itself
+/// random).
 #[inline]
-fn choose_two(routable: &[Arc<Pin>], b_wins: impl FnOnce(usize, usize) -> bool) -> usize {
-    let n = routable.len();
+fn choose_two(view: &Members, b_wins: impl FnOnce(usize, usize) -> bool) -> usize {
+    let n = view.len();
     if n == 1 {
         return 0;
     }
@@ -33,40 +35,58 @@ fn choose_two(routable: &[Arc<Pin>], b_wins: impl FnOnce(usize, usize) -> bool) 
 }
 
 /// Whether `b` has fewer requests in flight than `a` per unit of weight:
-/// `(lb + 1) / wb < (la + 1) / wa`, in integers (weights <= 1e6, loads < 2^40 in practice;
-/// u128 keeps it exact regardless).
+/// `(lb + 1) / wb < (la + 1) / wa`, in integers (weights <= 1e8, loads < 2^24; u128 keeps
+/// it exact regardless).
 #[inline]
 fn fewer_in_flight(la: u64, wa: u32, lb: u64, wb: u32) -> bool {
     u128::from(lb + 1) * u128::from(wa) < u128::from(la + 1) * u128::from(wb)
 }
 
+/// Requests in flight on entry `i` in `shard`. `Relaxed`: a load signal, stale by at most
+/// the requests racing with this read.
+#[inline]
+fn load(view: &Members, i: usize, shard: usize) -> u64 {
+    in_flight(view.load(i, shard).load(Ordering::Relaxed))
+}
+
 /// As [`index`], comparing each candidate's Peak-EWMA cost per unit of weight: its latency
 /// estimate times one more than its requests in flight (see
-/// [`peak_ewma`](super::peak_ewma)); a pin without an estimate counts its in-flight requests.
+/// [`estimate`](crate::table::estimate)).
 #[inline]
-pub(crate) fn index_by_cost(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> usize {
-    choose_two(routable, |a, b| {
-        let (pa, pb) = (&routable[a], &routable[b]);
-        let (wa, wb) = weights.map_or((1, 1), |w| (w[a], w[b]));
-        match (pa.rtt(), pb.rtt()) {
-            (Some(ra), Some(rb)) => b_is_cheaper((ra, pa.in_flight(), wa), (rb, pb.in_flight(), wb)),
-            // Not a Peak-EWMA table (not reached): least connections.
-            _ => fewer_in_flight(pa.in_flight(), wa, pb.in_flight(), wb),
-        }
+pub(crate) fn index_by_cost(view: &Members, shard: usize, weighted: bool) -> usize {
+    let Some(decay) = view.context().decay else {
+        return index(view, shard, weighted); // not a Peak-EWMA table (not reached)
+    };
+    choose_two(view, |a, b| {
+        let entries = view.entries();
+        let (wa, wb) = if weighted {
+            (entries[a].payload.weight(), entries[b].payload.weight())
+        } else {
+            (1, 1)
+        };
+        let ea = view.aux(a, shard).load(Ordering::Relaxed);
+        let eb = view.aux(b, shard).load(Ordering::Relaxed);
+        b_is_cheaper(
+            (ea, load(view, a, shard), wa),
+            (eb, load(view, b, shard), wb),
+            decay,
+        )
     })
 }
 
-/// Chooses between two distinct random members of `routable` (`len >= 1`): the calling
-/// thread's shard of pins, so the in-flight counts compared are this shard's (each shard of
-/// threads balances its own requests, as each Envoy worker does; the sum over shards is
+/// Chooses between two distinct random entries of `view` (`len >= 1`) by the calling
+/// thread's shard of counters, so the in-flight counts compared are this shard's (each shard
+/// of threads balances its own requests, as each Envoy worker does; the sum over shards is
 /// then balanced too, and no core reads lines another core is writing).
 #[inline]
-pub(crate) fn index(routable: &[Arc<Pin>], weights: Option<&[u32]>) -> usize {
-    choose_two(routable, |a, b| {
-        let (la, lb) = (routable[a].in_flight(), routable[b].in_flight());
-        match weights {
-            None => lb < la,
-            Some(w) => fewer_in_flight(la, w[a], lb, w[b]),
+pub(crate) fn index(view: &Members, shard: usize, weighted: bool) -> usize {
+    choose_two(view, |a, b| {
+        let (la, lb) = (load(view, a, shard), load(view, b, shard));
+        if weighted {
+            let entries = view.entries();
+            fewer_in_flight(la, entries[a].payload.weight(), lb, entries[b].payload.weight())
+        } else {
+            lb < la
         }
     })
 }

@@ -8,7 +8,9 @@ pub(crate) use loom::sync::Arc;
 
 /// Atomics, re-exported from loom.
 pub(crate) mod atomic {
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+    pub(crate) use loom::sync::atomic::{
+        AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+    };
 }
 
 /// Poison-tolerant mutex over `loom::sync::Mutex`.
@@ -103,6 +105,11 @@ impl<T> SnapshotCell<T> {
             .clone()
     }
 
+    pub(crate) fn swap(&self, value: Arc<T>) -> Arc<T> {
+        let mut slot = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        core::mem::replace(&mut *slot, value)
+    }
+
     pub(crate) fn store(&self, value: Arc<T>) {
         let old = {
             let mut slot = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -133,10 +140,6 @@ impl<T> fmt::Debug for Snap<T> {
 }
 
 /// Unbounded channels, from std (event subscriptions are not part of the models).
-/// A cell written once (statistics buffers allocated on first use). loom has no `OnceLock`;
-/// its models never record latencies, so both builds use std's.
-pub(crate) use std::sync::OnceLock;
-
 pub(crate) mod mpsc {
     pub(crate) use std::sync::mpsc::{Receiver, channel};
 }
@@ -150,6 +153,12 @@ pub(crate) mod thread {
         F: FnOnce() + Send + 'static,
     {
         loom::thread::Builder::new().name(name).spawn(f)
+    }
+
+    /// loom's handles cannot tell; the models never kill the control thread (it ends only
+    /// when shut down, and is then joined).
+    pub(crate) fn is_finished(_handle: &JoinHandle<()>) -> bool {
+        false
     }
 }
 

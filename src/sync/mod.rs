@@ -28,6 +28,7 @@
 //! * `SnapshotCell::load` never blocks a reader on a writer in normal builds.
 #![allow(dead_code)]
 
+pub(crate) mod arena;
 #[cfg(not(tai_loadbalancer_loom))]
 mod std_impl;
 #[cfg(not(tai_loadbalancer_loom))]

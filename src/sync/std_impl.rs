@@ -8,7 +8,9 @@ pub(crate) use std::sync::Arc;
 
 /// Atomics, re-exported from `std`.
 pub(crate) mod atomic {
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+    pub(crate) use std::sync::atomic::{
+        AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+    };
 }
 
 /// A mutex whose `lock` ignores poisoning.
@@ -24,7 +26,7 @@ pub(crate) struct Mutex<T>(std::sync::Mutex<T>);
 pub(crate) type MutexGuard<'a, T> = std::sync::MutexGuard<'a, T>;
 
 impl<T> Mutex<T> {
-    pub(crate) fn new(value: T) -> Self {
+    pub(crate) const fn new(value: T) -> Self {
         Self(std::sync::Mutex::new(value))
     }
 
@@ -105,6 +107,13 @@ impl<T> SnapshotCell<T> {
     pub(crate) fn store(&self, value: Arc<T>) {
         self.0.store(value);
     }
+
+    /// Publishes `value` and returns the value it replaces. Every load that returned the old
+    /// value and is still held is counted in its reference count by the time this returns
+    /// (arc-swap pays its readers' debts), so a count of 1 means nobody else holds it.
+    pub(crate) fn swap(&self, value: Arc<T>) -> Arc<T> {
+        self.0.swap(value)
+    }
 }
 
 impl<T> Deref for Snap<T> {
@@ -129,10 +138,6 @@ impl<T: fmt::Debug> fmt::Debug for Snap<T> {
 }
 
 /// Unbounded channels (event subscriptions): sending never blocks the control plane.
-/// A cell written once (statistics buffers allocated on first use). loom has no `OnceLock`;
-/// its models never record latencies, so both builds use std's.
-pub(crate) use std::sync::OnceLock;
-
 pub(crate) mod mpsc {
     pub(crate) use std::sync::mpsc::{Receiver, channel};
 }
@@ -147,6 +152,11 @@ pub(crate) mod thread {
         F: FnOnce() + Send + 'static,
     {
         std::thread::Builder::new().name(name).spawn(f)
+    }
+
+    /// Whether the thread has ended (returned or panicked).
+    pub(crate) fn is_finished(handle: &JoinHandle<()>) -> bool {
+        handle.is_finished()
     }
 }
 

@@ -8,11 +8,23 @@
 
 use std::net::SocketAddr;
 
-use crate::LoadBalancingStrategy;
-use crate::pick::consistent::HashRing;
-use crate::pick::weighted::Schedule;
+use crate::config::strategy::LoadBalancingStrategy;
 use crate::sync::DataArc;
-use crate::table::{Member, ServiceTable, ShardView};
+use crate::sync::arena::{Entry, SlotId};
+use crate::table::ring::HashRing;
+use crate::table::schedule::Schedule;
+use crate::table::{Arena, MemberHealth, MemberInfo, ServiceTable, Target};
+
+/// One member, as the control plane knows it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MemberInput {
+    pub(crate) slot: SlotId,
+    pub(crate) address: SocketAddr,
+    pub(crate) has_metadata: bool,
+    pub(crate) info: MemberInfo,
+    /// Picks may return it (healthy, or in panic and not taken out by an operator).
+    pub(crate) routable: bool,
+}
 
 /// Everything a table is made of.
 #[derive(Debug)]
@@ -22,39 +34,38 @@ pub(crate) struct TableInput {
     pub(crate) membership_version: u64,
     pub(crate) strategy: LoadBalancingStrategy,
     /// All members, in address order.
-    pub(crate) members: Vec<Member>,
+    pub(crate) members: Vec<MemberInput>,
     pub(crate) hash_slots: u32,
     /// The ring to carry, if any (from [`RingCache::ring_for`]).
     pub(crate) ring: Option<DataArc<HashRing>>,
-    /// Number of counter shards (a power of two; every member's state has that many pins).
-    pub(crate) shards: usize,
-    /// Whether `members` were made all routable because too few are healthy.
+    /// Whether routability was widened because too few members are healthy.
     pub(crate) panic: bool,
     /// Member indices of a primary/backup order, if the service is routed by one.
     pub(crate) failover: Option<Box<[u32]>>,
 }
 
-/// Builds the table: routable subset, weights, and the weighted schedule when the strategy
-/// needs one.
-pub(crate) fn build(input: TableInput) -> ServiceTable {
-    let shards = (0..input.shards.max(1))
-        .map(|s| ShardView {
-            routable: input
-                .members
-                .iter()
-                .filter(|m| m.routable)
-                .map(|m| m.state.pin(s).clone())
-                .collect(),
-            members: input.members.iter().map(|m| m.state.pin(s).clone()).collect(),
-        })
-        .collect();
-    let weights: Vec<u32> = input
+/// Builds the table over `arena`'s slots: the member and routable views, the weights, and
+/// the weighted schedule when the strategy needs one.
+pub(crate) fn build(arena: &Arena, input: TableInput) -> ServiceTable {
+    let mut v6 = Vec::new();
+    let members: Vec<Entry<Target>> = input
         .members
         .iter()
-        .filter(|m| m.routable)
-        .map(|m| m.effective_weight)
+        .map(|m| Entry {
+            slot: m.slot,
+            payload: Target::new(
+                m.address,
+                &mut v6,
+                m.info.effective_weight,
+                m.routable,
+                m.info.health == MemberHealth::Healthy,
+                m.has_metadata,
+            ),
+        })
         .collect();
-    let uniform = weights.windows(2).all(|w| w[0] == w[1]);
+    let routable: Vec<Entry<Target>> = members.iter().filter(|e| e.payload.routable()).copied().collect();
+    let weights: Vec<u32> = routable.iter().map(|e| e.payload.weight()).collect();
+    let weighted = weights.windows(2).any(|w| w[0] != w[1]);
     let schedule = match input.strategy {
         LoadBalancingStrategy::Weighted => Schedule::build(&weights),
         _ => None,
@@ -64,9 +75,11 @@ pub(crate) fn build(input: TableInput) -> ServiceTable {
         version: input.version,
         membership_version: input.membership_version,
         strategy: input.strategy,
-        members: input.members.into_boxed_slice(),
-        shards,
-        routable_weights: (!uniform).then(|| weights.into_boxed_slice()),
+        members: arena.view(members),
+        routable: arena.view(routable),
+        info: input.members.iter().map(|m| m.info).collect(),
+        v6: v6.into_boxed_slice(),
+        weighted,
         schedule,
         ring: input.ring,
         hash_slots: input.hash_slots,
@@ -85,18 +98,15 @@ pub(crate) struct RingCache {
 }
 
 impl RingCache {
-    /// The ring for `members`: the cached one when addresses and weights are unchanged,
-    /// otherwise a new one (which replaces the cache).
-    pub(crate) fn ring_for(&mut self, members: &[Member], slots: u32) -> DataArc<HashRing> {
-        let unchanged = self.slots == slots
-            && self.key.len() == members.len()
-            && self.key.iter().zip(members).all(|(k, m)| *k == m.ring_key());
-        if let (true, Some(ring)) = (unchanged, &self.ring) {
+    /// The ring for members `key` (address and registered weight, in address order): the
+    /// cached one when they are unchanged, otherwise a new one (which replaces the cache).
+    pub(crate) fn ring_for(&mut self, key: Vec<(SocketAddr, u32)>, slots: u32) -> DataArc<HashRing> {
+        if let (true, Some(ring)) = (self.slots == slots && self.key == key, &self.ring) {
             return ring.clone();
         }
-        self.key = members.iter().map(Member::ring_key).collect();
+        let ring = DataArc::new(HashRing::build(&key, slots));
+        self.key = key;
         self.slots = slots;
-        let ring = DataArc::new(HashRing::build(&self.key, slots));
         self.ring = Some(ring.clone());
         ring
     }

@@ -1,400 +1,269 @@
-//! Routing snapshots: the immutable tables the data plane reads, and the per-endpoint atomics
-//! beside them.
+//! Routing snapshots: the immutable tables the data plane reads, over the dense per-endpoint
+//! counters beside them.
 //!
-//! This module owns four types:
+//! This module owns:
 //!
-//! * [`Pin`]: one endpoint's counters *for one shard of threads*, plus that shard's copy of the
-//!   endpoint. A pick touches only the pin of its own shard: it clones the pin's `Arc` and
-//!   bumps its in-flight and selection counts, all on lines no other shard writes. Writes
-//!   shared by every thread (one reference count, one in-flight counter per endpoint) make
-//!   each pick migrate cache lines between cores; we measured two-thread throughput fall to
-//!   0.5–1.7x of one thread that way on the project machine, against ~1.9x for read-only
-//!   work (`BENCHMARKS.md`).
-//! * [`EndpointState`]: one per registered generation of an address (a metadata change makes
-//!   a new generation), holding its pins. Shared by every table version that contains it, so
-//!   counters survive republication; the control plane sums the pins for metrics.
+//! * [`SlotRecord`] and [`ServiceContext`]: what an endpoint generation's slot in its service's
+//!   counter arena ([`crate::sync::arena`]) holds besides counters (its endpoint, its latency
+//!   histogram, its run of failures), and what the service's views and leases share (its name,
+//!   where failure runs are reported, its Peak-EWMA time constant).
+//! * [`Target`]: the 12 bytes a pick needs of an endpoint (address, weight, routability),
+//!   stored beside the endpoint's slot in a table's views, so a pick over 65,536 endpoints
+//!   touches one dense array of 16-byte entries and one of 8-byte loads.
 //! * [`ServiceTable`]: one immutable, versioned snapshot of a service: its members in address
-//!   order, which of them are routable, per-shard arrays of their pins, and the strategy's
-//!   precomputed structures (weighted schedule, consistent-hash ring). Built by [`build`] on
-//!   the control plane.
-//! * [`ServiceSlot`]: the stable home of a service on the data plane: a
-//!   [`SnapshotCell`] holding the current table plus the strategy cursor, which must outlive
-//!   table versions (a round-robin rotation does not restart on every health flap).
+//!   order and the routable ones (two views of the arena), each member's health and weights,
+//!   and the strategy's precomputed structures (weighted [`schedule`], consistent-hash
+//!   [`ring`]). Built by [`build`] on the control plane.
+//! * [`ServiceSlot`] and [`Directory`]: the stable home of a service on the data plane (its
+//!   current table, its round-robin cursor) and the map from names to them.
+//! * The strategies' per-endpoint state: [`estimate`] (Peak-EWMA).
 //!
 //! # Invariants
 //!
 //! * A table is published whole by one `store`: membership, routability and the strategy
 //!   structures a pick reads always belong to the same version (no torn view, unlike two cells
 //!   that must agree).
-//! * `shards[s].routable` lists, in address order, shard `s`'s pins of the members with
-//!   `routable == true`; `shards[s].members[i]` is shard `s`'s pin of `members[i]`.
-//! * `schedule` entries index the routable list; ring owners index `members`.
+//! * `routable` lists, in address order, the members whose target is routable; its entries
+//!   are copies of theirs (same slot, same target).
+//! * `schedule` entries index `routable`; ring owners index `members`.
 //! * `version` strictly increases for a given slot.
-//! * A pin's in-flight count is incremented by a pick holding an `Arc` to that pin and
-//!   decremented by the same guard's `Drop`, so it never underflows and reaches 0 exactly when
-//!   no guard of that shard is outstanding.
+//! * Slots outlive tables: counters survive republication (a health flap keeps every
+//!   endpoint's in-flight count), and a slot is recycled only once no table contains it and
+//!   nothing is in flight on it (see [`crate::sync::arena`]).
 #![deny(unsafe_code)]
 
 pub(crate) mod build;
+pub(crate) mod estimate;
+pub(crate) mod ring;
+pub(crate) mod schedule;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
 pub(crate) use crate::handoff::OutlierSink;
-use crate::histogram::{AtomicHistogram, LatencyHistogram};
-use crate::pick::consistent::HashRing;
-use crate::pick::peak_ewma::{RttEstimate, now_ns};
-use crate::pick::weighted::Schedule;
-pub(crate) use crate::stats::CounterValues;
-use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use crate::histogram::AtomicHistogram;
+pub(crate) use crate::stats::EndpointHealth as MemberHealth;
+use crate::sync::arena::{ArenaOwner, Lease, View};
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{Arc, CachePadded, DataArc, DataWeak, SnapshotCell};
+use estimate::Decay;
+use ring::HashRing;
+use schedule::Schedule;
 
-// ===== impl Pin =====
+// ===== slot records =====
 
-/// Outcome counters of a pin: written when a request reports, not when it is picked, so they
-/// sit on their own line.
-#[derive(Debug)]
-#[repr(C, align(64))]
-struct Outcomes {
-    successes: AtomicU64,
-    failures: AtomicU64,
-    /// The generation's latency histogram (shared by its pins, allocated on first use).
-    latency: DataArc<AtomicHistogram>,
-    /// This shard's Peak-EWMA latency estimate, for services routed by
-    /// [`PeakEwma`](crate::LoadBalancingStrategy::PeakEwma): on the line next to the
-    /// in-flight count a pick reads, written by this shard's reports.
-    rtt: Option<RttEstimate>,
+/// What an endpoint generation's slot holds besides its counters.
+pub(crate) struct SlotRecord {
+    /// The endpoint as registered (a metadata change makes a new generation, in a new slot).
+    pub(crate) endpoint: Endpoint,
+    /// Reported latencies (buckets allocated by the first one).
+    pub(crate) latency: AtomicHistogram,
+    /// Failures reported in a row, for outlier detection.
+    consecutive_failures: AtomicU64,
+    /// Whether the current run was reported to the control plane.
+    reported: AtomicBool,
 }
 
-/// One endpoint's counters for one shard of threads.
-///
-/// Layout: the first 64-byte line holds everything a pick touches (in-flight, selections,
-/// the endpoint it returns); outcome counters follow on the second line. The `Arc` header
-/// that precedes it is written by guards of this shard only.
-#[repr(C, align(64))]
-pub(crate) struct Pin {
-    in_flight: AtomicU64,
-    selections: AtomicU64,
-    /// This shard's copy of the endpoint: its metadata `Arc` is not shared with other shards,
-    /// so cloning the endpoint on the pick path writes no line another shard writes.
-    endpoint: Endpoint,
-    /// The generation's passive-health bookkeeping (shared by all its pins; read on success,
-    /// written only on failure).
-    failures: Arc<Failures>,
-    outcomes: Outcomes,
+impl SlotRecord {
+    pub(crate) fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            latency: AtomicHistogram::default(),
+            consecutive_failures: AtomicU64::new(0),
+            reported: AtomicBool::new(false),
+        }
+    }
+
+    /// Failures reported in a row.
+    pub(crate) fn consecutive_failures(&self) -> u64 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new run of failures (after an ejection, or a refused one). Relaxed: a
+    /// heuristic counter.
+    pub(crate) fn reset_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.reported.store(false, Ordering::Relaxed);
+    }
 }
 
-// ===== impl Failures =====
+impl fmt::Debug for SlotRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotRecord")
+            .field("address", &self.endpoint.address)
+            .finish_non_exhaustive()
+    }
+}
 
-/// Whom to tell when the threshold is reached.
+/// Where and when a run of consecutive failures is reported.
 pub(crate) struct OutlierReport {
     pub(crate) sink: DataWeak<dyn OutlierSink>,
-    pub(crate) service: DataArc<str>,
     pub(crate) threshold: u64,
 }
 
-/// Consecutive reported failures of one endpoint generation, for outlier detection.
-///
-/// Shared by the generation's pins on its own cache line. A success only *reads* it (and
-/// writes only when it was non-zero), so in the healthy steady state no core writes it;
-/// failures are the exception and may share the line.
-pub(crate) struct Failures {
-    consecutive: CachePadded<AtomicU64>,
-    reported: AtomicBool,
-    report: Option<OutlierReport>,
+/// What every view and lease of one service shares.
+pub(crate) struct ServiceContext {
+    pub(crate) service: DataArc<str>,
+    /// Outlier detection, when on.
+    pub(crate) outlier: Option<OutlierReport>,
+    /// Peak-EWMA's τ, for services routed by it.
+    pub(crate) decay: Option<Decay>,
 }
 
-impl Failures {
-    pub(crate) fn new(report: Option<OutlierReport>) -> Self {
-        Self {
-            consecutive: CachePadded::new(AtomicU64::new(0)),
-            reported: AtomicBool::new(false),
-            report,
-        }
-    }
-
-    /// Counts an outcome; reports the endpoint once when failures reach the threshold.
-    /// `Relaxed` throughout: a heuristic counter, re-armed by [`Failures::reset`].
-    #[inline]
-    fn note(&self, success: bool, address: SocketAddr) {
-        let Some(report) = &self.report else { return };
-        if success {
-            if self.consecutive.load(Ordering::Relaxed) != 0 {
-                self.consecutive.store(0, Ordering::Relaxed);
-            }
-            return;
-        }
-        let n = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= report.threshold && !self.reported.swap(true, Ordering::Relaxed) {
-            if let Some(sink) = report.sink.upgrade() {
-                sink.consecutive_failures(&report.service, address);
-            }
-        }
-    }
-
-    /// Starts a new run (after an ejection, or a refused one).
-    pub(crate) fn reset(&self) {
-        self.consecutive.store(0, Ordering::Relaxed);
-        self.reported.store(false, Ordering::Relaxed);
-    }
-
-    pub(crate) fn consecutive(&self) -> u64 {
-        self.consecutive.load(Ordering::Relaxed)
-    }
-}
-
-impl Pin {
-    fn new(
-        endpoint: Endpoint,
-        failures: Arc<Failures>,
-        rtt: Option<RttEstimate>,
-        latency: DataArc<AtomicHistogram>,
-    ) -> Self {
-        Self {
-            in_flight: AtomicU64::new(0),
-            selections: AtomicU64::new(0),
-            endpoint,
-            failures,
-            outcomes: Outcomes {
-                successes: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
-                latency,
-                rtt,
-            },
-        }
-    }
-
-    #[inline]
-    pub(crate) fn address(&self) -> SocketAddr {
-        self.endpoint.address
-    }
-
-    #[inline]
-    pub(crate) fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    /// This shard's requests in flight. `Relaxed`: a load signal for least-connections,
-    /// stale by at most the requests racing with this read.
-    #[inline]
-    pub(crate) fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Counts a selection handed out without a guard. `Relaxed`: statistics only.
-    #[inline]
-    pub(crate) fn note_selection(&self) {
-        self.selections.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a selection and one more request in flight. `Relaxed`: the increment publishes
-    /// nothing; the guard that undoes it holds an `Arc` to this pin.
-    #[inline]
-    pub(crate) fn acquire(&self) {
-        self.selections.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Ends one in-flight request. `Release`: whoever later reads the count with `Acquire`
-    /// (a drain waiting for 0) also sees the outcome this request recorded.
-    #[inline]
-    pub(crate) fn release(&self) {
-        let before = self.in_flight.fetch_sub(1, Ordering::Release);
-        debug_assert!(before > 0, "in-flight underflow on {}", self.endpoint.address);
-    }
-
-    /// Records an outcome. `Relaxed`: statistics only.
-    #[inline]
-    pub(crate) fn record(&self, success: bool, latency: Option<Duration>) {
-        let o = &self.outcomes;
-        if success {
-            o.successes.fetch_add(1, Ordering::Relaxed);
-        } else {
-            o.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(latency) = latency {
-            o.latency.record(latency);
-        }
-        if let Some(rtt) = &o.rtt {
-            match latency {
-                Some(latency) => rtt.observe(latency, success, now_ns()),
-                None if !success => rtt.observe_failure(now_ns()),
-                None => {}
-            }
-        }
-        self.failures.note(success, self.endpoint.address);
-    }
-
-    /// This shard's Peak-EWMA estimate, if the service is routed by it.
-    #[inline]
-    pub(crate) fn rtt(&self) -> Option<&RttEstimate> {
-        self.outcomes.rtt.as_ref()
-    }
-
-    fn counters(&self) -> CounterValues {
-        let o = &self.outcomes;
-        CounterValues {
-            // Acquire pairs with `release`: a sum of 0 means every finished request's
-            // outcome is visible.
-            in_flight: self.in_flight.load(Ordering::Acquire),
-            selections: self.selections.load(Ordering::Relaxed),
-            successes: o.successes.load(Ordering::Relaxed),
-            failures: o.failures.load(Ordering::Relaxed),
-            latency: LatencyHistogram::default(),
-        }
-    }
-}
-
-impl fmt::Debug for Pin {
+impl fmt::Debug for ServiceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pin")
-            .field("address", &self.endpoint.address)
-            .field("in_flight", &self.in_flight())
+        f.debug_struct("ServiceContext")
+            .field("service", &self.service)
             .finish_non_exhaustive()
     }
 }
 
-// ===== impl EndpointState =====
+/// A service's counter arena.
+pub(crate) type Arena = ArenaOwner<SlotRecord, ServiceContext>;
+/// An array of a service's slots with their targets, as a table holds it.
+pub(crate) type Members = View<SlotRecord, ServiceContext, Target>;
+/// One request in flight on one endpoint generation.
+pub(crate) type SlotLease = Lease<SlotRecord, ServiceContext>;
 
-/// One generation of one endpoint of a service: its registered form and its pins.
-pub(crate) struct EndpointState {
-    endpoint: Endpoint,
-    pins: Box<[Arc<Pin>]>,
-    failures: Arc<Failures>,
-    latency: DataArc<AtomicHistogram>,
+/// Records a request's outcome on its endpoint generation: the shard's outcome counter (by
+/// `count`), the latency histogram, the Peak-EWMA estimate `aux` of the shard, and the
+/// run of failures (reporting the endpoint once it reaches the outlier threshold).
+#[inline]
+pub(crate) fn report(
+    record: &SlotRecord,
+    context: &ServiceContext,
+    aux: &AtomicU64,
+    count: impl FnOnce(bool),
+    success: bool,
+    latency: Option<Duration>,
+) {
+    count(success);
+    if let Some(latency) = latency {
+        record.latency.record(latency);
+    }
+    if let Some(decay) = context.decay {
+        estimate::observe(aux, decay, latency, success, estimate::now_ns());
+    }
+    let Some(outlier) = &context.outlier else { return };
+    // Relaxed throughout: a heuristic counter, re-armed by `reset_failures`. A success only
+    // reads it (and writes only when it was non-zero), so in the healthy steady state no
+    // core writes its line.
+    if success {
+        if record.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            record.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        return;
+    }
+    let n = record.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+    if n >= outlier.threshold && !record.reported.swap(true, Ordering::Relaxed) {
+        if let Some(sink) = outlier.sink.upgrade() {
+            sink.consecutive_failures(&context.service, record.endpoint.address);
+        }
+    }
 }
 
-impl EndpointState {
-    /// A state with `shards` pins, each with its own copy of the endpoint's metadata, and a
-    /// Peak-EWMA estimate decaying over `rtt_decay` if given.
+// ===== targets =====
+
+/// What a pick needs of an endpoint, beside its slot: where it is, its weight, whether it may
+/// be picked. 12 bytes, so an entry of a view is 16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    /// IPv4 address bits, or the index of an IPv6 address in the table's `v6` list.
+    ip: u32,
+    port: u16,
+    flags: u16,
+    /// Effective weight (what weighted strategies compare).
+    weight: u32,
+}
+
+const V6: u16 = 1;
+const ROUTABLE: u16 = 2;
+const HEALTHY: u16 = 4;
+const METADATA: u16 = 8;
+
+impl Target {
+    /// The target of `address`; an IPv6 address is stored in `v6` and referred to by index.
     pub(crate) fn new(
-        endpoint: Endpoint,
-        shards: usize,
-        report: Option<OutlierReport>,
-        rtt_decay: Option<Duration>,
+        address: SocketAddr,
+        v6: &mut Vec<SocketAddr>,
+        weight: u32,
+        routable: bool,
+        healthy: bool,
+        has_metadata: bool,
     ) -> Self {
-        let failures = Arc::new(Failures::new(report));
-        let latency = DataArc::new(AtomicHistogram::default());
-        let pins = (0..shards.max(1))
-            .map(|_| {
-                Arc::new(Pin::new(
-                    endpoint.detached(),
-                    failures.clone(),
-                    rtt_decay.map(RttEstimate::new),
-                    latency.clone(),
-                ))
-            })
-            .collect();
-        Self {
-            endpoint,
-            pins,
-            failures,
-            latency,
+        let mut flags = 0;
+        let ip = match address {
+            SocketAddr::V4(a) => u32::from(*a.ip()),
+            SocketAddr::V6(_) => {
+                flags |= V6;
+                v6.push(address);
+                (v6.len() - 1) as u32
+            }
+        };
+        for (on, flag) in [(routable, ROUTABLE), (healthy, HEALTHY), (has_metadata, METADATA)] {
+            if on {
+                flags |= flag;
+            }
+        }
+        Target {
+            ip,
+            port: address.port(),
+            flags,
+            weight,
         }
     }
 
-    /// The generation's consecutive-failure tracking.
-    pub(crate) fn failures(&self) -> &Failures {
-        &self.failures
-    }
-
-    /// The Peak-EWMA estimate now, if this generation has one with a sample.
-    pub(crate) fn latency_estimate(&self) -> Option<Duration> {
-        // Each shard keeps its own estimate: report the mean of those that have samples.
-        let now = now_ns();
-        let (sum, n) = self
-            .pins
-            .iter()
-            .filter_map(|pin| pin.rtt()?.estimate_ns(now).into())
-            .filter(|&ns: &f64| ns > 0.0)
-            .fold((0.0, 0u32), |(sum, n), ns| (sum + ns, n + 1));
-        (n > 0).then(|| Duration::from_nanos((sum / f64::from(n)).min(u64::MAX as f64) as u64))
-    }
-
+    /// The address, given the table's IPv6 list.
     #[inline]
-    pub(crate) fn address(&self) -> SocketAddr {
-        self.endpoint.address
-    }
-
-    /// The registered form of this generation.
-    pub(crate) fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    /// The pin of shard `shard` (`< shards`).
-    #[inline]
-    pub(crate) fn pin(&self, shard: usize) -> &Arc<Pin> {
-        &self.pins[shard]
-    }
-
-    /// The pin of the calling thread's shard.
-    #[inline]
-    #[allow(dead_code)]
-    pub(crate) fn local_pin(&self) -> &Arc<Pin> {
-        &self.pins[crate::sync::thread_ordinal() & (self.pins.len() - 1)]
-    }
-
-    /// Sum of all shards' counters. Each shard is read on its own; the sum may be skewed by
-    /// requests racing with the read.
-    pub(crate) fn counters(&self) -> CounterValues {
-        let mut total = CounterValues::default();
-        for pin in self.pins.iter() {
-            total.add(&pin.counters());
+    pub(crate) fn address(&self, v6: &[SocketAddr]) -> SocketAddr {
+        if self.flags & V6 == 0 {
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(self.ip), self.port))
+        } else {
+            v6[self.ip as usize]
         }
-        total.latency = self.latency.snapshot();
-        total
     }
 
-    /// Whether anything besides the control plane (a table, a guard) still refers to this
-    /// generation. When it returns `false`, nothing can reach the state any more, and every
-    /// counter update made through a dropped table or guard is visible to the caller.
-    pub(crate) fn is_referenced(this: &Arc<EndpointState>) -> bool {
-        if Arc::strong_count(this) > 1 || this.pins.iter().any(|p| Arc::strong_count(p) > 1) {
-            return true;
-        }
-        // Acquire fence, as in `Arc::drop`: the counts were read `Relaxed`; this orders the
-        // `Release` decrements of the dropped tables and guards (and so every counter update
-        // made before them) before our reads of the counters.
-        fence(Ordering::Acquire);
-        false
+    /// Picks may return it.
+    #[inline]
+    pub(crate) fn routable(&self) -> bool {
+        self.flags & ROUTABLE != 0
     }
-}
 
-impl fmt::Debug for EndpointState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EndpointState")
-            .field("address", &self.endpoint.address)
-            .field("shards", &self.pins.len())
-            .finish_non_exhaustive()
+    /// Passing its checks, not ejected, not taken out by an operator.
+    #[inline]
+    pub(crate) fn healthy(&self) -> bool {
+        self.flags & HEALTHY != 0
+    }
+
+    /// Registered with metadata (an unguarded selection must then clone the record's
+    /// endpoint; without, it rebuilds the endpoint from the address alone).
+    #[inline]
+    pub(crate) fn has_metadata(&self) -> bool {
+        self.flags & METADATA != 0
+    }
+
+    /// The effective weight.
+    #[inline]
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight
     }
 }
 
 // ===== impl ServiceTable =====
 
-/// One member of a service in a table.
-#[derive(Debug)]
-pub(crate) struct Member {
-    pub(crate) state: Arc<EndpointState>,
+/// The cold part of a member: what metrics and the control plane read, never a pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MemberInfo {
+    pub(crate) health: MemberHealth,
     /// Registered weight (what the consistent-hash ring is built from).
     pub(crate) weight: u32,
     /// Weight the weighted and least-connections strategies use (slow start ramps it).
     pub(crate) effective_weight: u32,
-    pub(crate) health: MemberHealth,
-    /// Picks may return it: healthy, or (while the service is in panic) any member not
-    /// marked down or draining.
-    pub(crate) routable: bool,
-}
-
-pub(crate) use crate::stats::EndpointHealth as MemberHealth;
-
-impl Member {
-    /// What the consistent-hash ring is a function of: address and weight.
-    pub(crate) fn ring_key(&self) -> (SocketAddr, u32) {
-        (self.state.address(), self.weight)
-    }
+    /// Ejections by outlier detection (decaying).
+    pub(crate) ejections: u32,
 }
 
 /// Why a table could not produce a pick.
@@ -419,11 +288,15 @@ pub(crate) struct ServiceTable {
     pub(crate) membership_version: u64,
     pub(crate) strategy: LoadBalancingStrategy,
     /// All members, in address order.
-    pub(crate) members: Box<[Member]>,
-    /// Per shard of threads: pins of the routable members and of all members.
-    pub(crate) shards: Box<[ShardView]>,
-    /// Weights of `routable`, same order; `None` when all weights are equal.
-    pub(crate) routable_weights: Option<Box<[u32]>>,
+    pub(crate) members: Members,
+    /// The routable members, in address order.
+    pub(crate) routable: Members,
+    /// Per member (same order as `members`): health and weights.
+    pub(crate) info: Box<[MemberInfo]>,
+    /// IPv6 addresses, by the index their targets carry.
+    pub(crate) v6: Box<[SocketAddr]>,
+    /// Whether the routable members' effective weights differ.
+    pub(crate) weighted: bool,
     /// Smooth weighted schedule over `routable` (weighted strategy with unequal weights).
     pub(crate) schedule: Option<Schedule>,
     /// Consistent-hash ring over `members`.
@@ -432,36 +305,16 @@ pub(crate) struct ServiceTable {
     pub(crate) hash_slots: u32,
     /// Set when the table is a tombstone (stopped balancer or removed service).
     pub(crate) miss: Option<Miss>,
-    /// Too few members are healthy: picks go to all members regardless of health.
+    /// Too few members are healthy: picks go to every member not marked down or draining.
     pub(crate) panic: bool,
     /// Primary/backup order (member indices): picks go to the first healthy one.
     pub(crate) failover: Option<Box<[u32]>>,
 }
 
-/// One shard's view of a table: the pins its threads touch.
-#[derive(Debug, Default)]
-pub(crate) struct ShardView {
-    /// Pins of routable members, in address order.
-    pub(crate) routable: Box<[Arc<Pin>]>,
-    /// Pins of all members, in address order (`members[i]`).
-    pub(crate) members: Box<[Arc<Pin>]>,
-}
-
 impl ServiceTable {
-    /// The calling thread's view. Tables always have a power-of-two number of shards.
-    #[inline]
-    pub(crate) fn local(&self) -> &ShardView {
-        &self.shards[crate::sync::thread_ordinal() & (self.shards.len() - 1)]
-    }
-
-    /// Number of routable members.
-    #[inline]
-    pub(crate) fn routable_len(&self) -> usize {
-        self.shards[0].routable.len()
-    }
-
     /// An empty table: a service with no endpoints, or a tombstone when `miss` is set.
     pub(crate) fn empty(
+        arena: &Arena,
         service: DataArc<str>,
         version: u64,
         strategy: LoadBalancingStrategy,
@@ -473,9 +326,11 @@ impl ServiceTable {
             version,
             membership_version: 0,
             strategy,
-            members: Box::new([]),
-            shards: Box::new([ShardView::default()]),
-            routable_weights: None,
+            members: arena.view(Vec::new()),
+            routable: arena.view(Vec::new()),
+            info: Box::new([]),
+            v6: Box::new([]),
+            weighted: false,
             schedule: None,
             ring: None,
             hash_slots,
@@ -485,12 +340,56 @@ impl ServiceTable {
         }
     }
 
+    /// Number of routable members.
+    #[inline]
+    pub(crate) fn routable_len(&self) -> usize {
+        self.routable.len()
+    }
+
+    /// The address of `target`.
+    #[inline]
+    pub(crate) fn address(&self, target: &Target) -> SocketAddr {
+        target.address(&self.v6)
+    }
+
+    /// The address of member `i`.
+    pub(crate) fn member_address(&self, i: usize) -> SocketAddr {
+        self.address(&self.members.entries()[i].payload)
+    }
+
+    /// The index of member `address`, by binary search over the address-ordered members.
+    pub(crate) fn member_index(&self, address: SocketAddr) -> Option<usize> {
+        self.members
+            .entries()
+            .binary_search_by(|e| self.address(&e.payload).cmp(&address))
+            .ok()
+    }
+
+    /// The endpoint of entry `i` of `view` (a view of this table): rebuilt from the target
+    /// when it has no metadata (no record access, no shared reference count), cloned from
+    /// the record otherwise.
+    #[inline]
+    pub(crate) fn endpoint(&self, view: &Members, i: usize) -> Endpoint {
+        let target = &view.entries()[i].payload;
+        if target.has_metadata() {
+            view.record(i).endpoint.clone()
+        } else {
+            Endpoint::new(self.address(target), None)
+        }
+    }
+
+    /// What the consistent-hash ring is a function of, for member `i`: address and
+    /// registered weight.
+    pub(crate) fn ring_key(&self, i: usize) -> (SocketAddr, u32) {
+        (self.member_address(i), self.info[i].weight)
+    }
+
     /// Why nothing can be picked, when nothing is routable.
     #[cold]
     pub(crate) fn miss(&self) -> Miss {
         match self.miss {
             Some(m) => m,
-            None if self.members.is_empty() => Miss::NoEndpoints,
+            None if self.members.len() == 0 => Miss::NoEndpoints,
             None => Miss::NoHealthy,
         }
     }
@@ -574,5 +473,25 @@ impl fmt::Debug for Directory {
             .field("services", &self.services.len())
             .field("stopped", &self.stopped)
             .finish()
+    }
+}
+
+#[cfg(all(test, not(tai_loadbalancer_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_round_trip_addresses_and_flags() {
+        let mut v6 = Vec::new();
+        let a: SocketAddr = "127.0.0.9:8080".parse().unwrap();
+        let b: SocketAddr = "[::1]:9090".parse().unwrap();
+        let ta = Target::new(a, &mut v6, 7, true, false, true);
+        let tb = Target::new(b, &mut v6, 1, false, true, false);
+        assert_eq!(std::mem::size_of::<Target>(), 12);
+        assert_eq!(ta.address(&v6), a);
+        assert_eq!(tb.address(&v6), b);
+        assert!(ta.routable() && !ta.healthy() && ta.has_metadata() && ta.weight() == 7);
+        assert!(!tb.routable() && tb.healthy() && !tb.has_metadata());
+        assert_eq!(v6, vec![b]);
     }
 }
