@@ -25,7 +25,9 @@ LAYERS = [
     ["table"],
     ["pick", "affinity"],
     ["control"],
-    ["registry", "health", "failover", "rebalance"],
+    # `tls` (feature `tls`): the TLS settings of a service, used by health checks (same layer)
+    # and by the pools, gRPC, discovery and export above.
+    ["registry", "health", "failover", "rebalance", "tls"],
     ["balancer", "grpc", "discovery", "export", "pool", "docs"],
 ]
 # Test and fuzz/loom plumbing: not part of the product's graph.

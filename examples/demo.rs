@@ -24,7 +24,10 @@
 //! (`round_robin`, `random`, `least_connections` (default), `weighted`, `consistent_hash`,
 //! `peak_ewma`),
 //! `--metrics-file PATH` (default `target/demo-metrics.prom`), `--serve-metrics ADDR`
-//! (serve `/metrics` while it runs, e.g. `127.0.0.1:9464`).
+//! (serve `/metrics` while it runs, e.g. `127.0.0.1:9464`), `--tls` (the same scenario over
+//! mTLS, with `--features tls`: a CA, a certificate per server and a client certificate are
+//! made at start, written to a temporary directory and loaded with `TlsFiles::watch`; each
+//! server is verified by its own name through its `tls_server_name` tag).
 //! Logging: `RUST_LOG=tai_loadbalancer=debug cargo run --release --example demo`.
 
 use std::collections::BTreeMap;
@@ -62,6 +65,7 @@ struct Args {
     strategy: LoadBalancingStrategy,
     metrics_file: String,
     serve_metrics: Option<SocketAddr>,
+    tls: bool,
 }
 
 impl Args {
@@ -73,6 +77,7 @@ impl Args {
             strategy: LoadBalancingStrategy::LeastConnections,
             metrics_file: "target/demo-metrics.prom".into(),
             serve_metrics: None,
+            tls: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -92,10 +97,12 @@ impl Args {
                 }
                 "--metrics-file" => args.metrics_file = value()?,
                 "--serve-metrics" => args.serve_metrics = Some(value()?.parse()?),
+                "--tls" if cfg!(feature = "tls") => args.tls = true,
+                "--tls" => return Err("--tls needs the `tls` feature: cargo run --release --features tls --example demo -- --tls".into()),
                 "--help" | "-h" => {
                     println!(
                         "usage: demo [--duration SECS] [--requests N] [--concurrency C] [--strategy NAME] \
-                         [--metrics-file PATH] [--serve-metrics ADDR]"
+                         [--metrics-file PATH] [--serve-metrics ADDR] [--tls]"
                     );
                     std::process::exit(0);
                 }
@@ -135,9 +142,28 @@ async fn main() -> Result<(), BoxError> {
         .init();
     let args = Args::parse()?;
 
+    // With --tls: certificates made now, servers requiring client certificates.
+    #[cfg(feature = "tls")]
+    let tls = if args.tls {
+        Some(mtls::DemoTls::generate(SERVERS)?)
+    } else {
+        None
+    };
+    #[cfg(not(feature = "tls"))]
+    let tls: Option<std::convert::Infallible> = None;
+
     // Three real gRPC servers on loopback, each with grpc.health.v1.
     let mut servers = (0..SERVERS)
-        .map(|i| GreeterServer::start(&format!("s{i}")))
+        .map(|i| {
+            let name = format!("s{i}");
+            match &tls {
+                #[cfg(feature = "tls")]
+                Some(tls) => GreeterServer::start_tls(&name, tls.server_config(i)),
+                #[cfg(not(feature = "tls"))]
+                Some(never) => match *never {},
+                None => GreeterServer::start(&name),
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let addresses: Vec<SocketAddr> = servers.iter().map(GreeterServer::address).collect();
     let name_of = |address: SocketAddr| {
@@ -148,8 +174,12 @@ async fn main() -> Result<(), BoxError> {
     };
 
     let registry = Arc::new(ServiceRegistry::new());
-    for &address in &addresses {
-        let metadata = EndpointMetadata::new().with_weight(10).with_zone("local-a");
+    for (i, &address) in addresses.iter().enumerate() {
+        let mut metadata = EndpointMetadata::new().with_weight(10).with_zone("local-a");
+        if tls.is_some() {
+            // Each server presents a certificate for its own name.
+            metadata = metadata.with_tag("tls_server_name", format!("s{i}.greeter.demo"));
+        }
         registry
             .register(SERVICE, Endpoint::new(address, Some(metadata)))
             .await?;
@@ -174,7 +204,6 @@ async fn main() -> Result<(), BoxError> {
         ..Default::default()
     };
     let lb = Arc::new(IntegratedLoadBalancer::new(registry.clone(), args.strategy, config).await?);
-    lb.start().await?;
     let _metrics_server = match args.serve_metrics {
         Some(address) => {
             let server = tai_loadbalancer::serve_metrics(address, &lb).await?;
@@ -189,10 +218,19 @@ async fn main() -> Result<(), BoxError> {
 
     // One channel for every caller: SayHello is idempotent, so a call that reached a server
     // which then died may be retried elsewhere (calls that never reached one always may).
-    let channel = BalancedChannel::builder(lb.clone(), SERVICE)
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+    let mut builder = BalancedChannel::builder(lb.clone(), SERVICE)
         .retry(RetryPolicy::default().idempotent_method(SAY_HELLO_PATH))
-        .timeout(Duration::from_secs(2))
-        .build()?;
+        .timeout(Duration::from_secs(2));
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &tls {
+        // The service's TLS: the channel's connections and the Watch health checks.
+        builder = builder.tls(tls.client.clone());
+    }
+    let channel = builder.build()?;
+
+    // Started once the service's TLS is set, so no check ever speaks plaintext to a TLS server.
+    lb.start().await?;
 
     println!(
         "tai-loadbalancer gRPC demo: {} servers on loopback ({}), strategy {}, {} callers, {} RPCs over {:?}",
@@ -405,9 +443,13 @@ async fn main() -> Result<(), BoxError> {
 
     at(0.85).await;
     bar.set_message("sticky sessions");
-    let sticky = BalancedChannel::builder(lb.clone(), SERVICE)
-        .affinity_header("x-user")
-        .build()?;
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+    let mut sticky = BalancedChannel::builder(lb.clone(), SERVICE).affinity_header("x-user");
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &tls {
+        sticky = sticky.tls(tls.client.clone());
+    }
+    let sticky = sticky.build()?;
     let mut sessions = Vec::new();
     let mut sticky_calls = 0;
     for user in ["ada", "grace", "linus", "margaret", "ken"] {
@@ -545,9 +587,123 @@ async fn main() -> Result<(), BoxError> {
         0,
         "no call left in flight"
     );
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &tls {
+        tls.check(&servers, &exposition);
+    }
     lb.stop().await?;
     drop(lb);
     let _ = watcher.join();
-    println!("\nall checks passed: 0 failed RPCs through a kill, a restart and a rolling deploy");
+    let over = if tls.is_some() { " over mTLS" } else { "" };
+    println!("\nall checks passed: 0 failed RPCs{over} through a kill, a restart and a rolling deploy");
     Ok(())
+}
+
+/// `--tls`: the demo's certificates, made at start.
+#[cfg(feature = "tls")]
+mod mtls {
+    use std::path::PathBuf;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    use tai_lb_greeter::GreeterServer;
+    use tai_loadbalancer::{ClientTls, TlsFiles};
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+    use super::BoxError;
+
+    pub(super) struct DemoTls {
+        /// The client's settings, reloaded from the files as they change.
+        pub(super) client: ClientTls,
+        client_der: Vec<u8>,
+        ca_pem: String,
+        servers: Vec<(String, String)>,
+        dir: PathBuf,
+    }
+
+    impl DemoTls {
+        /// A CA, a certificate for `s{i}.greeter.demo` per server, and a client certificate.
+        pub(super) fn generate(servers: usize) -> Result<Self, BoxError> {
+            let ca_key = KeyPair::generate()?;
+            let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+            ca_params
+                .distinguished_name
+                .push(DnType::CommonName, "tai-lb demo CA");
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_pem = ca_params.self_signed(&ca_key)?.pem();
+            let ca = Issuer::new(ca_params, ca_key);
+            let leaf = |name: &str, usage| -> Result<(String, String, Vec<u8>), BoxError> {
+                let key = KeyPair::generate()?;
+                let mut params = CertificateParams::new(vec![name.to_owned()])?;
+                params.distinguished_name.push(DnType::CommonName, name);
+                params.extended_key_usages = vec![usage];
+                // Valid from a day ago for 90 days, as short-lived certificates are.
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                let epoch = rcgen::date_time_ymd(1970, 1, 1);
+                params.not_before = epoch + (now - std::time::Duration::from_secs(86_400));
+                params.not_after = epoch + (now + std::time::Duration::from_secs(90 * 86_400));
+                let cert = params.signed_by(&key, &ca)?;
+                Ok((cert.pem(), key.serialize_pem(), cert.der().to_vec()))
+            };
+            let servers = (0..servers)
+                .map(|i| {
+                    leaf(&format!("s{i}.greeter.demo"), ExtendedKeyUsagePurpose::ServerAuth)
+                        .map(|(c, k, _)| (c, k))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let (cert, key, client_der) = leaf("demo-client", ExtendedKeyUsagePurpose::ClientAuth)?;
+            let dir = std::env::temp_dir().join(format!("tai-lb-demo-tls-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("ca.pem"), &ca_pem)?;
+            std::fs::write(dir.join("client.pem"), cert)?;
+            std::fs::write(dir.join("client.key"), key)?;
+            let client = TlsFiles::new()
+                .ca_file(dir.join("ca.pem"))
+                .identity_files(dir.join("client.pem"), dir.join("client.key"))
+                .watch()?;
+            let expires = client.stats().client_certificate_expires_in().unwrap_or_default();
+            println!(
+                "mTLS: certificates made at start in {} (a CA, s0..s{}.greeter.demo, client `demo-client` valid {} more days), \
+                 reloaded when they change",
+                dir.display(),
+                servers.len() - 1,
+                expires.as_secs() / 86_400
+            );
+            Ok(Self {
+                client,
+                client_der,
+                ca_pem,
+                servers,
+                dir,
+            })
+        }
+
+        /// Server `i`'s TLS: its certificate, and client certificates of the demo CA required.
+        pub(super) fn server_config(&self, i: usize) -> ServerTlsConfig {
+            let (cert, key) = &self.servers[i];
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(cert, key))
+                .client_ca_root(Certificate::from_pem(&self.ca_pem))
+        }
+
+        /// Every server served the client's certificate; the expiry metric is exported.
+        pub(super) fn check(&self, servers: &[GreeterServer], exposition: &str) {
+            for server in servers {
+                let calls = server.state().calls_from(&self.client_der);
+                assert!(calls > 0, "{} served no call over mTLS", server.name());
+            }
+            let expiry = exposition
+                .lines()
+                .find(|l| l.starts_with("tai_lb_tls_client_certificate_expiry_timestamp_seconds{"))
+                .expect("the client certificate's expiry is exported");
+            println!("mTLS: every server verified its own name and the client certificate; {expiry}");
+        }
+    }
+
+    impl Drop for DemoTls {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }

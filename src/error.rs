@@ -241,6 +241,47 @@ pub enum Error {
         message: String,
     },
 
+    /// A TLS file (CA bundle, certificate or private key) could not be read (feature `tls`).
+    #[error("cannot read TLS file {path}: {reason}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+
+    /// TLS material is not what it should be: no PEM block of the expected kind, a block
+    /// that does not decode, a certificate that does not parse, an unsupported key
+    /// (feature `tls`).
+    #[error("invalid TLS {what} in {origin}: {reason}")]
+    TlsPem {
+        /// What was expected (`CA certificate`, `certificate`, `private key`).
+        what: &'static str,
+        /// Where it came from: the file's path, or `PEM given in memory`.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A private key does not belong to the certificate it is paired with (feature `tls`).
+    #[error("the private key in {key} does not match the certificate in {certificate}")]
+    TlsKeyMismatch {
+        /// Where the certificate came from.
+        certificate: String,
+        /// Where the key came from.
+        key: String,
+    },
+
+    /// TLS settings that cannot be used as asked (feature `tls`): an invalid server name, a
+    /// tonic `ClientTlsConfig` that tonic refuses, or a use that needs the certificates
+    /// themselves (HTTPS checks, `TlsConnector`) of settings given as an opaque
+    /// `ClientTlsConfig`.
+    #[error("invalid TLS settings: {reason}")]
+    TlsConfig {
+        /// Why.
+        reason: String,
+    },
+
     /// A balancer's control plane could not publish a change of this service (a panic while
     /// applying it, caught and logged at error level). The change is not visible to that
     /// balancer's picks. A registry write that gets this error has still changed the

@@ -9,6 +9,7 @@
 //! | `control` | the write path: command queue, coalescing, rebuild and publish |
 //! | `discovery` | sources of membership (`FileDiscovery`, `DnsDiscovery`, `EtcdDiscovery`, your own `Discovery`) feeding a registry through a `DiscoveryRunner` (feature `runtime`) |
 //! | `config`, `stats`, `error` | configuration, counters snapshot, errors |
+//! | `tls` | TLS settings of a service (`ClientTls`, files reloaded as they change), `TlsConnector` for pools, handshake errors in words (feature `tls`) |
 //! | `sync` | the one door to atomics, `Arc`, locks, threads and entropy (loom-swappable) |
 #![doc(test(attr(deny(warnings))))]
 #![warn(missing_docs)]
@@ -41,6 +42,8 @@ mod registry;
 mod stats;
 mod sync;
 mod table;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use affinity::AffinityManager;
 pub use balancer::{IntegratedLoadBalancer, RoutingUpdates, ServiceHandle};
@@ -102,6 +105,8 @@ pub use pick::{Outcome, Pick};
 #[cfg(feature = "grpc")]
 pub use pool::GrpcConnector;
 pub use pool::PoolStats;
+#[cfg(feature = "tls")]
+pub use pool::TlsConnector;
 #[cfg(feature = "runtime")]
 pub use pool::{ConnectionPool, Connector, PooledConnection, TcpConnector};
 /// `prometheus-client`, re-exported so a registry of the same version is at hand.
@@ -116,6 +121,8 @@ pub use stats::{
 };
 pub use table::estimate::FAILED_PROBE_ESTIMATE;
 pub use table::ring::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};
+#[cfg(feature = "tls")]
+pub use tls::{ClientTls, DEFAULT_TLS_POLL_INTERVAL, TLS_SERVER_NAME_TAG, TlsFiles, TlsStats, TlsStream};
 
 /// Internal hooks for `loom-tests/`. Not public API: absent from normal builds, outside
 /// semver.

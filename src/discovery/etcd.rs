@@ -99,6 +99,8 @@ pub struct EtcdConfig {
     endpoints: Vec<String>,
     root: String,
     options: Option<ConnectOptions>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
     request_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -119,6 +121,8 @@ impl EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             root: DEFAULT_ROOT.to_owned(),
             options: None,
+            #[cfg(feature = "tls")]
+            tls: None,
             request_timeout: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -136,6 +140,38 @@ impl EtcdConfig {
     /// defaults.
     pub fn with_connect_options(mut self, options: ConnectOptions) -> Self {
         self.options = Some(options);
+        self
+    }
+
+    /// TLS with `tls` (feature `tls`), for an etcd that serves `https` and, with mTLS
+    /// settings, requires client certificates (`--client-cert-auth`). Endpoints are then
+    /// `https://host:port` (or `host:port`). The server name verified is the settings'
+    /// [server name](crate::ClientTls::with_server_name), else each URL's host. Each
+    /// connection (every reconnect of [`EtcdDiscovery`], every [`EtcdRegistration`]) takes
+    /// the current material, so reloaded certificates apply from the next one. A handshake
+    /// failure is a reconnect failure: discovery reports [`SourceHealth::Degraded`] with the
+    /// reason ("the server rejected the client certificate", "unknown CA", ...) and routing
+    /// keeps the last membership.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tai_loadbalancer::{EtcdConfig, TlsFiles};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let dir = std::env::temp_dir().join(format!("tai-lb-doc-etcd-tls-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// # let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+    /// let tls = TlsFiles::new().ca_file(dir.join("ca.pem")).watch()?;
+    /// let config = EtcdConfig::new(["https://127.0.0.1:2379"]).with_tls(tls);
+    /// config.validate()?;
+    /// # Ok::<_, tai_loadbalancer::Error>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, tls: impl Into<crate::tls::ClientTls>) -> Self {
+        self.tls = Some(tls.into());
         self
     }
 
@@ -202,8 +238,12 @@ impl EtcdConfig {
                 "at least one etcd URL is needed",
             ));
         }
+        #[cfg(feature = "tls")]
+        let tls = self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        let tls = false;
         for endpoint in &self.endpoints {
-            validate_url(endpoint)?;
+            validate_url(endpoint, tls)?;
         }
         if self.root.is_empty() || !self.root.ends_with('/') {
             return Err(Error::invalid_config(
@@ -248,12 +288,41 @@ impl EtcdConfig {
     }
 
     fn connect_options(&self) -> ConnectOptions {
-        self.options.clone().unwrap_or_else(|| {
+        let options = self.options.clone().unwrap_or_else(|| {
             ConnectOptions::new()
                 .with_connect_timeout(self.request_timeout)
                 .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
                 .with_keep_alive_while_idle(true)
-        })
+        });
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            // The material in use now: a reload applies from the next connection.
+            return options.with_tls(tls.tonic_config());
+        }
+        options
+    }
+
+    /// Completes the reason of a failure over TLS that does not say why etcd closed the
+    /// connection (its refusal of a client certificate often arrives after the client has
+    /// written, and is lost): asks etcd with a fresh handshake that writes nothing (see
+    /// `ClientTls::diagnose`). Without TLS, or when that teaches nothing, the reason as it is.
+    async fn explain(&self, reason: String) -> String {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            if !reason.contains("TLS") {
+                let timeout = self.request_timeout.min(Duration::from_secs(2));
+                for url in &self.endpoints {
+                    let authority = url.strip_prefix("https://").unwrap_or(url).trim_end_matches('/');
+                    let Ok(address) = authority.parse::<SocketAddr>() else {
+                        continue; // a host name: no address to ask without resolving it
+                    };
+                    if let Some(why) = tls.diagnose(&Endpoint::new(address, None), timeout).await {
+                        return format!("{reason} (TLS: {why})");
+                    }
+                }
+            }
+        }
+        reason
     }
 
     /// Connects, bounded by the request timeout.
@@ -270,6 +339,7 @@ impl fmt::Debug for EtcdConfig {
             .field("endpoints", &self.endpoints)
             .field("root", &self.root)
             .field("custom_connect_options", &self.options.is_some())
+            .field("tls", &self.tls_debug())
             .field("request_timeout", &self.request_timeout)
             .field("backoff_initial", &self.backoff_initial)
             .field("backoff_max", &self.backoff_max)
@@ -278,17 +348,39 @@ impl fmt::Debug for EtcdConfig {
     }
 }
 
-fn validate_url(url: &str) -> Result<(), Error> {
+impl EtcdConfig {
+    #[cfg(feature = "tls")]
+    fn tls_debug(&self) -> Option<&crate::tls::ClientTls> {
+        self.tls.as_ref()
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls_debug(&self) -> Option<()> {
+        None
+    }
+}
+
+fn validate_url(url: &str, tls: bool) -> Result<(), Error> {
     let bad = |reason: &str| {
         Err(Error::invalid_config(
             "etcd.endpoints",
             format!("{:?}: {reason}", truncate(url)),
         ))
     };
-    if url.starts_with("https://") {
-        return bad("https needs TLS, which this build does not include; use http on a trusted network");
-    }
-    let authority = url.strip_prefix("http://").unwrap_or(url);
+    let authority = match (url.strip_prefix("https://"), url.strip_prefix("http://"), tls) {
+        (Some(authority), _, true) => authority,
+        (Some(_), _, false) if cfg!(feature = "tls") => {
+            return bad("https needs TLS settings: give them with `EtcdConfig::with_tls`");
+        }
+        (Some(_), _, false) => {
+            return bad(
+                "https needs TLS, which this build does not include (feature `tls`); use http on a trusted network",
+            );
+        }
+        (None, Some(_), true) => return bad("TLS settings are given: use https://host:port"),
+        (None, Some(authority), false) => authority,
+        (None, None, _) => url,
+    };
     let authority = authority.strip_suffix('/').unwrap_or(authority);
     if authority.is_empty()
         || authority.contains(['/', '?', '#', '@'])
@@ -313,7 +405,24 @@ async fn bounded<T>(
 ) -> Result<T, String> {
     within(timeout, what, fut)
         .await?
-        .map_err(|error| format!("etcd {what}: {error}"))
+        .map_err(|error| format!("etcd {what}: {}", describe(&error)))
+}
+
+/// An etcd error in words; a TLS failure says what failed (`etcd_client::Error` does not
+/// expose its causes, so its transport error and status are opened here).
+fn describe(error: &etcd_client::Error) -> String {
+    #[cfg(feature = "tls")]
+    {
+        let cause = match error {
+            etcd_client::Error::TransportError(e) => crate::tls::tls_cause(e),
+            etcd_client::Error::GRpcStatus(status) => crate::tls::tls_cause(status),
+            _ => None,
+        };
+        if let Some(reason) = cause {
+            return format!("TLS: {reason}");
+        }
+    }
+    error.to_string()
 }
 
 /// `fut` bounded by `timeout`, its etcd error left for the caller to look at.
@@ -570,6 +679,7 @@ impl Discovery for EtcdDiscovery {
             match end {
                 SessionEnd::Resync => state.needs_full_read = true,
                 SessionEnd::Failed(reason) => {
+                    let reason = self.config.explain(reason).await;
                     sink.set_health(SourceHealth::Degraded { reason });
                     let delay = backoff.next_delay();
                     tokio::select! {
@@ -741,7 +851,7 @@ async fn read_prefix(
                 read_at = None;
                 continue;
             }
-            Err(error) => return Err(format!("etcd range read: {error}")),
+            Err(error) => return Err(format!("etcd range read: {}", describe(&error))),
         };
         let Some(header) = response.header() else {
             return Err("etcd range read: response without a header".into());
@@ -866,7 +976,7 @@ impl EtcdDiscovery {
             let response = match message {
                 Ok(Some(response)) => response,
                 Ok(None) => return SessionEnd::Failed("etcd watch stream closed".into()),
-                Err(error) => return SessionEnd::Failed(format!("etcd watch: {error}")),
+                Err(error) => return SessionEnd::Failed(format!("etcd watch: {}", describe(&error))),
             };
             if response.canceled() {
                 if response.compact_revision() > 0 {
@@ -1047,10 +1157,15 @@ impl EtcdRegistration {
             ttl_secs,
             lease: lease_tx,
         };
-        let held = registrant.establish(None).await.map_err(|reason| Error::Etcd {
-            operation: "register",
-            reason,
-        })?;
+        let held = match registrant.establish(None).await {
+            Ok(held) => held,
+            Err(reason) => {
+                return Err(Error::Etcd {
+                    operation: "register",
+                    reason: config.explain(reason).await,
+                });
+            }
+        };
         let key = registrant.key.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(registrant.keep_alive(held, stop_rx));

@@ -65,8 +65,106 @@ impl PrometheusCollector {
 /// `promtool check metrics` checks and every scraper reads), for services without a
 /// registry of their own. The [`PrometheusCollector`] writes the same families through a
 /// `prometheus-client` registry (OpenMetrics).
+///
+/// With the `tls` feature, services with TLS settings (given to a
+/// [`BalancedChannel`](crate::BalancedChannel) or to
+/// [`HealthCheckManager::set_tls`](crate::HealthCheckManager::set_tls)) add
+/// `tai_lb_tls_client_certificate_expiry_timestamp_seconds` and
+/// `tai_lb_tls_ca_expiry_timestamp_seconds` (alert well before them),
+/// `tai_lb_tls_generation` and `tai_lb_tls_reloads_total{outcome="applied"|"refused"}`, one
+/// `service` label.
 pub fn encode_prometheus(balancer: &DataArc<IntegratedLoadBalancer>) -> String {
-    encode_prometheus_snapshot(&balancer.metrics())
+    let metrics = balancer.metrics();
+    let names = endpoint_names(&metrics);
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+    let mut all = families(&metrics, &names);
+    #[cfg(feature = "tls")]
+    let tls = tls_rows(balancer);
+    #[cfg(feature = "tls")]
+    all.extend(tls_families(&tls));
+    render_text(&all)
+}
+
+/// Every service with TLS settings in `balancer`'s health checker (set by its channels),
+/// with their state.
+#[cfg(feature = "tls")]
+fn tls_rows(balancer: &IntegratedLoadBalancer) -> Vec<(String, crate::TlsStats)> {
+    balancer
+        .health_checks()
+        .tls_services()
+        .into_iter()
+        .map(|(service, tls)| (service, tls.stats()))
+        .collect()
+}
+
+/// The TLS families: certificate expiry (alert on it), generation and reloads per service.
+#[cfg(feature = "tls")]
+fn tls_families(rows: &[(String, crate::TlsStats)]) -> Vec<Family<'_>> {
+    let secs = |t: Option<std::time::SystemTime>| {
+        t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    };
+    fn service(s: &str) -> Labels<'_> {
+        Labels {
+            service: Some(s),
+            ..Labels::default()
+        }
+    }
+    let mut out = Vec::new();
+    push(
+        &mut out,
+        "tai_lb_tls_client_certificate_expiry_timestamp_seconds",
+        "When the client certificate in use expires (Unix seconds).",
+        Kind::Gauge,
+        rows.iter().filter_map(|(s, t)| {
+            secs(t.client_certificate_not_after).map(|v| (service(s), Sample::Gauge(v)))
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_tls_ca_expiry_timestamp_seconds",
+        "When the first trusted CA certificate expires (Unix seconds).",
+        Kind::Gauge,
+        rows.iter()
+            .filter_map(|(s, t)| secs(t.ca_not_after).map(|v| (service(s), Sample::Gauge(v)))),
+    );
+    push(
+        &mut out,
+        "tai_lb_tls_generation",
+        "The generation of the TLS material in use (1 at first, +1 per applied reload).",
+        Kind::Gauge,
+        rows.iter().map(|(s, t)| {
+            (
+                service(s),
+                Sample::Gauge(i64::try_from(t.generation).unwrap_or(i64::MAX)),
+            )
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_tls_reloads",
+        "TLS file reloads, applied or refused (the last good set kept).",
+        Kind::Counter,
+        rows.iter().flat_map(|(s, t)| {
+            [
+                (
+                    Labels {
+                        extra: Some(("outcome", "applied")),
+                        ..service(s)
+                    },
+                    Sample::Counter(t.reloads),
+                ),
+                (
+                    Labels {
+                        extra: Some(("outcome", "refused")),
+                        ..service(s)
+                    },
+                    Sample::Counter(t.failed_reloads),
+                ),
+            ]
+        }),
+    );
+    out
 }
 
 /// The text exposition of a snapshot taken earlier.
@@ -169,7 +267,13 @@ impl Collector for PrometheusCollector {
         };
         let m = lb.metrics();
         let names = endpoint_names(&m);
-        for f in families(&m, &names) {
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let mut all = families(&m, &names);
+        #[cfg(feature = "tls")]
+        let tls = tls_rows(&lb);
+        #[cfg(feature = "tls")]
+        all.extend(tls_families(&tls));
+        for f in all {
             let metric_type = match f.kind {
                 Kind::Counter => MetricType::Counter,
                 Kind::Gauge => MetricType::Gauge,

@@ -123,6 +123,8 @@ pub struct BalancedChannelBuilder {
     connections_per_endpoint: usize,
     max_streams_per_connection: usize,
     failure_codes: FailureCodes,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
 }
 
 impl BalancedChannelBuilder {
@@ -233,12 +235,53 @@ impl BalancedChannelBuilder {
         self
     }
 
+    /// TLS (and mTLS) for every connection of the channel (feature `tls`): tonic's
+    /// `ClientTlsConfig` as it is, or a [`ClientTls`](crate::ClientTls) built from PEM or from
+    /// files that are reloaded as they change ([`TlsFiles`](crate::TlsFiles)).
+    ///
+    /// The setting is the service's: [`build`](Self::build) gives it to the balancer's
+    /// health checks too, so `grpc`/`grpc_watch` checks of the service run over the same TLS
+    /// and `http` checks speak HTTPS with the same roots (a second channel to the same
+    /// service replaces it). Each endpoint verifies its `tls_server_name` tag if it has one,
+    /// else the service's server name, else its IP address; ALPN is `h2`. After a reload, new
+    /// calls go to new connections made with the new certificates, and calls in progress
+    /// finish on the old ones.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tai_loadbalancer::{BalancedChannel, IntegratedLoadBalancer, LoadBalancingStrategy, ServiceRegistry};
+    /// use tonic::transport::{Certificate, ClientTlsConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let ca_pem = rcgen::generate_simple_self_signed(vec!["greeter.internal".into()])?.cert.pem();
+    /// let registry = Arc::new(ServiceRegistry::new());
+    /// let lb = Arc::new(
+    ///     IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::RoundRobin, Default::default()).await?,
+    /// );
+    /// let tls = ClientTlsConfig::new()
+    ///     .ca_certificate(Certificate::from_pem(&ca_pem))
+    ///     .domain_name("greeter.internal");
+    /// let channel = BalancedChannel::builder(lb, "greeter").tls(tls).build()?;
+    /// # let _ = channel;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: impl Into<crate::tls::ClientTls>) -> Self {
+        self.tls = Some(tls.into());
+        self
+    }
+
     /// Validates the settings and builds the channel. Endpoint connections open on first use.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming the setting (`grpc.*`, `retry.*`),
-    /// [`Error::InvalidServiceName`].
+    /// [`Error::InvalidServiceName`]; with TLS, `Error::TlsConfig` for settings tonic
+    /// refuses.
     pub fn build(self) -> Result<BalancedChannel, Error> {
         if let Some(error) = self.key_error {
             return Err(error);
@@ -269,12 +312,22 @@ impl BalancedChannelBuilder {
                 return Err(bad("timeout", "must be between 1 ns and 100000 s"));
             }
         }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            // tonic checks its settings when an endpoint is made: do it now, once, so a bad
+            // identity is an error here rather than on every call. Nothing connects.
+            let probe = Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1)), None);
+            tls.grpc_endpoint(&probe)?;
+            self.lb.health_checks().set_tls(&self.service, tls.clone());
+        }
         let channels = DataArc::new(EndpointChannels {
             map: SnapshotCell::new(crate::sync::Arc::new(HashMap::new())),
             create: Mutex::new(()),
             connect_timeout: self.connect_timeout,
             per_endpoint: self.connections_per_endpoint,
             max_streams: self.max_streams_per_connection,
+            #[cfg(feature = "tls")]
+            tls: self.tls,
         });
         follow_releases(&self.lb, &self.service, &channels);
         Ok(BalancedChannel {
@@ -359,6 +412,8 @@ impl BalancedChannel {
             connections_per_endpoint: 1,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             failure_codes: FailureCodes::DEFAULT,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -505,8 +560,28 @@ impl Inner {
                     parts.headers.insert(GRPC_TIMEOUT.clone(), value);
                 }
             }
+            let (channel, stream) = match self.channels.channel(pick.endpoint()) {
+                Ok(acquired) => acquired,
+                Err(error) => {
+                    // The endpoint's connection cannot be set up (its TLS server name, say):
+                    // nothing was sent, so another endpoint may take the call.
+                    let address = pick.address();
+                    pick.record(Outcome::Failure, None);
+                    let error: BoxError = Box::new(tonic::Status::unavailable(format!("{address}: {error}")));
+                    let may_retry = attempt < self.retry.max_attempts
+                        && replay.is_replayable()
+                        && deadline.is_none_or(|d| Instant::now() < d)
+                        && self.budget.withdraw();
+                    if may_retry {
+                        tracing::debug!(service = %self.service, endpoint = %address, attempt, %error, "cannot connect, retrying on another endpoint");
+                        tried.push(address);
+                        last = Some(Failed::Error(error));
+                        continue;
+                    }
+                    return Err(error);
+                }
+            };
             let request = Request::from_parts(parts.clone(), body);
-            let (channel, stream) = self.channels.channel(pick.endpoint());
             let attempt_started = Instant::now();
             let sent = send(channel, request);
             let result = match deadline {
@@ -573,6 +648,8 @@ impl Inner {
                     let address = pick.address();
                     let before_server = never_reached_server(&*error);
                     pick.record(Outcome::Failure, None);
+                    #[cfg(feature = "tls")]
+                    let error = tls_error_in_words(error, address, self.channels.tls.as_ref());
                     if may_retry(before_server) {
                         tracing::debug!(service = %self.service, endpoint = %address, attempt, before_server, %error, "call failed, retrying on another endpoint");
                         tried.push(address);
@@ -608,6 +685,20 @@ fn deadline_exceeded(timeout: Option<Duration>) -> BoxError {
 async fn send(mut channel: Channel, request: Request<Body>) -> Result<Response<Body>, BoxError> {
     channel.ready().await?;
     Ok(channel.call(request).await?)
+}
+
+/// A transport error whose cause is TLS becomes an `UNAVAILABLE` status that says what went
+/// wrong ("certificate expired", "the server requires a client certificate", ...), with the
+/// transport error as its source; other errors are returned as they are. tonic alone says
+/// "transport error".
+#[cfg(feature = "tls")]
+fn tls_error_in_words(error: BoxError, address: SocketAddr, tls: Option<&crate::tls::ClientTls>) -> BoxError {
+    let Some(reason) = tls.and_then(|tls| tls.explain(&*error)) else {
+        return error;
+    };
+    let mut status = tonic::Status::unavailable(format!("TLS with {address}: {reason}"));
+    status.set_source(crate::sync::DataArc::from(error));
+    Box::new(status)
 }
 
 /// Whether a transport error proves the request never reached a server: the connection
@@ -647,6 +738,16 @@ struct EndpointChannels {
     connect_timeout: Duration,
     per_endpoint: usize,
     max_streams: usize,
+    /// The service's TLS settings; connections are remade when their generation changes.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
+}
+
+/// How an endpoint's connections are made.
+struct Template {
+    endpoint: tonic::transport::Endpoint,
+    generation: u64,
+    server_name: Option<Box<str>>,
 }
 
 /// One endpoint's connections: up to `slots.len()`, opened in order as load requires.
@@ -658,6 +759,13 @@ struct Connections {
     slots: Box<[ConnectionSlot]>,
     opened: AtomicUsize,
     max_streams: usize,
+    /// How each connection is made (address, timeouts, TLS).
+    template: tonic::transport::Endpoint,
+    /// The TLS generation the template was made with (0 without TLS).
+    generation: u64,
+    /// The TLS server name the template verifies (`None`: none set, or no TLS).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    server_name: Option<Box<str>>,
 }
 
 struct ConnectionSlot {
@@ -681,8 +789,11 @@ impl Drop for StreamGuard {
 }
 
 impl Connections {
-    fn new(max_connections: usize, max_streams: usize) -> Self {
+    fn new(max_connections: usize, max_streams: usize, template: Template) -> Self {
         Self {
+            template: template.endpoint,
+            generation: template.generation,
+            server_name: template.server_name,
             slots: (0..max_connections.max(1))
                 .map(|_| ConnectionSlot {
                     channel: std::sync::OnceLock::new(),
@@ -698,7 +809,7 @@ impl Connections {
     /// carries `max_streams` and the limit allows. The call claims its stream with a
     /// compare-and-swap of the count it chose by, so racing calls cannot push a connection
     /// past `max_streams` while another may open (they rescan instead).
-    fn acquire(self: &crate::sync::Arc<Self>, connect: impl Fn() -> Channel) -> (Channel, StreamGuard) {
+    fn acquire(self: &crate::sync::Arc<Self>) -> (Channel, StreamGuard) {
         loop {
             let opened = self.opened.load(Ordering::Acquire).clamp(1, self.slots.len());
             let (mut slot, mut least) = (0, usize::MAX);
@@ -726,7 +837,10 @@ impl Connections {
             {
                 continue; // another call took or released a stream here meanwhile: rescan
             }
-            let channel = self.slots[slot].channel.get_or_init(&connect).clone();
+            let channel = self.slots[slot]
+                .channel
+                .get_or_init(|| self.template.connect_lazy())
+                .clone();
             let guard = StreamGuard {
                 connections: self.clone(),
                 slot,
@@ -742,23 +856,43 @@ impl Connections {
 }
 
 impl EndpointChannels {
-    fn channel(&self, endpoint: &Endpoint) -> (Channel, StreamGuard) {
+    /// A connection to `endpoint` for one call. The endpoint's connections are made on its
+    /// first call, and made again (new connections, new handshakes) when the TLS material
+    /// has been reloaded since; calls on the old ones finish there.
+    fn channel(&self, endpoint: &Endpoint) -> Result<(Channel, StreamGuard), Error> {
         let address = endpoint.address;
-        let connect = || self.connect(address);
         if let Some(connections) = self.map.load().get(&address) {
-            return connections.acquire(connect);
+            if self.current(connections, endpoint) {
+                return Ok(connections.acquire());
+            }
         }
         let _creating = self.create.lock();
         let map = self.map.load_full();
         if let Some(connections) = map.get(&address) {
-            return connections.acquire(connect);
+            if self.current(connections, endpoint) {
+                return Ok(connections.acquire());
+            }
         }
-        let connections = crate::sync::Arc::new(Connections::new(self.per_endpoint, self.max_streams));
-        let acquired = connections.acquire(connect);
+        let template = self.template(endpoint)?;
+        let connections =
+            crate::sync::Arc::new(Connections::new(self.per_endpoint, self.max_streams, template));
+        let acquired = connections.acquire();
         let mut map = HashMap::clone(&map);
         map.insert(address, connections);
         self.map.store(crate::sync::Arc::new(map));
-        acquired
+        Ok(acquired)
+    }
+
+    /// Whether `connections` were made with the TLS material in use and the server name
+    /// `endpoint` asks for now (its `tls_server_name` tag may have changed).
+    fn current(&self, connections: &Connections, endpoint: &Endpoint) -> bool {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return connections.generation == tls.generation()
+                && connections.server_name.as_deref() == tls.name_for(endpoint);
+        }
+        let _ = endpoint;
+        connections.generation == 0
     }
 
     /// Connections open (or opening) to `address`; 0 if none.
@@ -766,17 +900,31 @@ impl EndpointChannels {
         self.map.load().get(&address).map_or(0, |c| c.opened())
     }
 
-    fn connect(&self, address: SocketAddr) -> Channel {
+    /// How connections to `endpoint` are made, with the TLS generation and server name.
+    fn template(&self, endpoint: &Endpoint) -> Result<Template, Error> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            let (template, generation) = tls.grpc_endpoint(endpoint)?;
+            return Ok(Template {
+                endpoint: template.connect_timeout(self.connect_timeout).tcp_nodelay(true),
+                generation,
+                server_name: tls.name_for(endpoint).map(Box::from),
+            });
+        }
         let uri = http::Uri::builder()
             .scheme("http")
-            .authority(address.to_string())
+            .authority(endpoint.address.to_string())
             .path_and_query("/")
             .build()
             .unwrap_or_default();
-        tonic::transport::Endpoint::from(uri)
+        let template = tonic::transport::Endpoint::from(uri)
             .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy()
+            .tcp_nodelay(true);
+        Ok(Template {
+            endpoint: template,
+            generation: 0,
+            server_name: None,
+        })
     }
 
     fn remove(&self, address: SocketAddr) {

@@ -29,7 +29,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::probe::Recheck;
+use super::probe::{Recheck, Tls, connect_error, grpc_endpoint, status_error};
 use crate::endpoint::Endpoint;
 use crate::sync::{DataWeak, Mutex};
 
@@ -100,7 +100,7 @@ impl WatchProbe {
     /// The latest streamed status of `endpoint`, opening its stream (and waiting for the
     /// first message) if none is open. The caller bounds the wait with its timeout; the
     /// stream keeps connecting in the background if the wait is abandoned.
-    pub(super) async fn check(&self, endpoint: &Endpoint) -> Result<(), String> {
+    pub(super) async fn check(&self, endpoint: &Endpoint, tls: Option<&Tls>) -> Result<(), String> {
         let address = endpoint.address;
         let latest = {
             let mut slots = self.slots.lock();
@@ -111,7 +111,7 @@ impl WatchProbe {
                 Some(Slot::CheckOnly) => None,
                 Some(Slot::Watching { latest, .. }) if is_open(latest) => Some(latest.clone()),
                 _ => {
-                    let (latest, task) = self.open(address);
+                    let (latest, task) = self.open(endpoint, grpc_endpoint(endpoint, tls), tls.cloned());
                     let slot = Slot::Watching {
                         latest: latest.clone(),
                         _task: task,
@@ -122,7 +122,7 @@ impl WatchProbe {
             }
         };
         let Some(mut latest) = latest else {
-            return super::probe::grpc(endpoint, &self.service).await;
+            return super::probe::grpc(endpoint, &self.service, tls).await;
         };
         let said = match latest.wait_for(|l| !matches!(l, Latest::Opening)).await {
             Ok(said) => said.clone(),
@@ -146,16 +146,24 @@ impl WatchProbe {
                         tracing::debug!(%address, "gRPC health Watch unimplemented; using Check");
                     }
                 }
-                super::probe::grpc(endpoint, &self.service).await
+                super::probe::grpc(endpoint, &self.service, tls).await
             }
         }
     }
 
-    /// Spawns the stream task of `address`.
-    fn open(&self, address: SocketAddr) -> (watch::Receiver<Latest>, AbortOnDrop) {
+    /// Spawns the stream task of `address`, connecting to `target` (the endpoint with the
+    /// service's TLS settings, as they are now: a reload applies to the next stream).
+    fn open(
+        &self,
+        endpoint: &Endpoint,
+        target: Result<tonic::transport::Endpoint, String>,
+        tls: Option<Tls>,
+    ) -> (watch::Receiver<Latest>, AbortOnDrop) {
         let (tx, rx) = watch::channel(Latest::Opening);
         let task = tokio::spawn(watch_task(
-            address,
+            endpoint.clone(),
+            target,
+            tls,
             self.service.clone(),
             self.interval,
             tx,
@@ -206,14 +214,17 @@ enum Failure {
 /// The task of one stream: publishes every message, asks for a re-check when the status
 /// changes, and publishes why it ended before exiting.
 async fn watch_task(
-    address: SocketAddr,
+    endpoint: Endpoint,
+    target: Result<tonic::transport::Endpoint, String>,
+    tls: Option<Tls>,
     service: String,
     interval: Duration,
     tx: watch::Sender<Latest>,
     recheck: DataWeak<dyn Recheck>,
 ) {
     let opened = Instant::now();
-    let reason = match run_watch(address, service, interval, &tx, &recheck).await {
+    let address = endpoint.address;
+    let reason = match run_watch(&endpoint, target, tls.as_ref(), service, interval, &tx, &recheck).await {
         Ok(()) => "gRPC health: watch stream ended".to_owned(),
         Err(Failure::Unimplemented) => {
             tx.send_replace(Latest::Unimplemented);
@@ -232,36 +243,41 @@ async fn watch_task(
 }
 
 async fn run_watch(
-    address: SocketAddr,
+    endpoint: &Endpoint,
+    target: Result<tonic::transport::Endpoint, String>,
+    tls: Option<&Tls>,
     service: String,
     interval: Duration,
     tx: &watch::Sender<Latest>,
     recheck: &DataWeak<dyn Recheck>,
 ) -> Result<(), Failure> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| Failure::Other(format!("gRPC endpoint: {e}")))?
+    let channel = target
+        .map_err(Failure::Other)?
         .connect_timeout(interval)
         .http2_keep_alive_interval(interval.max(MIN_KEEPALIVE))
         .connect()
         .await
-        .map_err(|e| Failure::Other(format!("gRPC connect: {e}")))?;
-    let failure = |status: tonic::Status| match status.code() {
-        tonic::Code::Unimplemented => Failure::Unimplemented,
-        code => Failure::Other(format!("gRPC health: {code} {}", status.message())),
-    };
-    let mut stream = HealthClient::new(channel)
+        .map_err(|e| Failure::Other(connect_error(&e, tls)))?;
+    let mut stream = match HealthClient::new(channel)
         .watch(HealthCheckRequest { service })
         .await
-        .map_err(failure)?
-        .into_inner();
+    {
+        Ok(stream) => stream.into_inner(),
+        Err(status) if status.code() == tonic::Code::Unimplemented => return Err(Failure::Unimplemented),
+        Err(status) => {
+            return Err(Failure::Other(
+                super::probe::diagnosed_status_error(endpoint, &status, tls).await,
+            ));
+        }
+    };
     while let Some(message) = stream.message().await.map_err(|status| {
         // UNIMPLEMENTED after the stream started is not a missing `Watch`.
-        Failure::Other(format!("gRPC health: {} {}", status.code(), status.message()))
+        Failure::Other(status_error(&status, tls))
     })? {
         let status = message.status();
         let previous = tx.send_replace(Latest::Status(status));
         if matches!(previous, Latest::Status(p) if p != status) {
-            push(recheck, address);
+            push(recheck, endpoint.address);
         }
     }
     Ok(())
@@ -308,10 +324,10 @@ mod tests {
             .unwrap();
         let (_nobody, probe) = probe();
         let endpoint = Endpoint::new(address, None);
-        let err = probe.check(&endpoint).await.unwrap_err();
+        let err = probe.check(&endpoint, None).await.unwrap_err();
         assert!(err.contains("gRPC connect"), "{err}");
         assert_eq!(probe.streams(), 0, "the failed stream is not kept open");
-        let err = probe.check(&endpoint).await.unwrap_err();
+        let err = probe.check(&endpoint, None).await.unwrap_err();
         assert!(err.contains("gRPC connect"), "{err}");
     }
 
@@ -322,16 +338,19 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let (_nobody, probe) = probe();
         let endpoint = Endpoint::new(address, None);
-        let check = tokio::time::timeout(Duration::from_millis(50), probe.check(&endpoint)).await;
+        let check = tokio::time::timeout(Duration::from_millis(50), probe.check(&endpoint, None)).await;
         assert!(check.is_err(), "no answer yet");
         assert_eq!(probe.streams(), 1);
         probe.retain(|a| a != address);
         assert_eq!(probe.streams(), 0);
-        let _ = tokio::time::timeout(Duration::from_millis(50), probe.check(&endpoint)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(50), probe.check(&endpoint, None)).await;
         assert_eq!(probe.streams(), 1);
         probe.stop();
         assert_eq!(probe.streams(), 0);
-        assert_eq!(probe.check(&endpoint).await.unwrap_err(), "health checks stopped");
+        assert_eq!(
+            probe.check(&endpoint, None).await.unwrap_err(),
+            "health checks stopped"
+        );
         assert_eq!(probe.streams(), 0);
         drop(listener);
     }

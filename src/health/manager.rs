@@ -57,6 +57,9 @@ struct Inner {
     sinks: Mutex<Vec<DataWeak<dyn HealthSink>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     stopped: AtomicBool,
+    /// The TLS settings of services whose checks speak TLS.
+    #[cfg(feature = "tls")]
+    tls: Mutex<HashMap<String, crate::tls::ClientTls>>,
 }
 
 /// Active health checking of every endpoint of a registry.
@@ -127,6 +130,8 @@ impl HealthCheckManager {
                 sinks: Mutex::new(Vec::new()),
                 task: Mutex::new(None),
                 stopped: AtomicBool::new(false),
+                #[cfg(feature = "tls")]
+                tls: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -255,6 +260,62 @@ impl HealthCheckManager {
     /// The configuration.
     pub fn config(&self) -> &HealthCheckConfig {
         &self.inner.config
+    }
+
+    /// Checks of `service` speak TLS with `tls` from the next check on (feature `tls`):
+    /// `grpc` and `grpc_watch` checks over TLS (ALPN `h2`), `http` checks as HTTPS (ALPN
+    /// `http/1.1`), with the same roots, identity and server names as the service's
+    /// connections; TCP checks only connect. A handshake failure is a failed check whose
+    /// reason ("certificate expired", "name mismatch", "unknown CA", ...) is the status's
+    /// `last_error` and is logged. An open `Watch` stream keeps its connection; new ones use
+    /// the current material.
+    ///
+    /// [`BalancedChannelBuilder::tls`](crate::BalancedChannelBuilder::tls) calls this for
+    /// its service; call it yourself for services reached otherwise (a [`TlsConnector`]
+    /// pool, say). Replaces the service's previous setting.
+    ///
+    /// [`TlsConnector`]: crate::TlsConnector
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tai_loadbalancer::{ClientTls, HealthCheckConfig, HealthCheckKind, HealthCheckManager, ServiceRegistry};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let ca = rcgen::generate_simple_self_signed(vec!["api.internal".into()])?.cert.pem();
+    /// let config = HealthCheckConfig { enabled: true, check: HealthCheckKind::http("/healthz"), ..Default::default() };
+    /// let manager = HealthCheckManager::new(Arc::new(ServiceRegistry::new()), config).await?;
+    /// // HTTPS checks of "api", verifying the name api.internal.
+    /// manager.set_tls("api", ClientTls::from_pem(ca.as_bytes(), None)?.with_server_name("api.internal")?);
+    /// assert_eq!(manager.tls("api").unwrap().server_name(), Some("api.internal"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn set_tls(&self, service: &str, tls: crate::tls::ClientTls) {
+        self.inner.tls.lock().insert(service.to_owned(), tls);
+    }
+
+    /// The TLS settings checks of `service` use, if any (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls(&self, service: &str) -> Option<crate::tls::ClientTls> {
+        self.inner.tls.lock().get(service).cloned()
+    }
+
+    /// Every service with TLS settings, and its settings, sorted by service (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls_services(&self) -> Vec<(String, crate::tls::ClientTls)> {
+        let mut all: Vec<_> = self
+            .inner
+            .tls
+            .lock()
+            .iter()
+            .map(|(s, t)| (s.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 }
 
@@ -432,10 +493,14 @@ impl Inner {
     /// Runs one check and records its result.
     async fn probe(&self, due: Due) {
         let started = Instant::now();
+        #[cfg(feature = "tls")]
+        let tls = self.tls.lock().get(&*due.service).cloned();
+        #[cfg(not(feature = "tls"))]
+        let tls: Option<super::probe::Tls> = None;
         // A check that panics (a custom one with a bug) is a failed check with the panic's
         // message as its reason: the endpoint keeps being checked, and the scheduler, the
         // other checks and the balancer never see the panic.
-        let check = CatchUnwind(Box::pin(self.probe.check(&due.endpoint)));
+        let check = CatchUnwind(Box::pin(self.probe.check(&due.endpoint, tls.as_ref())));
         let result = match tokio::time::timeout(self.config.timeout, check).await {
             Ok(Ok(result)) => result,
             Ok(Err(panic)) => Err(format!("the check panicked: {panic}")),

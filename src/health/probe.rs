@@ -11,6 +11,20 @@ use crate::config::health::{HealthCheck, HealthCheckConfig, HealthCheckKind, Sta
 use crate::endpoint::Endpoint;
 use crate::sync::{DataArc, DataWeak};
 
+/// The TLS settings a check of one service uses: the service's [`ClientTls`] (feature
+/// `tls`), set by the channel built for it or by [`HealthCheckManager::set_tls`]. Without the
+/// feature, checks are plaintext, always.
+///
+/// [`ClientTls`]: crate::ClientTls
+/// [`HealthCheckManager::set_tls`]: crate::HealthCheckManager::set_tls
+#[cfg(feature = "tls")]
+pub(super) type Tls = crate::tls::ClientTls;
+
+/// Without the `tls` feature there are no TLS settings: `Option<&Tls>` is always `None`.
+#[cfg(not(feature = "tls"))]
+#[derive(Clone)]
+pub(super) enum Tls {}
+
 /// Who a probe asks to check an endpoint again at once (the manager), when the probe learns
 /// on its own that the endpoint's health changed (a `Watch` stream's push).
 #[cfg_attr(not(feature = "grpc"), allow(dead_code))] // only `Watch` probes push
@@ -68,8 +82,9 @@ impl Probe {
         }
     }
 
-    /// Probes `endpoint` once.
-    pub(super) async fn check(&self, endpoint: &Endpoint) -> Result<(), String> {
+    /// Probes `endpoint` once, over TLS with `tls` where the check speaks TLS (gRPC and
+    /// HTTP; a TCP check only connects).
+    pub(super) async fn check(&self, endpoint: &Endpoint, tls: Option<&Tls>) -> Result<(), String> {
         match self {
             Probe::Tcp => {
                 let stream = tokio::net::TcpStream::connect(endpoint.address)
@@ -78,11 +93,13 @@ impl Probe {
                 drop(stream);
                 Ok(())
             }
-            Probe::Http { path, expected, host } => http(endpoint, path, *expected, host.as_deref()).await,
+            Probe::Http { path, expected, host } => {
+                http(endpoint, path, *expected, host.as_deref(), tls).await
+            }
             #[cfg(feature = "grpc")]
-            Probe::Grpc { service } => grpc(endpoint, service).await,
+            Probe::Grpc { service } => grpc(endpoint, service, tls).await,
             #[cfg(feature = "grpc")]
-            Probe::GrpcWatch(watch) => watch.check(endpoint).await,
+            Probe::GrpcWatch(watch) => watch.check(endpoint, tls).await,
             Probe::Custom(check) => check.check(endpoint).await,
         }
     }
@@ -107,20 +124,53 @@ impl Probe {
     }
 }
 
-/// `GET path` over a fresh HTTP/1.1 connection (hyper's client connection API).
+/// `GET path` over a fresh HTTP/1.1 connection (hyper's client connection API); HTTPS when
+/// the service has TLS settings (ALPN `http/1.1`, the same roots, identity and server name).
 async fn http(
     endpoint: &Endpoint,
     path: &str,
     expected: StatusRange,
     host: Option<&str>,
+    tls: Option<&Tls>,
 ) -> Result<(), String> {
+    let stream = tokio::net::TcpStream::connect(endpoint.address)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    match tls {
+        #[cfg(feature = "tls")]
+        Some(tls) => {
+            let (config, name) = tls
+                .rustls_for(endpoint, &[b"http/1.1".to_vec()])
+                .map_err(|e| e.to_string())?;
+            let host = host.map(str::to_owned).or_else(|| {
+                tls.name_for(endpoint)
+                    .map(|name| format!("{name}:{}", endpoint.address.port()))
+            });
+            let stream = crate::tls::handshake(stream, config, name)
+                .await
+                .map_err(|e| e.to_string())?;
+            http_over(stream, endpoint, path, expected, host.as_deref()).await
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match *never {},
+        None => http_over(stream, endpoint, path, expected, host).await,
+    }
+}
+
+async fn http_over<S>(
+    stream: S,
+    endpoint: &Endpoint,
+    path: &str,
+    expected: StatusRange,
+    host: Option<&str>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     use http_body_util::Empty;
     use hyper::body::Bytes;
     use hyper_util::rt::TokioIo;
 
-    let stream = tokio::net::TcpStream::connect(endpoint.address)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
@@ -143,25 +193,104 @@ async fn http(
     }
 }
 
+/// The tonic endpoint of a gRPC check of `endpoint`: `https` with the service's TLS
+/// settings, else `http`.
+#[cfg(feature = "grpc")]
+pub(super) fn grpc_endpoint(
+    endpoint: &Endpoint,
+    tls: Option<&Tls>,
+) -> Result<tonic::transport::Endpoint, String> {
+    match tls {
+        #[cfg(feature = "tls")]
+        Some(tls) => tls
+            .grpc_endpoint(endpoint)
+            .map(|(grpc, _generation)| grpc)
+            .map_err(|e| format!("gRPC endpoint: {e}")),
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match *never {},
+        None => tonic::transport::Endpoint::from_shared(format!("http://{}", endpoint.address))
+            .map_err(|e| format!("gRPC endpoint: {e}")),
+    }
+}
+
+/// Words a failed connect: the TLS failure if that is what it was ("certificate expired",
+/// "name mismatch", ...), else the error and its causes.
+#[cfg(feature = "grpc")]
+pub(super) fn connect_error(error: &tonic::transport::Error, tls: Option<&Tls>) -> String {
+    #[cfg(feature = "tls")]
+    {
+        let reason = tls.and_then(|tls| tls.explain(error));
+        format!(
+            "gRPC connect: {}",
+            reason.unwrap_or_else(|| crate::tls::describe_error(error))
+        )
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = tls;
+        use std::error::Error as _;
+        match error.source() {
+            Some(source) => format!("gRPC connect: {error}: {source}"),
+            None => format!("gRPC connect: {error}"),
+        }
+    }
+}
+
+/// Words a failed health call, naming a TLS cause when there is one (a TLS 1.3 server
+/// refuses a client certificate after the client's side of the handshake is done, so the
+/// refusal arrives with the first call, not the connect).
+#[cfg(feature = "grpc")]
+pub(super) fn status_error(status: &tonic::Status, tls: Option<&Tls>) -> String {
+    #[cfg(feature = "tls")]
+    if let Some(reason) = tls.and_then(|tls| tls.explain(status)) {
+        return format!("gRPC health: TLS: {reason}");
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = tls;
+    format!("gRPC health: {} {}", status.code(), status.message())
+}
+
+/// [`status_error`], and when the server closed the connection for no reason the error
+/// shows, the reason found by asking it again (the check's timeout bounds the whole).
+#[cfg(feature = "grpc")]
+pub(super) async fn diagnosed_status_error(
+    endpoint: &Endpoint,
+    status: &tonic::Status,
+    tls: Option<&Tls>,
+) -> String {
+    #[cfg(feature = "tls")]
+    if let Some(tls) = tls {
+        if let Some(reason) = tls
+            .explain_with_diagnosis(endpoint, status, std::time::Duration::from_secs(2))
+            .await
+        {
+            return format!("gRPC health: TLS: {reason}");
+        }
+    }
+    let _ = endpoint;
+    status_error(status, tls)
+}
+
 /// The standard `grpc.health.v1.Health/Check`, over a fresh connection.
 #[cfg(feature = "grpc")]
-pub(super) async fn grpc(endpoint: &Endpoint, service: &str) -> Result<(), String> {
+pub(super) async fn grpc(endpoint: &Endpoint, service: &str, tls: Option<&Tls>) -> Result<(), String> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let url = format!("http://{}", endpoint.address);
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| format!("gRPC endpoint: {e}"))?
+    let channel = grpc_endpoint(endpoint, tls)?
         .connect()
         .await
-        .map_err(|e| format!("gRPC connect: {e}"))?;
-    let response = HealthClient::new(channel)
+        .map_err(|e| connect_error(&e, tls))?;
+    let response = match HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
         .await
-        .map_err(|status| format!("gRPC health: {} {}", status.code(), status.message()))?;
+    {
+        Ok(response) => response,
+        Err(status) => return Err(diagnosed_status_error(endpoint, &status, tls).await),
+    };
     match response.into_inner().status() {
         ServingStatus::Serving => Ok(()),
         other => Err(format!("gRPC health: {}", other.as_str_name())),

@@ -24,6 +24,10 @@ pub(crate) mod slots;
 mod runtime;
 #[cfg(feature = "runtime")]
 pub use runtime::*;
+#[cfg(feature = "tls")]
+mod tls_connector;
+#[cfg(feature = "tls")]
+pub use tls_connector::TlsConnector;
 
 /// Counters of one endpoint's pool, or of all of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -170,7 +170,8 @@ impl Connector for TcpConnector {
 #[derive(Clone, Debug)]
 pub struct GrpcConnector {
     connect_timeout: Duration,
-    tls: bool,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTls>,
 }
 
 #[cfg(feature = "grpc")]
@@ -186,8 +187,32 @@ impl GrpcConnector {
     pub fn new() -> Self {
         Self {
             connect_timeout: Duration::from_secs(1),
-            tls: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// TLS (and mTLS) with `tls` (feature `tls`): each connection takes the current material
+    /// (reloaded files included), verifies the endpoint's `tls_server_name` tag or the
+    /// service's server name (else its IP address), and requires ALPN `h2`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tai_loadbalancer::{ConnectionPool, GrpcConnector, PoolConfig};
+    /// use tonic::transport::{Certificate, ClientTlsConfig};
+    ///
+    /// # let ca_pem = rcgen::generate_simple_self_signed(vec!["api.internal".into()]).unwrap().cert.pem();
+    /// let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
+    /// let connector = GrpcConnector::new().tls(tls);
+    /// let pool = ConnectionPool::new(PoolConfig::default(), connector)?;
+    /// # let _ = pool;
+    /// # Ok::<_, tai_loadbalancer::Error>(())
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: impl Into<crate::tls::ClientTls>) -> Self {
+        self.tls = Some(tls.into());
+        self
     }
 
     /// Sets the connect timeout.
@@ -200,20 +225,72 @@ impl GrpcConnector {
 #[cfg(feature = "grpc")]
 impl Connector for GrpcConnector {
     type Connection = tonic::transport::Channel;
-    type Error = tonic::transport::Error;
+    type Error = GrpcConnectError;
 
-    async fn connect(
-        &self,
-        endpoint: &Endpoint,
-    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-        let scheme = if self.tls { "https" } else { "http" };
-        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", endpoint.address))?
+    async fn connect(&self, endpoint: &Endpoint) -> Result<tonic::transport::Channel, GrpcConnectError> {
+        #[cfg(feature = "tls")]
+        let target = match &self.tls {
+            Some(tls) => tls
+                .grpc_endpoint(endpoint)
+                .map(|(target, _generation)| target)
+                .map_err(|e| GrpcConnectError(e.to_string()))?,
+            None => plaintext(endpoint)?,
+        };
+        #[cfg(not(feature = "tls"))]
+        let target = plaintext(endpoint)?;
+        target
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .connect()
             .await
+            .map_err(|e| GrpcConnectError::from_transport(&e))
     }
 }
+
+#[cfg(feature = "grpc")]
+fn plaintext(endpoint: &Endpoint) -> Result<tonic::transport::Endpoint, GrpcConnectError> {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", endpoint.address))
+        .map_err(|e| GrpcConnectError::from_transport(&e))
+}
+
+/// Why [`GrpcConnector`] could not connect, in words: tonic's error with its causes (with the
+/// `tls` feature, a handshake failure says what failed: "certificate expired", "name
+/// mismatch", "unknown CA", ...).
+#[cfg(feature = "grpc")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcConnectError(String);
+
+#[cfg(feature = "grpc")]
+impl GrpcConnectError {
+    fn from_transport(error: &tonic::transport::Error) -> Self {
+        #[cfg(feature = "tls")]
+        {
+            Self(crate::tls::describe_error(error))
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            use std::error::Error as _;
+            let mut text = error.to_string();
+            let mut next = error.source();
+            while let Some(cause) = next {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                next = cause.source();
+            }
+            Self(text)
+        }
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl fmt::Display for GrpcConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl std::error::Error for GrpcConnectError {}
 
 /// One endpoint's pool.
 struct EndpointPool<T> {

@@ -46,6 +46,17 @@ pub struct GreeterState {
     pub connections: AtomicU64,
     /// Milliseconds every reply is held back (0: none), to make one server slow.
     pub delay_ms: AtomicU64,
+    /// Calls served per client certificate (its DER bytes), over TLS with client
+    /// certificates (see [`GreeterServer::start_tls`]).
+    pub client_certificates: std::sync::Mutex<std::collections::HashMap<Vec<u8>, u64>>,
+}
+
+impl GreeterState {
+    /// Calls served to the client certificate `der`.
+    pub fn calls_from(&self, der: &[u8]) -> u64 {
+        let seen = self.client_certificates.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(der).copied().unwrap_or(0)
+    }
 }
 
 /// A greeter that answers as `name`.
@@ -78,6 +89,14 @@ impl Greeter for NamedGreeter {
             self.state.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Status::unavailable(format!("{} refuses calls", self.name)));
         }
+        if let Some(leaf) = request.peer_certs().as_deref().and_then(|chain| chain.first()) {
+            let mut seen = self
+                .state
+                .client_certificates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *seen.entry(leaf.as_ref().to_vec()).or_default() += 1;
+        }
         let request = request.into_inner();
         let slow = self.state.delay_ms.load(Ordering::Relaxed);
         if slow > 0 {
@@ -106,6 +125,7 @@ pub struct GreeterServer {
     address: SocketAddr,
     state: Arc<GreeterState>,
     health: HealthReporter,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     running: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
@@ -117,10 +137,24 @@ impl GreeterServer {
 
     /// Starts `name` on `address` (a loopback address; port 0 for an ephemeral one).
     pub fn start_on(name: &str, address: SocketAddr) -> std::io::Result<Self> {
-        Self::start_with_state(name, address, Arc::new(GreeterState::default()))
+        Self::start_with_state(name, address, Arc::new(GreeterState::default()), None)
     }
 
-    fn start_with_state(name: &str, address: SocketAddr, state: Arc<GreeterState>) -> std::io::Result<Self> {
+    /// Starts `name` on an ephemeral port of 127.0.0.1, serving TLS (rustls) with `tls`:
+    /// its identity, and with `client_ca_root` set, mTLS (client certificates required
+    /// unless `client_auth_optional`). Calls are counted per client certificate in
+    /// [`GreeterState::client_certificates`].
+    pub fn start_tls(name: &str, tls: tonic::transport::ServerTlsConfig) -> std::io::Result<Self> {
+        let address = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_with_state(name, address, Arc::new(GreeterState::default()), Some(tls))
+    }
+
+    fn start_with_state(
+        name: &str,
+        address: SocketAddr,
+        state: Arc<GreeterState>,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> std::io::Result<Self> {
         if !address.ip().is_loopback() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -133,6 +167,7 @@ impl GreeterServer {
         let greeter = NamedGreeter::new(name, state.clone()).into_service();
         let accepted = state.clone();
         let reporter = health.clone();
+        let server_tls = tls.clone();
         let thread = std::thread::Builder::new()
             .name(format!("greeter-{name}"))
             .spawn(move || {
@@ -166,6 +201,16 @@ impl GreeterServer {
                             return;
                         }
                     };
+                    let mut builder = tonic::transport::Server::builder();
+                    if let Some(tls) = server_tls {
+                        builder = match builder.tls_config(tls) {
+                            Ok(builder) => builder,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(std::io::Error::other(e)));
+                                return;
+                            }
+                        };
+                    }
                     reporter.set_service_status("", ServingStatus::Serving).await;
                     reporter
                         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -183,7 +228,7 @@ impl GreeterServer {
                             connection
                         },
                     );
-                    let server = tonic::transport::Server::builder()
+                    let server = builder
                         .add_service(health_service)
                         .add_service(greeter)
                         .serve_with_incoming(incoming);
@@ -203,6 +248,7 @@ impl GreeterServer {
             address,
             state,
             health,
+            tls,
             running: Some((stop_tx, thread)),
         })
     }
@@ -239,7 +285,8 @@ impl GreeterServer {
     /// Starts it again on the same port, with the same counters.
     pub fn restart(&mut self) -> std::io::Result<()> {
         self.kill();
-        let restarted = Self::start_with_state(&self.name, self.address, self.state.clone())?;
+        let restarted =
+            Self::start_with_state(&self.name, self.address, self.state.clone(), self.tls.clone())?;
         *self = restarted;
         Ok(())
     }
