@@ -34,16 +34,18 @@ use crate::registry::ServiceRegistry;
 use crate::stats::EndpointHealth;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
-use crate::sync::{Arc, DataArc, DataWeak, SnapshotCell, mpsc, thread_ordinal};
+use crate::sync::{DataArc, DataWeak, mpsc, name_cache, thread_ordinal};
 use crate::table::ring::hash_key;
-use crate::table::{Directory, MemberHealth, Members, Miss, ServiceSlot, ServiceTable, report};
+use crate::table::{
+    Directory, DirectoryCell, MemberHealth, Members, Miss, ServiceSlot, ServiceTable, report,
+};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
 
 /// What the balancer, its handles and its control thread share.
 pub(crate) struct Shared {
-    pub(crate) directory: SnapshotCell<Directory>,
+    pub(crate) directory: DirectoryCell,
     pub(crate) control: ControlPlane,
     /// Where memberships are read from. The registry holds only a `Weak` to this.
     pub(crate) registry: DataArc<ServiceRegistry>,
@@ -57,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) rebalancer: crate::rebalance::RebalanceManager,
     /// Samples for `requests_per_second`.
     pub(crate) rate: crate::stats::RateWindow,
+    /// This balancer's id in the per-thread name cache.
+    cache_id: u64,
 }
 
 impl MembershipSink for Shared {
@@ -131,7 +135,7 @@ impl Shared {
             #[cfg(feature = "runtime")]
             let health = HealthCheckManager::create(registry.clone(), config.health_check.clone());
             Self {
-                directory: SnapshotCell::new(Arc::new(Directory::empty())),
+                directory: DirectoryCell::new(),
                 control: ControlPlane::new(Settings::new(config, strategy, outlier_sink)),
                 registry,
                 #[cfg(feature = "runtime")]
@@ -140,6 +144,7 @@ impl Shared {
                 #[cfg(feature = "runtime")]
                 rebalancer: crate::rebalance::RebalanceManager::new(me.clone()),
                 rate: crate::stats::RateWindow::default(),
+                cache_id: name_cache::owner_id(),
             }
         }))
     }
@@ -245,6 +250,37 @@ impl Shared {
         #[cfg(feature = "runtime")]
         self.health.stop_now();
         self.control.shutdown(&self.sources(), &self.directory)
+    }
+
+    /// Runs `f` on the slot of `service`, found through the calling thread's name cache:
+    /// while the directory is unchanged, a repeated name costs a comparison, not a
+    /// snapshot load and a hash lookup.
+    #[inline]
+    fn by_name<R>(
+        &self,
+        service: &str,
+        f: impl FnOnce(&ServiceSlot) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        // Read before the directory (see `DirectoryCell::version`).
+        let version = self.directory.version();
+        let mut f = Some(f);
+        let cached = name_cache::with(self.cache_id, version, service, |slot: &ServiceSlot| {
+            // `f` is still there: `with` calls this at most once.
+            f.take().map(|f| f(slot))
+        });
+        if let Some(Some(result)) = cached {
+            return result;
+        }
+        let directory = self.directory.load();
+        let (name, slot) = match directory.services.get_key_value(service) {
+            Some(found) => found,
+            None => return Err(unknown(&directory, service)),
+        };
+        name_cache::put(self.cache_id, version, name.clone(), slot.clone());
+        match f.take() {
+            Some(f) => f(slot),
+            None => unreachable!("the cached lookup did not run"),
+        }
     }
 
     #[inline]
@@ -624,9 +660,7 @@ impl IntegratedLoadBalancer {
     /// As [`next_endpoint`](Self::next_endpoint).
     #[inline]
     pub fn pick(&self, service: &str) -> Result<Pick, Error> {
-        let directory = self.shared.directory.load();
-        let slot = Shared::slot_by_name(&directory, service)?;
-        self.shared.pick(slot, None)
+        self.shared.by_name(service, |slot| self.shared.pick(slot, None))
     }
 
     /// A guarded pick by consistent hash of `key`.
@@ -636,9 +670,9 @@ impl IntegratedLoadBalancer {
     /// As [`next_endpoint`](Self::next_endpoint).
     #[inline]
     pub fn pick_with_hash(&self, service: &str, key: impl AsRef<[u8]>) -> Result<Pick, Error> {
-        let directory = self.shared.directory.load();
-        let slot = Shared::slot_by_name(&directory, service)?;
-        self.shared.pick(slot, Some(hash_key(key)))
+        let hash = hash_key(key);
+        self.shared
+            .by_name(service, |slot| self.shared.pick(slot, Some(hash)))
     }
 
     /// An unguarded selection (the synchronous twin of [`next_endpoint`](Self::next_endpoint)).
@@ -648,9 +682,8 @@ impl IntegratedLoadBalancer {
     /// As [`next_endpoint`](Self::next_endpoint).
     #[inline]
     pub fn select(&self, service: &str) -> Result<Endpoint, Error> {
-        let directory = self.shared.directory.load();
-        let slot = Shared::slot_by_name(&directory, service)?;
-        self.shared.select(slot, None)
+        self.shared
+            .by_name(service, |slot| self.shared.select(slot, None))
     }
 
     /// An unguarded selection by consistent hash of `key`.
@@ -660,9 +693,9 @@ impl IntegratedLoadBalancer {
     /// As [`next_endpoint`](Self::next_endpoint).
     #[inline]
     pub fn select_with_hash(&self, service: &str, key: impl AsRef<[u8]>) -> Result<Endpoint, Error> {
-        let directory = self.shared.directory.load();
-        let slot = Shared::slot_by_name(&directory, service)?;
-        self.shared.select(slot, Some(hash_key(key)))
+        let hash = hash_key(key);
+        self.shared
+            .by_name(service, |slot| self.shared.select(slot, Some(hash)))
     }
 
     /// A handle to `service` that skips the name lookup on every pick.

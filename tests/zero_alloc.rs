@@ -1,5 +1,8 @@
 //! A pick allocates nothing: a counting global allocator sees zero allocations on the picking
-//! thread across thousands of picks of every strategy, through every pick API.
+//! thread across thousands of picks of every strategy, through every pick API (by name, by
+//! handle, by hash, by session affinity once the session is bound), and across outcome
+//! reports (on a pick and by address, with latencies, once each endpoint's latency histogram
+//! exists).
 
 mod common;
 
@@ -8,7 +11,7 @@ use std::cell::Cell;
 use std::hint::black_box;
 
 use common::{ep, rt, setup, weighted};
-use tai_loadbalancer::{Endpoint, LoadBalancingStrategy};
+use tai_loadbalancer::{Endpoint, LoadBalancingStrategy, Outcome};
 
 struct Counting;
 
@@ -55,6 +58,7 @@ fn picks_do_not_allocate() {
         LoadBalancingStrategy::LeastConnections,
         LoadBalancingStrategy::Weighted,
         LoadBalancingStrategy::ConsistentHash,
+        LoadBalancingStrategy::PeakEwma,
     ] {
         let endpoints: Vec<Endpoint> = (0..64)
             .map(|i| if i % 2 == 0 { ep(i) } else { weighted(i, 3) })
@@ -62,6 +66,9 @@ fn picks_do_not_allocate() {
         let (_registry, lb) = rt.block_on(setup(strategy, endpoints));
         rt.block_on(lb.start()).unwrap();
         let handle = lb.service("svc").unwrap();
+        let reported: Endpoint = lb.select("svc").unwrap();
+        // A fixed set of session keys: after the warm-up every affinity lookup is a hit.
+        let sessions: Vec<String> = (0..16).map(|k| format!("session-{k}")).collect();
         let exercise = |rounds: u64| {
             for i in 0..rounds {
                 let key = i.to_le_bytes();
@@ -72,6 +79,20 @@ fn picks_do_not_allocate() {
                 black_box(handle.select().unwrap());
                 black_box(handle.select_with_hash(key).unwrap());
                 handle.pick_with_key_hash(i).unwrap().success();
+                handle.pick().unwrap().record(
+                    Outcome::Failure,
+                    Some(std::time::Duration::from_micros(i % 900 + 1)),
+                );
+                lb.record_result(
+                    "svc",
+                    &reported,
+                    Outcome::Success,
+                    Some(std::time::Duration::from_micros(50)),
+                )
+                .unwrap();
+                let session = &sessions[(i % 16) as usize];
+                black_box(lb.select_with_affinity("svc", session).unwrap());
+                drop(black_box(lb.pick_with_affinity("svc", session).unwrap()));
             }
         };
         // Warm up: thread-local state of the RNG, the snapshot cell and the shard ordinal,
@@ -80,7 +101,7 @@ fn picks_do_not_allocate() {
         std::thread::sleep(std::time::Duration::from_millis(50));
         exercise(1_000);
         let n = allocations_during(|| exercise(10_000));
-        assert_eq!(n, 0, "{strategy}: {n} allocations in 70,000 picks");
+        assert_eq!(n, 0, "{strategy}: {n} allocations in 110,000 picks and reports");
         rt.block_on(lb.stop()).unwrap();
     }
 }

@@ -50,8 +50,8 @@ use crate::handoff::queue::{Ack, AckOutcome, Queue};
 use crate::handoff::{Command, ControlEvent, HealthSource, MembershipSource, OutlierSink, Watcher};
 use crate::stats::{RoutingUpdate, ServiceCounters};
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{Arc, DataArc, DataWeak, Mutex, SnapshotCell, mpsc, thread};
-use crate::table::{Directory, Miss};
+use crate::sync::{DataArc, DataWeak, Mutex, mpsc, thread};
+use crate::table::{Directory, DirectoryCell, Miss};
 use service::ServiceControl;
 
 /// Test-only fault injection: panics at chosen points of the control plane.
@@ -131,7 +131,7 @@ impl ControlState {
         &mut self,
         cfg: &Settings,
         sources: &Sources<'_>,
-        directory: &SnapshotCell<Directory>,
+        directory: &DirectoryCell,
         batch: Vec<Command>,
     ) -> Failed {
         let mut failed = Failed::default();
@@ -338,16 +338,16 @@ impl ControlState {
         }
     }
 
-    fn publish_directory(&self, directory: &SnapshotCell<Directory>) {
+    fn publish_directory(&self, directory: &DirectoryCell) {
         let services = self
             .services
             .iter()
             .map(|(name, sc)| (name.clone(), sc.slot.clone()))
             .collect();
-        directory.store(Arc::new(Directory {
+        directory.publish(Directory {
             services,
             stopped: self.stopped,
-        }));
+        });
     }
 }
 
@@ -454,7 +454,7 @@ impl ControlPlane {
     /// Applies queued commands on the caller's thread unless the control-plane thread runs.
     /// A thread that died (it never should: every step runs under `catch_unwind`) is
     /// restarted here, so the next write after a death revives it.
-    pub(crate) fn help(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) {
+    pub(crate) fn help(&self, sources: &Sources<'_>, directory: &DirectoryCell) {
         if self.is_running() || self.revive() {
             return;
         }
@@ -503,7 +503,7 @@ impl ControlPlane {
     /// resolves its acks: `Applied` for the published services, `Failed` with the reason for
     /// a service whose application panicked (or for all of them if the step itself
     /// panicked), `Stopped` after shutdown. Returns whether anything was taken.
-    pub(crate) fn process(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) -> bool {
+    pub(crate) fn process(&self, sources: &Sources<'_>, directory: &DirectoryCell) -> bool {
         let mut state = self.state.lock();
         let batch = self.queue.take(self.settings.config.control_plane.max_batch);
         if batch.is_empty() {
@@ -583,7 +583,7 @@ impl ControlPlane {
     /// Steps and timers run under `catch_unwind`; should the thread die anyway, the commands
     /// still queued fail (their writers get an error, never a hang) and the next write
     /// restarts it.
-    pub(crate) fn run(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) {
+    pub(crate) fn run(&self, sources: &Sources<'_>, directory: &DirectoryCell) {
         struct OnExit<'a>(&'a ControlPlane);
         impl Drop for OnExit<'_> {
             fn drop(&mut self) {
@@ -625,7 +625,7 @@ impl ControlPlane {
 
     /// Stops the thread (joining it), applies what was queued, then publishes stopped
     /// tombstones for every service. Idempotent. Returns whether this call stopped it.
-    pub(crate) fn shutdown(&self, sources: &Sources<'_>, directory: &SnapshotCell<Directory>) -> bool {
+    pub(crate) fn shutdown(&self, sources: &Sources<'_>, directory: &DirectoryCell) -> bool {
         self.queue.close();
         let handle = self.thread.lock().take();
         if let Some(handle) = handle {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::*;
 use crate::endpoint::Endpoint;
 use crate::sync::Mutex as SyncMutex;
+use crate::table::DirectoryCell;
 
 fn ep(port: u16) -> Endpoint {
     Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)), None)
@@ -72,7 +73,7 @@ fn block_on<F: Future>(f: F) -> F::Output {
 }
 
 /// The addresses routable in `service`'s published table (empty if unpublished).
-fn routable(directory: &SnapshotCell<Directory>, service: &str) -> Vec<u16> {
+fn routable(directory: &DirectoryCell, service: &str) -> Vec<u16> {
     let directory = directory.load();
     let Some(slot) = directory.get(service) else {
         return Vec::new();
@@ -96,7 +97,7 @@ fn sources(m: &Memberships) -> Sources<'_> {
 #[test]
 fn a_service_whose_application_panics_fails_its_writers_and_the_others_are_published() {
     let cp = control_plane("t-panicking-source");
-    let directory = SnapshotCell::new(Arc::new(Directory::empty()));
+    let directory = DirectoryCell::new();
     let m = Memberships::default();
     m.set("good", 1, vec![ep(1), ep(2)]);
     m.set("bad", 2, vec![ep(3)]);
@@ -126,7 +127,7 @@ fn a_service_whose_application_panics_fails_its_writers_and_the_others_are_publi
 #[test]
 fn a_panic_inside_a_rebuild_does_not_leave_the_service_dirty_for_good() {
     let cp = control_plane("t-panicking-rebuild");
-    let directory = SnapshotCell::new(Arc::new(Directory::empty()));
+    let directory = DirectoryCell::new();
     let m = Memberships::default();
     m.set("fault-rebuild", 1, vec![ep(1)]);
     let first = cp.submit(Command::Changed("fault-rebuild".into()));
@@ -159,7 +160,7 @@ fn a_panic_inside_a_rebuild_does_not_leave_the_service_dirty_for_good() {
 #[test]
 fn a_panicking_subscriber_is_dropped_and_publication_goes_on() {
     let cp = control_plane("t-panicking-watcher");
-    let directory = SnapshotCell::new(Arc::new(Directory::empty()));
+    let directory = DirectoryCell::new();
     let m = Memberships::default();
     cp.subscribe(Box::new(|_: &ControlEvent| {
         panic!("injected fault: a subscriber")
@@ -182,7 +183,7 @@ fn a_panicking_subscriber_is_dropped_and_publication_goes_on() {
 fn a_control_thread_that_dies_fails_what_it_held_and_is_restarted_by_the_next_write() {
     let name = "t-dying-thread";
     let cp = DataArc::new(control_plane(name));
-    let directory = DataArc::new(SnapshotCell::new(Arc::new(Directory::empty())));
+    let directory = DataArc::new(DirectoryCell::new());
     let m = DataArc::new(Memberships::default());
     m.set("svc", 1, vec![ep(1)]);
     let runner: Runner = {
@@ -230,7 +231,7 @@ fn a_control_thread_that_dies_fails_what_it_held_and_is_restarted_by_the_next_wr
 #[test]
 fn commands_after_shutdown_resolve_stopped() {
     let cp = control_plane("t-stopped");
-    let directory = SnapshotCell::new(Arc::new(Directory::empty()));
+    let directory = DirectoryCell::new();
     let m = Memberships::default();
     cp.shutdown(&sources(&m), &directory);
     let ack = cp.submit(Command::Changed("svc".into()));

@@ -29,6 +29,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod arena;
+pub(crate) mod name_cache;
 #[cfg(not(tai_loadbalancer_loom))]
 mod std_impl;
 #[cfg(not(tai_loadbalancer_loom))]

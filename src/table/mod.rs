@@ -472,6 +472,54 @@ impl Directory {
     }
 }
 
+/// Where the current [`Directory`] is published, with a version that changes with it: a
+/// reader that cached a name lookup under a version knows it is still good while the version
+/// is unchanged (see `crate::sync::name_cache`).
+pub(crate) struct DirectoryCell {
+    cell: SnapshotCell<Directory>,
+    version: AtomicU64,
+}
+
+impl DirectoryCell {
+    pub(crate) fn new() -> Self {
+        Self {
+            cell: SnapshotCell::new(Arc::new(Directory::empty())),
+            version: AtomicU64::new(0),
+        }
+    }
+
+    /// The current directory (one wait-free snapshot load).
+    #[inline]
+    pub(crate) fn load(&self) -> crate::sync::Snap<Directory> {
+        self.cell.load()
+    }
+
+    /// The version of the current directory. Read it *before* loading the directory whose
+    /// lookups are cached under it: a lookup is then never cached under a version newer than
+    /// the directory it came from.
+    #[inline]
+    pub(crate) fn version(&self) -> u64 {
+        // Acquire pairs with the Release in `publish`: a reader that sees the new version
+        // loads the new directory (or a newer one).
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Publishes `directory`, then bumps the version.
+    pub(crate) fn publish(&self, directory: Directory) {
+        self.cell.store(Arc::new(directory));
+        self.version.fetch_add(1, Ordering::Release);
+    }
+}
+
+impl fmt::Debug for DirectoryCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectoryCell")
+            .field("directory", &*self.load())
+            .field("version", &self.version())
+            .finish()
+    }
+}
+
 impl fmt::Debug for Directory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Directory")
