@@ -6,6 +6,13 @@
 //! on which endpoints picks may return, on the round-robin rotation, and on the owner of every
 //! consistent-hash key, computed here from the ring's *definition* (rendezvous over slot
 //! permutations) without the ring.
+//!
+//! Picks can also be *held* across later steps (`Hold`, `Release`): endpoints are then
+//! removed, re-registered with new metadata (a new generation, in a new slot) and re-added
+//! while guards of their earlier generations are alive, so counter slots are retired and
+//! reused under live guards. Every held pick must keep reading the endpoint it was picked as
+//! (its address and the weight it had), the balancer's in-flight total must equal the number
+//! of held picks, and it must return to 0 once they are released.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -33,6 +40,8 @@ enum Op {
     Pick,
     PickRound,
     PickHash { key: u64 },
+    Hold,
+    Release { index: u8 },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -74,6 +83,10 @@ fuzz_target!(|input: Input| {
     let lb = now(IntegratedLoadBalancer::new(registry.clone(), strategy, config)).unwrap();
     // The model: `None` = service unknown.
     let mut model: Option<BTreeMap<SocketAddr, u32>> = None;
+    // Picks held across steps, with the weight their endpoint had when picked and the
+    // incarnation of the service they came from (a removed service leaves the metrics).
+    let mut held: Vec<(tai_loadbalancer::Pick, u32, u32)> = Vec::new();
+    let mut incarnation = 0u32;
 
     for op in input.ops.into_iter().take(64) {
         match op {
@@ -136,6 +149,7 @@ fuzz_target!(|input: Input| {
             Op::RemoveService => {
                 let result = now(registry.remove_service("svc"));
                 assert_eq!(result.is_ok(), model.take().is_some(), "{result:?}");
+                incarnation += 1;
             }
             Op::Pick => match (&model, lb.pick("svc")) {
                 (None, Err(Error::UnknownService { .. })) => {}
@@ -157,6 +171,24 @@ fuzz_target!(|input: Input| {
                     }
                 }
             }
+            Op::Hold => match (&model, lb.pick("svc")) {
+                (None, Err(Error::UnknownService { .. })) => {}
+                (Some(m), Err(Error::NoEndpoints { .. })) if m.is_empty() => {}
+                (Some(m), Ok(pick)) => {
+                    let weight = m[&pick.address()];
+                    assert_eq!(pick.endpoint().weight(), weight);
+                    if held.len() < 32 {
+                        held.push((pick, weight, incarnation));
+                    }
+                }
+                (m, r) => panic!("model {m:?} vs pick {r:?}"),
+            },
+            Op::Release { index } => {
+                if !held.is_empty() {
+                    let (pick, _, _) = held.swap_remove(usize::from(index) % held.len());
+                    pick.success();
+                }
+            }
             Op::PickHash { key } => {
                 let key = key.to_le_bytes();
                 match (&model, lb.select_with_hash("svc", key)) {
@@ -175,6 +207,14 @@ fuzz_target!(|input: Input| {
                 }
             }
         }
+        // Held picks still read the endpoint generation they were picked as, whatever
+        // happened to its slot's service since.
+        for (pick, weight, _) in &held {
+            assert_eq!(pick.endpoint().address, pick.address(), "a held pick's slot was reused");
+            assert_eq!(pick.endpoint().weight(), *weight, "a held pick's record changed");
+        }
+        let current = held.iter().filter(|h| h.2 == incarnation).count() as u64;
+        assert_eq!(lb.metrics().in_flight, current, "in flight counts the held picks");
         // Membership agrees after every step.
         match &model {
             None => assert!(now(registry.endpoints("svc")).is_err()),
@@ -189,5 +229,6 @@ fuzz_target!(|input: Input| {
             }
         }
     }
+    drop(held);
     assert_eq!(lb.metrics().in_flight, 0);
 });
