@@ -145,9 +145,44 @@ fn floors(c: &mut Criterion) {
     group.finish();
 }
 
+/// Hash picks on a service whose table carries no ring yet (a service not routed by
+/// consistent hash, on a balancer that was never started, so the ring the first hash pick
+/// asks for is never built): each one computes the owner from the ring's definition, in
+/// `O(total weight)`. What CONFIGURATION.md's "when is a ring built" section quotes.
+fn ringless(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("ringless_hash");
+    for n in [8usize, 100, 1_024] {
+        let (_registry, lb) = rt.block_on(async {
+            let registry = Arc::new(tai_loadbalancer::ServiceRegistry::new());
+            registry
+                .register_batch("svc", common::endpoints(n, false))
+                .await
+                .unwrap();
+            let lb = tai_loadbalancer::IntegratedLoadBalancer::new(
+                registry.clone(),
+                LoadBalancingStrategy::RoundRobin,
+                tai_loadbalancer::LoadBalancerConfig::default(),
+            )
+            .await
+            .unwrap();
+            (registry, lb)
+        });
+        let handle = lb.service("svc").unwrap();
+        let mut i = 0u64;
+        group.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                black_box(handle.select_with_hash(i.to_le_bytes()).unwrap().address)
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = floors, picks
+    targets = floors, picks, ringless
 }
 criterion_main!(benches);

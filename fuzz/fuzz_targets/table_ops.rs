@@ -210,7 +210,11 @@ fuzz_target!(|input: Input| {
         // Held picks still read the endpoint generation they were picked as, whatever
         // happened to its slot's service since.
         for (pick, weight, _) in &held {
-            assert_eq!(pick.endpoint().address, pick.address(), "a held pick's slot was reused");
+            assert_eq!(
+                pick.endpoint().address,
+                pick.address(),
+                "a held pick's slot was reused"
+            );
             assert_eq!(pick.endpoint().weight(), *weight, "a held pick's record changed");
         }
         let current = held.iter().filter(|h| h.2 == incarnation).count() as u64;
