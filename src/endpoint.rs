@@ -46,6 +46,22 @@ pub(crate) fn validate_service_name(name: &str) -> Result<(), Error> {
     })
 }
 
+/// The metadata tag that places an endpoint on the consistent-hash ring by a stable key
+/// instead of its address (gRPC A76's hash key): an instance whose address changes when it
+/// restarts (a Kubernetes StatefulSet pod, say) keeps the keys it owned, on every balancer of
+/// a fleet. Two endpoints of one service may not carry the same hash key.
+///
+/// ```
+/// use tai_loadbalancer::{Endpoint, EndpointMetadata, HASH_KEY_TAG};
+///
+/// let pod = Endpoint::new(
+///     "127.0.0.1:8080".parse().unwrap(),
+///     Some(EndpointMetadata::new().with_tag(HASH_KEY_TAG, "cache-0")),
+/// );
+/// assert_eq!(pod.tag(HASH_KEY_TAG), Some("cache-0"));
+/// ```
+pub const HASH_KEY_TAG: &str = "hash_key";
+
 /// Largest accepted endpoint weight.
 ///
 /// Weights are relative: `95` and `5` give a 95/5 split. The bound keeps the weighted
@@ -272,6 +288,12 @@ impl Endpoint {
                 return bad_meta(
                     "tags",
                     format!("tag `{}` is too long", crate::error::truncate(key)),
+                );
+            }
+            if key == HASH_KEY_TAG && (value.is_empty() || value.len() > MAX_LABEL_LEN) {
+                return bad_meta(
+                    "tags",
+                    format!("the `{HASH_KEY_TAG}` tag must be 1 to {MAX_LABEL_LEN} bytes"),
                 );
             }
         }

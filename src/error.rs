@@ -118,6 +118,19 @@ pub enum Error {
         address: SocketAddr,
     },
 
+    /// Two endpoints of one service carry the same hash key (the
+    /// [`HASH_KEY_TAG`](crate::HASH_KEY_TAG) tag): they would own the same keys on the
+    /// consistent-hash ring. The registry is left unchanged.
+    #[error("endpoints {} and {} of service `{service}` carry the same hash key `{key}`", addresses.0, addresses.1)]
+    DuplicateHashKey {
+        /// The service.
+        service: DataArc<str>,
+        /// The repeated hash key.
+        key: String,
+        /// The endpoint that has it and the one that would also have it.
+        addresses: (SocketAddr, SocketAddr),
+    },
+
     /// A session-affinity key is missing, empty or too long.
     #[error("invalid affinity key: {reason}")]
     InvalidAffinityKey {

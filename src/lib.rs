@@ -76,7 +76,7 @@ pub use discovery::{
 };
 #[cfg(feature = "dns")]
 pub use discovery::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};
-pub use endpoint::{Endpoint, EndpointMetadata, MAX_SERVICE_NAME_LEN, MAX_WEIGHT};
+pub use endpoint::{Endpoint, EndpointMetadata, HASH_KEY_TAG, MAX_SERVICE_NAME_LEN, MAX_WEIGHT};
 pub use error::Error;
 /// `etcd-client`, re-exported so a client of the same version is at hand (to write records,
 /// or to pass [`ConnectOptions`](etcd_client::ConnectOptions) to [`EtcdConfig`]).

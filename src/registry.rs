@@ -110,6 +110,41 @@ impl Members {
         self.0.len()
     }
 
+    /// The first hash key that `upserts` would share with another endpoint once applied
+    /// (with `removals` removed): `(key, the endpoint that has it, the one that would also)`.
+    /// Cheap when no upsert carries a hash key (the common case).
+    fn hash_key_conflict<'a>(
+        &'a self,
+        upserts: impl Iterator<Item = &'a Endpoint> + Clone,
+        removals: &[SocketAddr],
+    ) -> Option<(String, SocketAddr, SocketAddr)> {
+        use crate::endpoint::HASH_KEY_TAG;
+        if upserts.clone().all(|e| e.tag(HASH_KEY_TAG).is_none()) {
+            return None;
+        }
+        let replaced: std::collections::HashSet<SocketAddr> = upserts
+            .clone()
+            .map(|e| e.address)
+            .chain(removals.iter().copied())
+            .collect();
+        let mut owners: std::collections::HashMap<&str, SocketAddr> = self
+            .values()
+            .filter(|e| !replaced.contains(&e.address))
+            .filter_map(|e| Some((e.tag(HASH_KEY_TAG)?, e.address)))
+            .collect();
+        for e in upserts {
+            if removals.contains(&e.address) {
+                continue;
+            }
+            let Some(key) = e.tag(HASH_KEY_TAG) else { continue };
+            match owners.insert(key, e.address) {
+                Some(other) if other != e.address => return Some((key.to_owned(), other, e.address)),
+                _ => {}
+            }
+        }
+        None
+    }
+
     fn values(&self) -> std::slice::Iter<'_, Endpoint> {
         self.0.iter()
     }
@@ -294,13 +329,20 @@ impl ServiceRegistry {
     /// # Errors
     ///
     /// [`Error::InvalidServiceName`], [`Error::InvalidAddress`], [`Error::InvalidWeight`],
-    /// [`Error::InvalidMetadata`]; [`Error::PublishFailed`] if an attached balancer could not
-    /// publish the change (the registry keeps it).
+    /// [`Error::InvalidMetadata`], [`Error::DuplicateHashKey`] (another endpoint of the
+    /// service carries its hash key); [`Error::PublishFailed`] if an attached balancer could
+    /// not publish the change (the registry keeps it).
     pub async fn register(&self, service: impl Into<String>, endpoint: Endpoint) -> Result<(), Error> {
         let service = service.into();
         validate_service_name(&service)?;
         endpoint.validate()?;
         self.change(&service, true, |record, interner| {
+            if let Some(conflict) = record
+                .endpoints
+                .hash_key_conflict(std::iter::once(&endpoint), &[])
+            {
+                return Err(duplicate_hash_key(&service, conflict));
+            }
             let unchanged = record.endpoints.get(&endpoint.address) == Some(&endpoint);
             if !unchanged {
                 record.endpoints.insert(interner.intern(endpoint));
@@ -340,6 +382,9 @@ impl ServiceRegistry {
         let mut endpoints = endpoints;
         endpoints.sort_unstable_by_key(|e| e.address);
         self.change(&service, true, |record, interner| {
+            if let Some(conflict) = record.endpoints.hash_key_conflict(endpoints.iter(), &[]) {
+                return Err(duplicate_hash_key(&service, conflict));
+            }
             Ok(record.endpoints.merge(endpoints, &[], interner))
         })
         .complete()
@@ -377,6 +422,9 @@ impl ServiceRegistry {
         validate_service_name(&service)?;
         let wanted = validated_batch(&service, endpoints)?;
         self.change_or_create(&service, |record, interner| {
+            if let Some(conflict) = Members::default().hash_key_conflict(wanted.values(), &[]) {
+                return Err(duplicate_hash_key(&service, conflict));
+            }
             if record.endpoints.same_as(&wanted) {
                 return Ok(false);
             }
@@ -408,6 +456,9 @@ impl ServiceRegistry {
         validate_service_name(&service)?;
         let upserts = validated_batch(&service, upserts)?;
         self.change_or_create(&service, |record, interner| {
+            if let Some(conflict) = record.endpoints.hash_key_conflict(upserts.values(), removals) {
+                return Err(duplicate_hash_key(&service, conflict));
+            }
             let upserts = upserts.into_values().collect();
             Ok(record.endpoints.merge(upserts, removals, interner))
         })
@@ -596,6 +647,15 @@ impl ServiceRegistry {
             state.sinks.push(sink);
         }
         delivery.complete()
+    }
+}
+
+/// The error for a hash key two endpoints of `service` would share.
+fn duplicate_hash_key(service: &str, (key, a, b): (String, SocketAddr, SocketAddr)) -> Error {
+    Error::DuplicateHashKey {
+        service: DataArc::from(truncate(service)),
+        key: truncate(&key).to_owned(),
+        addresses: (a, b),
     }
 }
 

@@ -35,6 +35,7 @@ use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
 use crate::table::build::{MemberInput, RingCache, TableInput, build};
 use crate::table::estimate::{Decay, estimate_ns, expire, now_ns};
+use crate::table::ring::OwnedRingId;
 use crate::table::{
     Arena, MemberHealth, MemberInfo, Miss, OutlierReport, ServiceContext, ServiceSlot, ServiceTable,
     SlotRecord,
@@ -46,6 +47,15 @@ fn later(now: Instant, d: Duration) -> Instant {
     now.checked_add(d)
         .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
         .unwrap_or(now)
+}
+
+/// How `endpoint` is placed on the consistent-hash ring: by its hash key if it carries one,
+/// else by its address.
+fn ring_id(endpoint: &Endpoint) -> OwnedRingId {
+    match endpoint.tag(crate::endpoint::HASH_KEY_TAG) {
+        Some(key) => OwnedRingId::Key(DataArc::from(key)),
+        None => OwnedRingId::Address(endpoint.address),
+    }
 }
 
 /// How often kept tables and retired slots are looked at again while some wait.
@@ -311,7 +321,12 @@ impl ServiceControl {
         let wants_ring = strategy == LoadBalancingStrategy::ConsistentHash
             || self.slot.hash_wanted.load(Ordering::Relaxed);
         let ring = wants_ring.then(|| {
-            let key = members.iter().map(|m| (m.address, m.info.weight)).collect();
+            let key = self
+                .states
+                .iter()
+                .zip(&members)
+                .map(|(state, m)| (ring_id(&state.endpoint), m.info.weight))
+                .collect();
             self.ring.ring_for(key, settings.hash_slots)
         });
         self.table_version += 1;

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::sync::DataArc;
 use crate::sync::arena::{Entry, SlotId};
-use crate::table::ring::HashRing;
+use crate::table::ring::{HashRing, OwnedRingId, RingId};
 use crate::table::schedule::Schedule;
 use crate::table::{Arena, MemberHealth, MemberInfo, ServiceTable, Target};
 
@@ -92,19 +92,21 @@ pub(crate) fn build(arena: &Arena, input: TableInput) -> ServiceTable {
 /// The last ring built for a service and the member set it was built for.
 #[derive(Debug, Default)]
 pub(crate) struct RingCache {
-    key: Vec<(SocketAddr, u32)>,
+    key: Vec<(OwnedRingId, u32)>,
     slots: u32,
     ring: Option<DataArc<HashRing>>,
 }
 
 impl RingCache {
-    /// The ring for members `key` (address and registered weight, in address order): the
-    /// cached one when they are unchanged, otherwise a new one (which replaces the cache).
-    pub(crate) fn ring_for(&mut self, key: Vec<(SocketAddr, u32)>, slots: u32) -> DataArc<HashRing> {
+    /// The ring for members `key` (identity and registered weight, in the table's member
+    /// order): the cached one when they are unchanged, otherwise a new one (which replaces
+    /// the cache).
+    pub(crate) fn ring_for(&mut self, key: Vec<(OwnedRingId, u32)>, slots: u32) -> DataArc<HashRing> {
         if let (true, Some(ring)) = (self.slots == slots && self.key == key, &self.ring) {
             return ring.clone();
         }
-        let ring = DataArc::new(HashRing::build(&key, slots));
+        let ids: Vec<(RingId<'_>, u32)> = key.iter().map(|(id, w)| (id.as_id(), *w)).collect();
+        let ring = DataArc::new(HashRing::build(&ids, slots));
         self.key = key;
         self.slots = slots;
         self.ring = Some(ring.clone());

@@ -383,10 +383,15 @@ impl ServiceTable {
         }
     }
 
-    /// What the consistent-hash ring is a function of, for member `i`: address and
-    /// registered weight.
-    pub(crate) fn ring_key(&self, i: usize) -> (SocketAddr, u32) {
-        (self.member_address(i), self.info[i].weight)
+    /// What the consistent-hash ring is a function of, for member `i`: its identity (its
+    /// hash key if it carries one, else its address) and registered weight.
+    pub(crate) fn ring_key(&self, i: usize) -> (ring::RingId<'_>, u32) {
+        let endpoint = &self.members.record(i).endpoint;
+        let id = match endpoint.tag(crate::endpoint::HASH_KEY_TAG) {
+            Some(key) => ring::RingId::Key(key),
+            None => ring::RingId::Address(endpoint.address),
+        };
+        (id, self.info[i].weight)
     }
 
     /// Why nothing can be picked, when nothing is routable.

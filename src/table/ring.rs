@@ -15,6 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::sync::DataArc;
+
 /// Probes after the owner before the final fallback.
 pub const FALLBACK_PROBES: u32 = 8;
 
@@ -66,6 +68,74 @@ pub(crate) fn reduce(h: u64, n: usize) -> usize {
     ((u128::from(h) * n as u128) >> 64) as usize
 }
 
+/// How a member is placed on the ring: by its address, or by the stable hash key it carries
+/// (the metadata tag [`HASH_KEY_TAG`](crate::HASH_KEY_TAG), gRPC A76), so that an instance
+/// whose address changes on restart keeps its keys.
+///
+/// Ordered for tie-breaks: addresses by `SocketAddr` order, before every hash key; hash keys
+/// by their bytes. Only identities enter the mapping, never positions in a list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum RingId<'a> {
+    Address(SocketAddr),
+    Key(&'a str),
+}
+
+impl Ord for RingId<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self, other) {
+            (RingId::Address(a), RingId::Address(b)) => a.cmp(b),
+            (RingId::Key(a), RingId::Key(b)) => a.as_bytes().cmp(b.as_bytes()),
+            (RingId::Address(_), RingId::Key(_)) => std::cmp::Ordering::Less,
+            (RingId::Key(_), RingId::Address(_)) => std::cmp::Ordering::Greater,
+        }
+    }
+}
+
+impl PartialOrd for RingId<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// An owned [`RingId`], as the control plane keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum OwnedRingId {
+    Address(SocketAddr),
+    Key(DataArc<str>),
+}
+
+impl OwnedRingId {
+    pub(crate) fn as_id(&self) -> RingId<'_> {
+        match self {
+            OwnedRingId::Address(a) => RingId::Address(*a),
+            OwnedRingId::Key(k) => RingId::Key(k),
+        }
+    }
+}
+
+/// Longest hash key hashed from the stack (longer ones are refused at registration).
+const MAX_KEY_BYTES: usize = 255;
+
+/// Writes the bytes that identify `id` into `buf` and returns their length: IP octets then
+/// big-endian port for an address (what every mapping before hash keys used, unchanged), and
+/// `key:` then the key's bytes for a hash key (a prefix no address identity has).
+fn id_bytes(id: RingId<'_>, buf: &mut [u8; 4 + MAX_KEY_BYTES]) -> usize {
+    match id {
+        RingId::Address(addr) => {
+            let mut a = [0u8; 22];
+            let n = address_bytes(addr, &mut a);
+            buf[..n].copy_from_slice(&a[..n]);
+            n
+        }
+        RingId::Key(key) => {
+            let key = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+            buf[..4].copy_from_slice(b"key:");
+            buf[4..4 + key.len()].copy_from_slice(key);
+            4 + key.len()
+        }
+    }
+}
+
 /// The bytes that identify an address on the ring: IP octets then big-endian port.
 fn address_bytes(addr: SocketAddr, buf: &mut [u8; 22]) -> usize {
     let n = match addr.ip() {
@@ -90,11 +160,11 @@ struct Perm {
 }
 
 impl Perm {
-    fn of(addr: SocketAddr, v: u32, mask: u32) -> Perm {
-        let mut buf = [0u8; 22];
-        let len = address_bytes(addr, &mut buf);
-        let mut id = [0u8; 26];
-        id[..len].copy_from_slice(&buf[..len]);
+    fn of(member: RingId<'_>, v: u32, mask: u32) -> Perm {
+        let mut id = [0u8; 4 + MAX_KEY_BYTES + 4];
+        let mut bytes = [0u8; 4 + MAX_KEY_BYTES];
+        let len = id_bytes(member, &mut bytes);
+        id[..len].copy_from_slice(&bytes[..len]);
         id[len..len + 4].copy_from_slice(&v.to_le_bytes());
         let h = xxh3_64_with_seed(&id[..len + 4], MEMBER_SEED);
         Perm {
@@ -130,7 +200,8 @@ fn virtual_count(w: u32, total: u64) -> u32 {
     }
 }
 
-/// The virtual members of a ring, in tie-break order: by member (address order), then `v`.
+/// The virtual members of a ring, in tie-break order: by member identity ([`RingId`]'s
+/// order), then `v`. Owners are the members' indices in the caller's list.
 struct VirtualMembers {
     perms: Vec<Perm>,
     inverses: Vec<u32>,
@@ -138,7 +209,7 @@ struct VirtualMembers {
 }
 
 impl VirtualMembers {
-    fn new(members: &[(SocketAddr, u32)], mask: u32) -> Self {
+    fn new(members: &[(RingId<'_>, u32)], mask: u32) -> Self {
         let weight_sum: u64 = members.iter().map(|&(_, w)| u64::from(w)).sum();
         let total = weight_sum.min(MAX_VIRTUAL_MEMBERS + members.len() as u64) as usize;
         let mut vm = VirtualMembers {
@@ -146,9 +217,12 @@ impl VirtualMembers {
             inverses: Vec::with_capacity(total),
             owners: Vec::with_capacity(total),
         };
-        for (index, &(addr, weight)) in members.iter().enumerate() {
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        order.sort_by(|&a, &b| members[a].0.cmp(&members[b].0));
+        for index in order {
+            let (id, weight) = members[index];
             for v in 0..virtual_count(weight, weight_sum) {
-                let perm = Perm::of(addr, v, mask);
+                let perm = Perm::of(id, v, mask);
                 vm.perms.push(perm);
                 vm.inverses.push(inverse_odd(perm.skip));
                 vm.owners.push(index as u32);
@@ -235,14 +309,11 @@ impl Owners {
 }
 
 impl HashRing {
-    /// Builds the ring for `members` (address order, with weights) over `slots` slots
-    /// (a power of two, validated by the config).
-    pub(crate) fn build(members: &[(SocketAddr, u32)], slots: u32) -> HashRing {
+    /// Builds the ring for `members` (the table's member order, each with its identity and
+    /// weight; identities distinct) over `slots` slots (a power of two, validated by the
+    /// config). Owners are indices into `members`.
+    pub(crate) fn build(members: &[(RingId<'_>, u32)], slots: u32) -> HashRing {
         debug_assert!(slots.is_power_of_two() && slots >= 2);
-        debug_assert!(
-            members.windows(2).all(|w| w[0].0 < w[1].0),
-            "members must be sorted"
-        );
         let mask = slots - 1;
         let shift = 64 - slots.trailing_zeros();
         let mut owners = vec![EMPTY; slots as usize].into_boxed_slice();
@@ -319,31 +390,33 @@ impl HashRing {
 }
 
 /// Owner of `slot` computed from the definition in `O(total weight)`, without a ring and
-/// without allocating. `key(i)` gives member `i`'s address and weight (`i < len`, address
-/// order).
+/// without allocating. `key(i)` gives member `i`'s identity and weight (`i < len`).
 ///
 /// Used on the data plane for a hash-keyed pick before the control plane has built the
-/// service's ring; it returns exactly what the ring would.
-pub(crate) fn owner_without_ring(
+/// service's ring; it returns exactly what the ring would (ties go to the smaller identity,
+/// then the smaller `v`, as in the ring).
+pub(crate) fn owner_without_ring<'a>(
     len: usize,
-    key: impl Fn(usize) -> (SocketAddr, u32),
+    key: impl Fn(usize) -> (RingId<'a>, u32),
     slots: u32,
     slot: u32,
 ) -> Option<usize> {
     let mask = slots - 1;
     let total: u64 = (0..len).map(|i| u64::from(key(i).1)).sum();
-    let mut best = (u32::MAX, None);
+    let mut best: Option<(u32, RingId<'a>, usize)> = None;
     for index in 0..len {
-        let (addr, weight) = key(index);
+        let (id, weight) = key(index);
         for v in 0..virtual_count(weight, total) {
-            let perm = Perm::of(addr, v, mask);
+            let perm = Perm::of(id, v, mask);
             let pos = perm.position(slot, inverse_odd(perm.skip), mask);
-            if pos < best.0 {
-                best = (pos, Some(index));
+            // Earliest position wins; on a tie the smaller identity (its `v` are tried in
+            // increasing order, so the first one kept is the smaller `v`).
+            if best.is_none_or(|(p, b, _)| pos < p || (pos == p && id < b)) {
+                best = Some((pos, id, index));
             }
         }
     }
-    best.1
+    best.map(|(_, _, index)| index)
 }
 
 impl fmt::Debug for HashRing {
@@ -357,6 +430,10 @@ impl fmt::Debug for HashRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(m: &[(SocketAddr, u32)]) -> Vec<(RingId<'static>, u32)> {
+        m.iter().map(|&(a, w)| (RingId::Address(a), w)).collect()
+    }
 
     fn members(n: usize) -> Vec<(SocketAddr, u32)> {
         let mut v: Vec<(SocketAddr, u32)> = (0..n)
@@ -383,7 +460,7 @@ mod tests {
     #[test]
     fn permutation_positions_invert() {
         let mask = (1 << 12) - 1;
-        let p = Perm::of("127.0.0.1:80".parse().unwrap(), 3, mask);
+        let p = Perm::of(RingId::Address("127.0.0.1:80".parse().unwrap()), 3, mask);
         let inv = inverse_odd(p.skip);
         for j in [0u32, 1, 2, 77, 4095] {
             let slot = p.offset.wrapping_add(j.wrapping_mul(p.skip)) & mask;
@@ -395,8 +472,8 @@ mod tests {
     fn rounds_match_the_definition() {
         for n in [1, 2, 5, 13, 40] {
             let m = members(n);
-            let ring = HashRing::build(&m, 1 << 12);
-            let vm = VirtualMembers::new(&m, (1 << 12) - 1);
+            let ring = HashRing::build(&ids(&m), 1 << 12);
+            let vm = VirtualMembers::new(&ids(&m), (1 << 12) - 1);
             for slot in 0..(1u32 << 12) {
                 assert_eq!(
                     ring.owner(slot as usize),
@@ -404,7 +481,10 @@ mod tests {
                     "n={n} slot={slot}"
                 );
             }
-            assert_eq!(owner_without_ring(m.len(), |i| m[i], 1 << 12, 99), ring.owner(99));
+            assert_eq!(
+                owner_without_ring(m.len(), |i| ids(&m)[i], 1 << 12, 99),
+                ring.owner(99)
+            );
         }
     }
 
@@ -414,11 +494,12 @@ mod tests {
         for (i, e) in m.iter_mut().enumerate() {
             e.1 = 1 + i as u32 * 3;
         }
-        let ring = HashRing::build(&m, 1 << 12);
+        let ring = HashRing::build(&ids(&m), 1 << 12);
+        let id = ids(&m);
         for slot in (0..(1u32 << 12)).step_by(7) {
             assert_eq!(
                 ring.owner(slot as usize),
-                owner_without_ring(m.len(), |i| m[i], 1 << 12, slot)
+                owner_without_ring(m.len(), |i| id[i], 1 << 12, slot)
             );
         }
         // Shares follow weights.
@@ -434,7 +515,7 @@ mod tests {
     #[test]
     fn balanced_shares() {
         let m = members(10);
-        let ring = HashRing::build(&m, 1 << 16);
+        let ring = HashRing::build(&ids(&m), 1 << 16);
         for share in ring.shares(10) {
             let rel = share as f64 / 6553.6;
             assert!((0.93..1.07).contains(&rel), "share {rel}");
@@ -444,7 +525,7 @@ mod tests {
     #[test]
     fn removal_moves_only_the_removed_members_slots() {
         let m = members(12);
-        let ring = HashRing::build(&m, 1 << 14);
+        let ring = HashRing::build(&ids(&m), 1 << 14);
         let gone = 5;
         let rest: Vec<_> = m
             .iter()
@@ -452,7 +533,7 @@ mod tests {
             .filter(|&(i, _)| i != gone)
             .map(|(_, e)| *e)
             .collect();
-        let after = HashRing::build(&rest, 1 << 14);
+        let after = HashRing::build(&ids(&rest), 1 << 14);
         for slot in 0..ring.slots() {
             let before = ring.owner(slot).unwrap();
             let now = after.owner(slot).unwrap();
@@ -467,7 +548,7 @@ mod tests {
     fn empty_ring_has_no_owner() {
         let ring = HashRing::build(&[], 1 << 10);
         assert_eq!(ring.owner(3), None);
-        let none: &[(SocketAddr, u32)] = &[];
+        let none: &[(RingId<'_>, u32)] = &[];
         assert_eq!(owner_without_ring(none.len(), |i| none[i], 1 << 10, 3), None);
     }
 
@@ -517,7 +598,8 @@ pub struct FuzzRing(HashRing);
 impl FuzzRing {
     /// Builds a ring over `members` (sorted, distinct addresses) with `slots` slots.
     pub fn build(members: &[(SocketAddr, u32)], slots: u32) -> Self {
-        Self(HashRing::build(members, slots))
+        let ids: Vec<(RingId<'_>, u32)> = members.iter().map(|&(a, w)| (RingId::Address(a), w)).collect();
+        Self(HashRing::build(&ids, slots))
     }
 
     /// The member index owning `slot`.
@@ -527,6 +609,11 @@ impl FuzzRing {
 
     /// The owner by the definition, without a ring.
     pub fn definition(members: &[(SocketAddr, u32)], slots: u32, slot: u32) -> Option<usize> {
-        owner_without_ring(members.len(), |i| members[i], slots, slot)
+        owner_without_ring(
+            members.len(),
+            |i| (RingId::Address(members[i].0), members[i].1),
+            slots,
+            slot,
+        )
     }
 }
