@@ -29,16 +29,14 @@ use crate::handoff::queue::Ack;
 use crate::handoff::{Command, MembershipSink, OutlierSink};
 #[cfg(feature = "runtime")]
 use crate::health::HealthCheckManager;
-use crate::pick::{Outcome, Pick, choose};
+use crate::pick::{Chosen, Outcome, Pick, bound_under_cap, choose, hash_owner};
 use crate::registry::ServiceRegistry;
 use crate::stats::EndpointHealth;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
 use crate::sync::{DataArc, DataWeak, mpsc, name_cache, thread_ordinal};
 use crate::table::ring::hash_key;
-use crate::table::{
-    Directory, DirectoryCell, MemberHealth, Members, Miss, ServiceSlot, ServiceTable, report,
-};
+use crate::table::{Directory, DirectoryCell, MemberHealth, Miss, ServiceSlot, ServiceTable, report};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
 // ===== impl Shared =====
@@ -188,8 +186,8 @@ impl Shared {
     }
 
     /// The endpoint `key` is bound to if that endpoint is still routable; otherwise the key's
-    /// consistent-hash owner, which becomes the new binding. Returns the chosen view and
-    /// entry.
+    /// consistent-hash owner, which becomes the new binding. Returns the decision (with its
+    /// lease if `hold` and bounded loads took one).
     #[inline]
     fn choose_with_affinity<'t>(
         &self,
@@ -197,7 +195,8 @@ impl Shared {
         slot: &ServiceSlot,
         key: &str,
         shard: usize,
-    ) -> Result<(&'t Members, usize), Error> {
+        hold: bool,
+    ) -> Result<Chosen<'t>, Error> {
         let fp = fingerprint(&table.service, key);
         if let Some(binding) = self.affinity.lookup(fp) {
             let address = binding.endpoint.address;
@@ -218,14 +217,31 @@ impl Shared {
                         .strategy
                         .sticky_while_draining();
                 if table.members.entries()[i].payload.routable() || sticky_draining {
-                    return Ok((&table.members, i));
+                    // Bounded loads: a hot key whose endpoint is at the cap spills this
+                    // request along the ring; the key stays bound to its endpoint.
+                    return match bound_under_cap(table, i, shard, hold) {
+                        Ok(held) => Ok(Chosen {
+                            view: &table.members,
+                            index: i,
+                            held,
+                        }),
+                        Err(_) => self.choose(table, slot, Some(hash_key(key)), shard, hold),
+                    };
                 }
             }
             self.affinity.note_moved();
         }
-        let (view, i) = self.choose(table, slot, Some(hash_key(key)), shard)?;
-        self.affinity.insert(&table.service, fp, table.endpoint(view, i));
-        Ok((view, i))
+        let hash = hash_key(key);
+        let chosen = self.choose(table, slot, Some(hash), shard, hold)?;
+        // A new key is bound to its consistent-hash owner (so every balancer of a fleet binds
+        // it alike), even when bounded loads route this one request elsewhere.
+        let (bound_view, bound) = match table.balance_factor {
+            Some(_) => hash_owner(table, hash),
+            None => (chosen.view, chosen.index),
+        };
+        self.affinity
+            .insert(&table.service, fp, table.endpoint(bound_view, bound));
+        Ok(chosen)
     }
 
     /// What the control plane reads from.
@@ -296,8 +312,9 @@ impl Shared {
     pub(crate) fn pick(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Pick, Error> {
         let table = slot.table.load();
         let shard = thread_ordinal();
-        let (view, i) = self.choose(&table, slot, hash, shard)?;
-        Ok(Pick::new(&table, view, i, shard))
+        Ok(self
+            .choose(&table, slot, hash, shard, true)?
+            .into_pick(&table, shard))
     }
 
     /// An unguarded selection from `slot`.
@@ -305,9 +322,9 @@ impl Shared {
     pub(crate) fn select(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Endpoint, Error> {
         let table = slot.table.load();
         let shard = thread_ordinal();
-        let (view, i) = self.choose(&table, slot, hash, shard)?;
-        view.note_selection(i, shard);
-        Ok(table.endpoint(view, i))
+        let Chosen { view, index, .. } = self.choose(&table, slot, hash, shard, false)?;
+        view.note_selection(index, shard);
+        Ok(table.endpoint(view, index))
     }
 
     #[inline]
@@ -317,8 +334,9 @@ impl Shared {
         slot: &ServiceSlot,
         hash: Option<u64>,
         shard: usize,
-    ) -> Result<(&'t Members, usize), Error> {
-        match choose(table, slot, hash, shard) {
+        hold: bool,
+    ) -> Result<Chosen<'t>, Error> {
+        match choose(table, slot, hash, shard, hold) {
             Ok(chosen) => {
                 if hash.is_some() && table.ring.is_none() {
                     self.want_ring(slot, table);
@@ -576,9 +594,11 @@ impl IntegratedLoadBalancer {
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
         let shard = thread_ordinal();
-        let (view, i) = self.shared.choose_with_affinity(&table, slot, key, shard)?;
-        view.note_selection(i, shard);
-        Ok(table.endpoint(view, i))
+        let Chosen { view, index, .. } = self
+            .shared
+            .choose_with_affinity(&table, slot, key, shard, false)?;
+        view.note_selection(index, shard);
+        Ok(table.endpoint(view, index))
     }
 
     /// A guarded pick by session affinity (see
@@ -593,8 +613,10 @@ impl IntegratedLoadBalancer {
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
         let shard = thread_ordinal();
-        let (view, i) = self.shared.choose_with_affinity(&table, slot, key, shard)?;
-        Ok(Pick::new(&table, view, i, shard))
+        Ok(self
+            .shared
+            .choose_with_affinity(&table, slot, key, shard, true)?
+            .into_pick(&table, shard))
     }
 
     /// A guarded pick for one attempt of a call that may be retried: routed by `route`, and
@@ -612,17 +634,18 @@ impl IntegratedLoadBalancer {
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
         let shard = thread_ordinal();
-        let (view, i) = match route {
-            Route::Strategy => self.shared.choose(&table, slot, None, shard)?,
-            Route::Hash(hash) => self.shared.choose(&table, slot, Some(hash), shard)?,
+        let chosen = match route {
+            Route::Strategy => self.shared.choose(&table, slot, None, shard, true)?,
+            Route::Hash(hash) => self.shared.choose(&table, slot, Some(hash), shard, true)?,
             Route::Affinity(key) => {
                 validate_key(key)?;
-                self.shared.choose_with_affinity(&table, slot, key, shard)?
+                self.shared.choose_with_affinity(&table, slot, key, shard, true)?
             }
         };
-        if !avoid.contains(&table.address(&view.entries()[i].payload)) {
-            return Ok(Pick::new(&table, view, i, shard));
+        if !avoid.contains(&chosen.address(&table)) {
+            return Ok(chosen.into_pick(&table, shard));
         }
+        drop(chosen); // a lease bounded loads took ends here
         let routable = &table.routable;
         let n = routable.len();
         let start = crate::sync::random_below(n.max(1));

@@ -61,7 +61,8 @@ pub use config::rebalance::{
 };
 pub use config::strategy::LoadBalancingStrategy;
 pub use config::{
-    ConsistentHashConfig, ControlPlaneConfig, LoadBalancerConfig, MAX_HASH_SLOTS, MIN_HASH_SLOTS,
+    ConsistentHashConfig, ControlPlaneConfig, DEFAULT_MAGLEV_TABLE_SIZE, HashAlgorithm, LoadBalancerConfig,
+    MAX_BALANCE_FACTOR, MAX_HASH_SLOTS, MAX_MAGLEV_TABLE_SIZE, MIN_HASH_SLOTS, MIN_MAGLEV_TABLE_SIZE,
     PeakEwmaConfig, ServiceConfig,
 };
 #[cfg(feature = "runtime")]
@@ -95,7 +96,8 @@ pub use failover::{FailoverConfig, FailoverManager, FailoverStats};
 #[cfg(feature = "grpc")]
 pub use grpc::{
     BalancedBody, BalancedChannel, BalancedChannelBuilder, BoxError, DEFAULT_MAX_STREAMS_PER_CONNECTION,
-    Idempotent, KeyExtractorFn, MAX_ATTEMPTS, MAX_CONNECTIONS_PER_ENDPOINT, ResponseFuture, RetryPolicy,
+    Idempotent, KeyExtractorFn, MAX_ATTEMPTS, MAX_CONNECTIONS_PER_ENDPOINT, RequestHash, ResponseFuture,
+    RetryPolicy,
 };
 #[cfg(feature = "runtime")]
 pub use health::HealthCheckManager;
@@ -140,5 +142,7 @@ mod loom_hooks;
 #[doc(hidden)]
 pub mod __fuzz {
     pub use crate::affinity::FuzzAffinity as Affinity;
+    pub use crate::pick::{MAX_BOUNDED_WALK, bounded_walk};
+    pub use crate::table::maglev::FuzzMaglev as Maglev;
     pub use crate::table::ring::FuzzRing as Ring;
 }

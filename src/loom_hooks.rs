@@ -220,6 +220,17 @@ impl SlotView {
     pub fn lease(&self, i: usize) -> SlotLease {
         SlotLease(self.0.lease(i, 0))
     }
+
+    /// A lease on entry `i` only if fewer than `below` (at least 1) requests are in flight on
+    /// it (the bounded-load pick's check-and-take); otherwise the load seen.
+    pub fn try_lease(&self, i: usize, below: u64) -> Result<SlotLease, u64> {
+        self.0.try_lease(i, 0, || below).map(SlotLease)
+    }
+
+    /// Requests in flight on entry `i`.
+    pub fn in_flight(&self, i: usize) -> u64 {
+        self.0.in_flight_everywhere(i)
+    }
 }
 
 impl SlotLease {

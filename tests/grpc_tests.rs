@@ -13,7 +13,8 @@ use tai_lb_greeter::{
 };
 use tai_loadbalancer::{
     BalancedChannel, Endpoint, EndpointMetadata, HealthCheckConfig, HealthCheckKind, Idempotent,
-    IntegratedLoadBalancer, LoadBalancerConfig, LoadBalancingStrategy, RetryPolicy, ServiceRegistry,
+    IntegratedLoadBalancer, LoadBalancerConfig, LoadBalancingStrategy, RequestHash, RetryPolicy,
+    ServiceRegistry,
 };
 use tonic::Code;
 
@@ -541,6 +542,90 @@ async fn affinity_and_hash_by_header_hold() {
         let server = custom.say_hello(req).await.unwrap().into_inner().server;
         assert_eq!(*owner.get_or_insert_with(|| server.clone()), server);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a76_hash_on_method_and_header_and_a_random_hash_without_the_header() {
+    let servers = servers(3);
+    let addresses: Vec<_> = servers.iter().map(GreeterServer::address).collect();
+    let name_of =
+        |server: &str| -> SocketAddr { servers.iter().find(|s| s.name() == server).unwrap().address() };
+    let (_registry, lb) = balancer(
+        &addresses,
+        LoadBalancingStrategy::RoundRobin,
+        LoadBalancerConfig::default(),
+    )
+    .await;
+
+    // Method and header: the owner of hash_key("<path>\0<value>"), computable anywhere.
+    let mut by_method = GreeterClient::new(
+        BalancedChannel::builder(lb.clone(), SERVICE)
+            .hash_request(RequestHash::header("x-user").with_method())
+            .build()
+            .unwrap(),
+    );
+    let mut differs = 0;
+    for user in 0..30 {
+        let value = format!("user-{user}");
+        let mut req = request("m");
+        req.metadata_mut().insert("x-user", value.parse().unwrap());
+        let server = by_method.say_hello(req).await.unwrap().into_inner().server;
+        let expected = lb
+            .select_with_hash(SERVICE, format!("{SAY_HELLO_PATH}\0{value}"))
+            .unwrap()
+            .address;
+        assert_eq!(name_of(&server), expected, "{value}");
+        if lb.select_with_hash(SERVICE, &value).unwrap().address != expected {
+            differs += 1;
+        }
+    }
+    assert!(differs > 0, "the method is part of the hash");
+
+    // Without the header: the strategy (round robin: a strict cycle over the three servers),
+    // or with `random_when_absent` a random hash per call (the chance that 60 random picks
+    // keep a cycle of three is 3^-57).
+    let mut sequences = Vec::new();
+    for random_when_absent in [false, true] {
+        let policy = RequestHash::header("x-user");
+        let policy = if random_when_absent {
+            policy.random_when_absent()
+        } else {
+            policy
+        };
+        let mut client = GreeterClient::new(
+            BalancedChannel::builder(lb.clone(), SERVICE)
+                .hash_request(policy)
+                .build()
+                .unwrap(),
+        );
+        let mut sequence = Vec::new();
+        for _ in 0..60 {
+            let server = client
+                .say_hello(request("no key"))
+                .await
+                .unwrap()
+                .into_inner()
+                .server;
+            sequence.push(server);
+        }
+        sequences.push(sequence);
+    }
+    let cyclic = |s: &[String]| s.windows(4).all(|w| w[0] == w[3]) && s[0] != s[1] && s[1] != s[2];
+    assert!(
+        cyclic(&sequences[0]),
+        "the strategy routes calls without the header: {:?}",
+        sequences[0]
+    );
+    assert!(!cyclic(&sequences[1]), "random hashes: {:?}", sequences[1]);
+    let reached: std::collections::HashSet<_> = sequences[1].iter().collect();
+    assert_eq!(reached.len(), 3, "random hashes reach every server");
+
+    // A bad header name is a typed error when the channel is built.
+    let err = BalancedChannel::builder(lb.clone(), SERVICE)
+        .hash_request(RequestHash::header("bad header"))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("bad header"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

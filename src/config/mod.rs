@@ -100,17 +100,95 @@ impl Default for LoadBalancerConfig {
     }
 }
 
-/// Settings of the consistent-hash ring.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Settings of consistent hashing: the algorithm, its table size, and bounded loads.
+///
+/// In TOML:
+///
+/// ```
+/// # use tai_loadbalancer::{HashAlgorithm, LoadBalancerConfig};
+/// let config = LoadBalancerConfig::from_toml_str(r#"
+///     [consistent_hash]
+///     algorithm = "maglev"
+///     maglev_table_size = 65537
+///     balance_factor = 1.25
+/// "#).unwrap();
+/// assert_eq!(config.consistent_hash.algorithm, HashAlgorithm::Maglev);
+/// assert_eq!(config.consistent_hash.balance_factor, Some(1.25));
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsistentHashConfig {
     /// Number of slots on the ring: a power of two in `1_024..=16_777_216`, default `65_536`.
     ///
     /// Keys map to slots, slots to endpoints. More slots give a finer balance (each endpoint
-    /// owns about `slots / n` of them) at 4 bytes per slot per service. Keep it at least 64
-    /// times the largest endpoint count you expect. Changing it remaps most keys, so every
+    /// owns about `slots / n` of them) at 1 to 4 bytes per slot per service. Keep it at least
+    /// 64 times the largest endpoint count you expect. Changing it remaps most keys, so every
     /// balancer of a fleet must use the same value.
     pub slots: u32,
+    /// `ring` (the default: rendezvous over slot permutations, minimal movement) or
+    /// `maglev` (Maglev's lookup table: better balance, a little more movement on a change).
+    /// See [`HashAlgorithm`].
+    pub algorithm: HashAlgorithm,
+    /// Maglev's table size `M`: a prime in `251..=16_777_259`, default 65,537. Keep it at least
+    /// 100 times the largest endpoint count (a table built smaller logs a warning): each
+    /// endpoint owns `M / n` entries within one, so `M / n` sets the balance's granularity.
+    /// Like `slots`, every balancer of a fleet must use the same value.
+    pub maglev_table_size: u32,
+    /// Bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2016; Envoy's
+    /// `hash_balance_factor`): `None` (the default) is off; a factor `c >= 1.0` caps each
+    /// endpoint at `ceil(c × average requests in flight)`, and a key whose owner is at the
+    /// cap goes to the next endpoint along the ring (or table) that is under it. Applies to
+    /// hash picks and to session affinity. Keys move only while their owner is loaded, so
+    /// `c` trades cache locality for load: 1.25 to 2.0 is the usual range.
+    pub balance_factor: Option<f64>,
+}
+
+/// The consistent-hash algorithm (TOML: `"ring"` or `"maglev"`).
+///
+/// Measured on 10 endpoints (`tests/maglev_tests.rs`): the ring's shares are independent
+/// draws (±1.2 % around 10 %, one standard deviation, with the default 65,536 slots; 0.81 %
+/// worst over a million keys for the test's set), Maglev's are within one entry of `M / n`
+/// (0.57 % worst over a million keys, all of it the keys' sampling noise). Over 50,000 keys,
+/// removing one endpoint moves only its keys on the ring, while Maglev also moves 97 keys
+/// (0.19 %) between the endpoints that stay; adding one, 105 (0.21 %).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashAlgorithm {
+    /// A fixed ring of `slots` slots owned by rendezvous over per-endpoint permutations
+    /// (see `docs::consistent_hashing`): minimal movement on every change.
+    #[default]
+    Ring,
+    /// Maglev (Eisenbud et al., NSDI 2016): a prime-sized lookup table filled from each
+    /// endpoint's preference list; each endpoint owns `M / n` entries within one.
+    Maglev,
+}
+
+/// Maglev's default table size: the prime the paper and Envoy use.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65_537;
+/// Smallest accepted Maglev table size (a prime).
+pub const MIN_MAGLEV_TABLE_SIZE: u32 = 251;
+/// Largest accepted Maglev table size (a prime).
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 16_777_259;
+/// Largest accepted `balance_factor`.
+pub const MAX_BALANCE_FACTOR: f64 = 100.0;
+
+/// Whether `n` is prime (trial division).
+pub(crate) fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    let mut d = 3u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
 }
 
 /// Settings of the control plane.
@@ -158,7 +236,12 @@ pub struct ServiceConfig {
 
 impl Default for ConsistentHashConfig {
     fn default() -> Self {
-        Self { slots: 65_536 }
+        Self {
+            slots: 65_536,
+            algorithm: HashAlgorithm::Ring,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            balance_factor: None,
+        }
     }
 }
 
@@ -207,6 +290,21 @@ impl LoadBalancerConfig {
                 "consistent_hash.slots",
                 format!("{slots} is not a power of two between {MIN_HASH_SLOTS} and {MAX_HASH_SLOTS}"),
             ));
+        }
+        let m = self.consistent_hash.maglev_table_size;
+        if !is_prime(m) || !(MIN_MAGLEV_TABLE_SIZE..=MAX_MAGLEV_TABLE_SIZE).contains(&m) {
+            return Err(Error::invalid_config(
+                "consistent_hash.maglev_table_size",
+                format!("{m} is not a prime between {MIN_MAGLEV_TABLE_SIZE} and {MAX_MAGLEV_TABLE_SIZE}"),
+            ));
+        }
+        if let Some(c) = self.consistent_hash.balance_factor {
+            if !(c.is_finite() && (1.0..=MAX_BALANCE_FACTOR).contains(&c)) {
+                return Err(Error::invalid_config(
+                    "consistent_hash.balance_factor",
+                    format!("{c} is not between 1.0 and {MAX_BALANCE_FACTOR}"),
+                ));
+            }
         }
         let decay = self.peak_ewma.decay;
         if decay < Duration::from_millis(1) || decay > Duration::from_secs(3600) {

@@ -33,7 +33,7 @@ use crate::stats::{CounterValues, EndpointCounters, ReleasedEndpoint, RoutingUpd
 use crate::sync::arena::{SlotCounters, SlotId};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
-use crate::table::build::{MemberInput, RingCache, TableInput, build};
+use crate::table::build::{HashParams, MemberInput, RingCache, TableInput, build};
 use crate::table::estimate::{Decay, estimate_ns, expire, now_ns};
 use crate::table::ring::OwnedRingId;
 use crate::table::{
@@ -165,7 +165,14 @@ impl ServiceControl {
                 .then(|| Decay::new(settings.config.peak_ewma.decay)),
         };
         let estimates = context.decay.is_some();
-        let arena = Arena::new(crate::sync::shard_count(), estimates, context);
+        // Bounded loads compare an endpoint's requests in flight with the service's average:
+        // the arena then keeps the total, and one shard, so that a pick checks the cap and
+        // takes its place in one compare-and-swap (`View::try_lease`): two threads cannot both
+        // take an endpoint's last place under the cap. The price is that every thread's
+        // picks of this service count on the same lines.
+        let totals = settings.config.consistent_hash.balance_factor.is_some();
+        let shards = if totals { 1 } else { crate::sync::shard_count() };
+        let arena = Arena::with_totals(shards, estimates, totals, context);
         let table = Arc::new(ServiceTable::empty(
             &arena,
             name.clone(),
@@ -327,7 +334,15 @@ impl ServiceControl {
                 .zip(&members)
                 .map(|(state, m)| (ring_id(&state.endpoint), m.info.weight))
                 .collect();
-            self.ring.ring_for(key, settings.hash_slots)
+            let ch = &settings.config.consistent_hash;
+            self.ring.ring_for(
+                key,
+                HashParams {
+                    algorithm: ch.algorithm,
+                    slots: ch.slots,
+                    maglev_size: ch.maglev_table_size,
+                },
+            )
         });
         self.table_version += 1;
         let update = RoutingUpdate {
@@ -355,6 +370,8 @@ impl ServiceControl {
                 members,
                 hash_slots: settings.hash_slots,
                 ring,
+                hash_algorithm: settings.config.consistent_hash.algorithm,
+                balance_factor: settings.config.consistent_hash.balance_factor,
                 panic,
                 failover,
             },

@@ -81,6 +81,72 @@ enum KeyMode {
 struct RequestKey {
     source: KeySource,
     mode: KeyMode,
+    /// Hash the call's method path with the key (see [`RequestHash::with_method`]).
+    with_method: bool,
+    /// A call without a key gets a random hash instead of the strategy's pick.
+    random_when_absent: bool,
+}
+
+/// How a [`BalancedChannel`] hashes a call for consistent hashing: gRPC A76's
+/// `request_hash_header`, with two options.
+///
+/// * [`with_method`](Self::with_method): the hash covers the call's method path and the
+///   header, so one user's calls to different methods spread over endpoints while each
+///   (method, user) pair stays put. The hash is XXH3-64 of the path, a NUL byte and the value,
+///   which is [`hash_key`](crate::hash_key) of `"/pkg.Service/Method\0value"`: any process
+///   can compute where a call goes.
+/// * [`random_when_absent`](Self::random_when_absent): a call without the header gets a
+///   random hash (A76's fallback), so it lands on a uniformly random endpoint through the hash
+///   path (bounded loads included) instead of the balancer's strategy.
+///
+/// # Examples
+///
+/// ```
+/// use tai_loadbalancer::RequestHash;
+///
+/// let policy = RequestHash::header("x-user").with_method().random_when_absent();
+/// # let _ = policy;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHash {
+    header: String,
+    with_method: bool,
+    random_when_absent: bool,
+}
+
+impl RequestHash {
+    /// Hash on the value of request header / metadata key `name` (validated when the channel
+    /// is built). Calls without it are routed by the strategy.
+    pub fn header(name: &str) -> Self {
+        Self {
+            header: name.to_owned(),
+            with_method: false,
+            random_when_absent: false,
+        }
+    }
+
+    /// Hash the call's method path together with the header's value.
+    pub fn with_method(mut self) -> Self {
+        self.with_method = true;
+        self
+    }
+
+    /// A call without the header gets a random hash (A76's fallback) instead of the
+    /// balancer's strategy.
+    pub fn random_when_absent(mut self) -> Self {
+        self.random_when_absent = true;
+        self
+    }
+}
+
+/// XXH3-64 of `path`, a NUL byte and `value`: [`hash_key`] of the three concatenated, without
+/// building the string.
+fn hash_method_and_key(path: &str, value: &str) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(path.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(value.as_bytes());
+    hasher.digest()
 }
 
 impl RequestKey {
@@ -106,6 +172,8 @@ impl fmt::Debug for RequestKey {
         f.debug_struct("RequestKey")
             .field("source", &source)
             .field("mode", &self.mode)
+            .field("with_method", &self.with_method)
+            .field("random_when_absent", &self.random_when_absent)
             .finish()
     }
 }
@@ -154,6 +222,8 @@ impl BalancedChannelBuilder {
         self.key = Some(RequestKey {
             source: KeySource::Custom(DataArc::new(extract)),
             mode: KeyMode::Affinity,
+            with_method: false,
+            random_when_absent: false,
         });
         self
     }
@@ -166,7 +236,35 @@ impl BalancedChannelBuilder {
         self.key = Some(RequestKey {
             source: KeySource::Custom(DataArc::new(extract)),
             mode: KeyMode::Hash,
+            with_method: false,
+            random_when_absent: false,
         });
+        self
+    }
+
+    /// Consistent hashing by `policy`: a header, optionally with the method, optionally a
+    /// random hash for calls without the header (see [`RequestHash`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use tai_loadbalancer::*;
+    /// # #[allow(dead_code)]
+    /// # async fn f(lb: Arc<IntegratedLoadBalancer>) -> Result<(), Error> {
+    /// let channel = BalancedChannel::builder(lb, "cache")
+    ///     .hash_request(RequestHash::header("x-user").with_method().random_when_absent())
+    ///     .build()?;
+    /// # let _ = channel; Ok(()) }
+    /// ```
+    pub fn hash_request(mut self, policy: RequestHash) -> Self {
+        self.key = self
+            .header_key(&policy.header, KeyMode::Hash)
+            .map(|key| RequestKey {
+                with_method: policy.with_method,
+                random_when_absent: policy.random_when_absent,
+                ..key
+            });
         self
     }
 
@@ -175,6 +273,8 @@ impl BalancedChannelBuilder {
             Ok(name) => Some(RequestKey {
                 source: KeySource::Header(name),
                 mode,
+                with_method: false,
+                random_when_absent: false,
             }),
             Err(e) => {
                 self.key_error = Some(Error::InvalidConfig {
@@ -530,9 +630,11 @@ impl Inner {
         };
         let deadline = timeout.map(|t| started + t);
         let key = self.key.as_ref().and_then(|k| k.extract(&parts));
-        let route = match (&key, self.key.as_ref().map(|k| k.mode)) {
-            (Some(key), Some(KeyMode::Affinity)) => Route::Affinity(key),
-            (Some(key), Some(KeyMode::Hash)) => Route::Hash(hash_key(key)),
+        let route = match (&key, &self.key) {
+            (Some(key), Some(k)) if k.mode == KeyMode::Affinity => Route::Affinity(key),
+            (Some(key), Some(k)) if k.with_method => Route::Hash(hash_method_and_key(parts.uri.path(), key)),
+            (Some(key), Some(_)) => Route::Hash(hash_key(key)),
+            (None, Some(k)) if k.random_when_absent => Route::Hash(crate::sync::random_u64()),
             _ => Route::Strategy,
         };
         let idempotent =
@@ -957,4 +1059,34 @@ fn follow_releases(lb: &IntegratedLoadBalancer, service: &str, channels: &DataAr
         }
         true
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_method_hash_is_the_key_hash_of_path_nul_value() {
+        for (path, value) in [
+            ("/helloworld.Greeter/SayHello", "user-1"),
+            ("/a/b", ""),
+            ("", "x"),
+            (
+                "/pkg.Service/Method",
+                "a much longer header value that spans several stripes of XXH3",
+            ),
+        ] {
+            assert_eq!(
+                hash_method_and_key(path, value),
+                hash_key(format!("{path}\0{value}")),
+                "{path} {value}"
+            );
+        }
+        let long = "v".repeat(1_000); // past XXH3's one-shot thresholds (240 bytes, stripes)
+        assert_eq!(
+            hash_method_and_key("/p/m", &long),
+            hash_key(format!("/p/m\0{long}"))
+        );
+        assert_ne!(hash_method_and_key("/a/b", "c"), hash_method_and_key("/a/bc", ""));
+    }
 }

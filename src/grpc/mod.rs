@@ -14,6 +14,6 @@ mod retry;
 pub use body::BalancedBody;
 pub use channel::{
     BalancedChannel, BalancedChannelBuilder, BoxError, DEFAULT_MAX_STREAMS_PER_CONNECTION, KeyExtractorFn,
-    MAX_CONNECTIONS_PER_ENDPOINT, ResponseFuture,
+    MAX_CONNECTIONS_PER_ENDPOINT, RequestHash, ResponseFuture,
 };
 pub use retry::{Idempotent, MAX_ATTEMPTS, RetryPolicy};

@@ -51,24 +51,31 @@ use crate::table::{Members, Miss, ServiceSlot, ServiceTable, SlotLease, report};
 /// members, or all members for hash and primary/backup picks, which check routability
 /// themselves) and its index there. `hash` routes by consistent hash; `None` uses the
 /// table's strategy.
+///
+/// `hold` says the caller will hold the pick in flight (a [`Pick`]): a bounded-load hash
+/// pick then takes the lease as it checks the cap and returns it in [`Chosen::held`].
 #[inline]
 pub(crate) fn choose<'t>(
     table: &'t ServiceTable,
     slot: &ServiceSlot,
     hash: Option<u64>,
     shard: usize,
-) -> Result<(&'t Members, usize), Miss> {
+    hold: bool,
+) -> Result<Chosen<'t>, Miss> {
     let routable = &table.routable;
     let n = routable.len();
     if n == 0 {
         return Err(table.miss());
     }
     if let Some(h) = hash {
-        return Ok(by_hash(table, h));
+        return Ok(match table.balance_factor {
+            Some(_) => by_hash_bounded(table, h, shard, hold),
+            None => Chosen::at(by_hash(table, h)),
+        });
     }
     if let Some(order) = &table.failover {
         if let Some(i) = by_order(table, order) {
-            return Ok((&table.members, i));
+            return Ok(Chosen::at((&table.members, i)));
         }
     }
     let index = match table.strategy {
@@ -81,7 +88,43 @@ pub(crate) fn choose<'t>(
         LoadBalancingStrategy::LeastConnections => p2c::index(routable, shard, table.weighted),
         LoadBalancingStrategy::PeakEwma => p2c::index_by_cost(routable, shard, table.weighted),
     };
-    Ok((routable, index))
+    Ok(Chosen::at((routable, index)))
+}
+
+/// A decision: entry `index` of `view`, and the lease on it if the decision already took one
+/// (a guarded bounded-load pick checks the cap by taking the lease).
+#[derive(Debug)]
+pub(crate) struct Chosen<'t> {
+    pub(crate) view: &'t Members,
+    pub(crate) index: usize,
+    pub(crate) held: Option<SlotLease>,
+}
+
+impl<'t> Chosen<'t> {
+    #[inline]
+    pub(crate) fn at((view, index): (&'t Members, usize)) -> Self {
+        Chosen {
+            view,
+            index,
+            held: None,
+        }
+    }
+
+    /// The guarded pick of this decision: its lease, or a new one.
+    #[inline]
+    pub(crate) fn into_pick(self, table: &ServiceTable, shard: usize) -> Pick {
+        match self.held {
+            Some(lease) => Pick::held(table, self.view, self.index, lease),
+            None => Pick::new(table, self.view, self.index, shard),
+        }
+    }
+
+    /// The chosen endpoint's address.
+    #[cfg(feature = "grpc")]
+    #[inline]
+    pub(crate) fn address(&self, table: &ServiceTable) -> SocketAddr {
+        table.address(&self.view.entries()[self.index].payload)
+    }
 }
 
 /// Primary/backup pick: the first healthy member of `order`; if none is healthy (panic), the
@@ -107,7 +150,7 @@ fn by_hash(table: &ServiceTable, h: u64) -> (&Members, usize) {
     for probe in 0..=FALLBACK_PROBES {
         let hp = probe_hash(h, probe);
         let owner = match &table.ring {
-            Some(ring) => ring.owner(ring.slot_of(hp)),
+            Some(ring) => ring.owner(hp),
             None => ringless_owner(table, hp),
         };
         if let Some(o) = owner {
@@ -120,10 +163,185 @@ fn by_hash(table: &ServiceTable, h: u64) -> (&Members, usize) {
     (&table.routable, reduce(last, table.routable.len()))
 }
 
+/// Positions a bounded-load hash pick visits before settling for the least loaded one seen.
+#[cfg_attr(not(fuzzing), allow(unreachable_pub))] // public to `fuzz/` through `__fuzz`
+pub const MAX_BOUNDED_WALK: usize = 64;
+
+/// The cap of bounded loads: `ceil(c × (total in flight + 1) / routable)`, the new request
+/// counted (Mirrokni et al.; Envoy's `hash_balance_factor`), from the table's
+/// `cap_scale = c / routable`. At least 1. Computed in `f64` with a relative tolerance of
+/// 10⁻¹² below each integer, so that a cap that is an integer in exact arithmetic
+/// (`1.25 × 32 / 10 = 4`) is not rounded past it by the binary representation of `c`.
+#[inline]
+pub(crate) fn load_cap(cap_scale: f64, total_in_flight: u64) -> u64 {
+    let x = (total_in_flight as f64 + 1.0) * cap_scale;
+    ((x - x * 1e-12).ceil() as u64).max(1)
+}
+
+/// A bounded-load table's cap, computed on first use: an idle endpoint has room whatever
+/// the cap (it is at least 1), so a pick whose owner is idle reads neither the service's
+/// total nor does the arithmetic.
+struct LazyCap<'t> {
+    table: &'t ServiceTable,
+    /// 0 until computed (a cap is at least 1).
+    cap: core::cell::Cell<u64>,
+}
+
+impl<'t> LazyCap<'t> {
+    #[inline]
+    fn new(table: &'t ServiceTable) -> Self {
+        LazyCap {
+            table,
+            cap: core::cell::Cell::new(0),
+        }
+    }
+
+    #[inline]
+    fn get(&self) -> u64 {
+        match self.cap.get() {
+            0 => {
+                // A bounded-load table's arena keeps totals (`ServiceControl::new`); if one
+                // did not, no endpoint would ever be at the cap.
+                let cap = match self.table.members.total_in_flight() {
+                    Some(total) => load_cap(self.table.cap_scale, total),
+                    None => u64::MAX,
+                };
+                self.cap.set(cap);
+                cap
+            }
+            cap => cap,
+        }
+    }
+}
+
+/// Consistent hash with bounded loads: the key's owner if it is routable and has fewer
+/// requests in flight than the cap ([`load_cap`]), else the next position's owner along the
+/// ring (or Maglev table) that does, visiting at most [`MAX_BOUNDED_WALK`] positions; if all
+/// of them are full, the least loaded routable owner seen, and if none was routable, the
+/// health fallback of [`by_hash`]. Allocation-free and bounded: at most
+/// [`MAX_BOUNDED_WALK`] owner reads and load reads (and, for a guarded pick, at most
+/// `TRY_LEASE_ATTEMPTS` compare-and-swaps per position).
+///
+/// A guarded pick (`hold`) checks the cap and takes its place in one compare-and-swap on the
+/// endpoint's load word, and a bounded-load service keeps its counters in one shard (see
+/// `ServiceControl::new`): two threads that both see the last place under the cap cannot
+/// both take it. The cap can still be passed in two ways, both documented in
+/// `docs/consistent_hashing.md`: the walk finds no room in its window (the least loaded
+/// endpoint seen takes the request), or requests end elsewhere and lower the average under
+/// an endpoint's standing load (the cap binds new requests only; nothing is moved).
+#[inline]
+fn by_hash_bounded(table: &ServiceTable, h: u64, shard: usize, hold: bool) -> Chosen<'_> {
+    let Some(hashing) = &table.ring else {
+        return Chosen::at(by_hash(table, h));
+    };
+    let cap = LazyCap::new(table);
+    let members = &table.members;
+    let entries = members.entries();
+    let walked = bounded_walk(
+        hashing.len(),
+        hashing.position(h),
+        |p| hashing.owner_at(p),
+        |o| entries[o].payload.routable(),
+        |o| take_below(members, o, shard, &cap, hold),
+    );
+    match walked {
+        Some(Ok((o, held))) => Chosen {
+            view: members,
+            index: o,
+            held,
+        },
+        Some(Err(least)) => Chosen::at((members, least)),
+        None => Chosen::at(by_hash(table, h)),
+    }
+}
+
+/// Member `o` if it has fewer than `cap` requests in flight: with its lease if `hold`.
+/// Otherwise the load seen.
+#[inline]
+fn take_below(
+    members: &Members,
+    o: usize,
+    shard: usize,
+    cap: &LazyCap<'_>,
+    hold: bool,
+) -> Result<Option<SlotLease>, u64> {
+    if hold {
+        members.try_lease(o, shard, || cap.get()).map(Some)
+    } else {
+        let load = members.in_flight_everywhere(o);
+        if load == 0 || load < cap.get() {
+            Ok(None)
+        } else {
+            Err(load)
+        }
+    }
+}
+
+/// The bounded-load walk over positions `start, start + 1, ...` (modulo `len`), at most
+/// [`MAX_BOUNDED_WALK`] of them. At each position with a routable owner `o`, `take(o)` either
+/// takes it (`Ok`, the walk ends with `Ok((o, taken))`) or reports its load (`Err`, the
+/// owner is at the cap). If no owner was taken: `Err` of the least loaded routable owner seen
+/// (the earliest on ties); `None` if no position had a routable owner.
+#[inline]
+#[cfg_attr(not(fuzzing), allow(unreachable_pub))] // public to `fuzz/` through `__fuzz`
+pub fn bounded_walk<T>(
+    len: usize,
+    start: usize,
+    owner_at: impl Fn(usize) -> Option<usize>,
+    routable: impl Fn(usize) -> bool,
+    mut take: impl FnMut(usize) -> Result<T, u64>,
+) -> Option<Result<(usize, T), usize>> {
+    let mut least: Option<(u64, usize)> = None;
+    for k in 0..MAX_BOUNDED_WALK.min(len) {
+        let Some(o) = owner_at((start + k) % len) else {
+            return None; // an empty structure
+        };
+        if !routable(o) {
+            continue;
+        }
+        match take(o) {
+            Ok(taken) => return Some(Ok((o, taken))),
+            Err(load) => {
+                if least.is_none_or(|(best, _)| load < best) {
+                    least = Some((load, o));
+                }
+            }
+        }
+    }
+    least.map(|(_, o)| Err(o))
+}
+
+/// The key's owner by consistent hash with the health fallback, ignoring loads (what a
+/// session key is bound to). At least one member is routable.
+#[inline]
+pub(crate) fn hash_owner(table: &ServiceTable, h: u64) -> (&Members, usize) {
+    by_hash(table, h)
+}
+
+/// For a key bound to member `i` by session affinity: `Ok` if bounded loads are off or `i` is
+/// under the cap (with its lease if `hold`), `Err` if it is at the cap (the request spills).
+#[inline]
+pub(crate) fn bound_under_cap(
+    table: &ServiceTable,
+    i: usize,
+    shard: usize,
+    hold: bool,
+) -> Result<Option<SlotLease>, u64> {
+    match table.balance_factor {
+        Some(_) => take_below(&table.members, i, shard, &LazyCap::new(table), hold),
+        None => Ok(None),
+    }
+}
+
 /// The owner the ring would give, computed from the definition (`O(total weight)`): only
-/// used until the control plane has built this service's ring.
+/// used until the control plane has built this service's ring. A Maglev table has no
+/// per-key definition: until it exists, hash picks take the final fallback (a plain
+/// reduction over the routable members).
 #[cold]
 fn ringless_owner(table: &ServiceTable, h: u64) -> Option<usize> {
+    if table.hash_algorithm == crate::config::HashAlgorithm::Maglev {
+        return None;
+    }
     let slots = table.hash_slots;
     let slot = (h >> (64 - slots.trailing_zeros())) as u32;
     owner_without_ring(table.members.len(), |i| table.ring_key(i), slots, slot)
@@ -204,6 +422,16 @@ impl Pick {
         Pick {
             lease: view.lease(i, shard),
             address,
+            version: table.version,
+        }
+    }
+
+    /// A guarded pick of entry `i` of `view` on a lease already taken.
+    #[inline]
+    pub(crate) fn held(table: &ServiceTable, view: &Members, i: usize, lease: SlotLease) -> Pick {
+        Pick {
+            address: table.address(&view.entries()[i].payload),
+            lease,
             version: table.version,
         }
     }

@@ -70,6 +70,9 @@ const SELECT: u64 = 1 << SELECTION_SHIFT;
 /// Selections wrap at this in the load word.
 const SELECTION_WRAP: u64 = 1 << (64 - SELECTION_SHIFT);
 
+/// Compare-and-swap attempts of [`View::try_lease`] before it counts a contended slot as full.
+pub(crate) const TRY_LEASE_ATTEMPTS: usize = 4;
+
 /// Slots of segment 0; segment `k` has `BASE << k`.
 const BASE_SHIFT: u32 = 4;
 /// Segments per arena: up to `16 × (2^24 − 1)` slots.
@@ -195,6 +198,9 @@ struct Inner<R, C> {
     shards: usize,
     /// Whether slots have an `aux` word.
     aux: bool,
+    /// Requests in flight over every slot, per shard (empty unless the arena keeps them:
+    /// bounded-load hashing compares an endpoint's load with the average).
+    totals: Box<[super::CachePadded<AtomicU64>]>,
     context: C,
     segments: [AtomicPtr<Segment<R>>; MAX_SEGMENTS],
 }
@@ -395,11 +401,21 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static> ArenaOwner<R, C> {
     /// and shard if asked for (8 bytes more per slot and shard), and `context` shared by
     /// every view and lease.
     pub(crate) fn new(shards: usize, aux: bool, context: C) -> Self {
+        Self::with_totals(shards, aux, false, context)
+    }
+
+    /// As [`new`](Self::new), also keeping each shard's total of requests in flight over all
+    /// slots if `totals` (one more `fetch_add` per lease taken, one more `fetch_sub` per
+    /// lease ended, on a line of the lease's own shard).
+    pub(crate) fn with_totals(shards: usize, aux: bool, totals: bool, context: C) -> Self {
         debug_assert!(shards.is_power_of_two());
         let inner = Box::new(Inner {
             owners: AtomicUsize::new(1),
             shards,
             aux,
+            totals: (0..if totals { shards } else { 0 })
+                .map(|_| super::CachePadded::new(AtomicU64::new(0)))
+                .collect(),
             context,
             segments: core::array::from_fn(|_| AtomicPtr::new(core::ptr::null_mut())),
         });
@@ -740,12 +756,76 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static, P> View<R, C, P> {
             .load(slot.index(), shard)
             .fetch_add(ACQUIRE, Ordering::Relaxed);
         debug_assert!(before & IN_FLIGHT_MASK < IN_FLIGHT_MASK, "in-flight overflow");
+        if let Some(total) = self.inner().totals.get(shard) {
+            // Relaxed, as the slot's own count: a load signal.
+            total.fetch_add(1, Ordering::Relaxed);
+        }
         Lease {
             inner: self.inner,
             slot,
             shard: shard as u32,
             _owns: PhantomData,
         }
+    }
+
+    /// Takes a lease on entry `i` for a thread of `shard` only if fewer than `below()`
+    /// requests are in flight on it, over every shard; otherwise returns the load it saw.
+    /// `below()` is at least 1 and is only asked for when the entry is not idle (an idle
+    /// entry always has room).
+    ///
+    /// The check and the increment are one compare-and-swap on this shard's load word, so in
+    /// an arena of one shard two threads cannot both take the last place under `below`: the
+    /// loser's swap fails and it sees the new load. (With several shards, the other shards'
+    /// loads are read first and may move meanwhile.) At most [`TRY_LEASE_ATTEMPTS`] swaps: a
+    /// word that keeps changing under contention counts as full, so the call is wait-free.
+    #[inline]
+    pub(crate) fn try_lease(
+        &self,
+        i: usize,
+        shard: usize,
+        below: impl Fn() -> u64,
+    ) -> Result<Lease<R, C>, u64> {
+        let slot = self.entries[i].slot;
+        let shard = shard & (self.shards() - 1);
+        let segment = self.inner().segment(slot);
+        let others: u64 = if self.shards() == 1 {
+            0
+        } else {
+            (0..self.shards())
+                .filter(|&s| s != shard)
+                .map(|s| in_flight(segment.load(slot.index(), s).load(Ordering::Relaxed)))
+                .sum()
+        };
+        let word = segment.load(slot.index(), shard);
+        let mut seen = word.load(Ordering::Relaxed);
+        for _ in 0..TRY_LEASE_ATTEMPTS {
+            let load = others + in_flight(seen);
+            if load > 0 && load >= below() {
+                return Err(load);
+            }
+            debug_assert!(seen & IN_FLIGHT_MASK < IN_FLIGHT_MASK, "in-flight overflow");
+            // Relaxed, as in `lease`: the count publishes nothing.
+            match word.compare_exchange_weak(
+                seen,
+                seen.wrapping_add(ACQUIRE),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    if let Some(total) = self.inner().totals.get(shard) {
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(Lease {
+                        inner: self.inner,
+                        slot,
+                        shard: shard as u32,
+                        _owns: PhantomData,
+                    });
+                }
+                Err(now) => seen = now,
+            }
+        }
+        Err(others + in_flight(seen))
     }
 
     /// Counts an outcome of entry `i` in `shard` (a request reported without a lease).
@@ -758,6 +838,26 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static, P> View<R, C, P> {
             .segment(slot)
             .cold(slot.index(), shard & (self.shards() - 1));
         cold[usize::from(!success)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests in flight on entry `i` over every shard. Relaxed: a load signal, stale by
+    /// the requests racing with the read (it reads lines other shards write, so it is for
+    /// decisions that need the whole load, like bounded-load hashing).
+    #[inline]
+    pub(crate) fn in_flight_everywhere(&self, i: usize) -> u64 {
+        let slot = self.entries[i].slot;
+        let segment = self.inner().segment(slot);
+        (0..self.shards())
+            .map(|s| in_flight(segment.load(slot.index(), s).load(Ordering::Relaxed)))
+            .sum()
+    }
+
+    /// Requests in flight over every slot of the arena and every shard, if the arena keeps
+    /// totals (see [`ArenaOwner::with_totals`]).
+    #[inline]
+    pub(crate) fn total_in_flight(&self) -> Option<u64> {
+        let totals = &self.inner().totals;
+        (!totals.is_empty()).then(|| totals.iter().map(|t| t.load(Ordering::Relaxed)).sum())
     }
 
     /// Entry `i`'s counters, summed over shards.
@@ -877,6 +977,10 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static> Drop for Lease<R, C> {
         // Release: everything this request recorded (outcomes, the record's bookkeeping) is
         // visible to whoever sees the count reach 0 with Acquire (a drain, the recycler, the
         // reaper). After this, the lease never touches the arena again.
+        // The total first: the slot's own decrement is this lease's last touch of the arena.
+        if let Some(total) = self.inner().totals.get(self.shard as usize) {
+            total.fetch_sub(1, Ordering::Relaxed);
+        }
         let before = self
             .segment()
             .load(self.slot.index(), self.shard as usize)
@@ -1032,6 +1136,50 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         panic!("the orphan was never reaped");
+    }
+
+    #[test]
+    fn try_lease_takes_only_below_the_cap_and_never_asks_for_it_when_idle() {
+        let mut arena = ArenaOwner::<Rec, ()>::with_totals(1, false, true, ());
+        let a = arena.alloc(Rec(1));
+        let view = arena.view(entries(&[a]));
+        let first = view
+            .try_lease(0, 0, || panic!("an idle slot has room whatever the cap"))
+            .unwrap();
+        let second = view.try_lease(0, 0, || 2).unwrap();
+        assert_eq!(view.try_lease(0, 0, || 2).err(), Some(2), "at the cap");
+        assert_eq!(view.total_in_flight(), Some(2));
+        assert_eq!(selections_of(view.load(0, 0).load(Ordering::Relaxed)), 2);
+        drop(first);
+        let third = view.try_lease(0, 0, || 2).unwrap();
+        drop((second, third));
+        assert_eq!(view.in_flight_everywhere(0), 0);
+        assert_eq!(view.total_in_flight(), Some(0));
+
+        // With two shards the other shard's load counts too.
+        let mut sharded = ArenaOwner::<Rec, ()>::new(2, false, ());
+        let b = sharded.alloc(Rec(2));
+        let view = sharded.view(entries(&[b]));
+        let elsewhere = view.lease(0, 1);
+        assert_eq!(view.try_lease(0, 0, || 1).err(), Some(1));
+        let _here = view.try_lease(0, 0, || 2).unwrap();
+        drop(elsewhere);
+    }
+
+    #[test]
+    fn totals_follow_leases_over_every_slot_and_shard() {
+        let mut arena = ArenaOwner::<Rec, ()>::with_totals(2, false, true, ());
+        let (a, b) = (arena.alloc(Rec(1)), arena.alloc(Rec(2)));
+        let view = arena.view(entries(&[a, b]));
+        assert_eq!(view.total_in_flight(), Some(0));
+        let leases = [view.lease(0, 0), view.lease(0, 1), view.lease(1, 1)];
+        assert_eq!(view.total_in_flight(), Some(3));
+        assert_eq!(view.in_flight_everywhere(0), 2);
+        assert_eq!(view.in_flight_everywhere(1), 1);
+        drop(leases);
+        assert_eq!(view.total_in_flight(), Some(0));
+        let plain = ArenaOwner::<Rec, ()>::new(1, false, ());
+        assert_eq!(plain.view::<u32>(Vec::new()).total_in_flight(), None);
     }
 
     #[test]

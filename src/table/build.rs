@@ -8,12 +8,14 @@
 
 use std::net::SocketAddr;
 
+use crate::config::HashAlgorithm;
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::sync::DataArc;
 use crate::sync::arena::{Entry, SlotId};
+use crate::table::maglev::MaglevTable;
 use crate::table::ring::{HashRing, OwnedRingId, RingId};
 use crate::table::schedule::Schedule;
-use crate::table::{Arena, MemberHealth, MemberInfo, ServiceTable, Target};
+use crate::table::{Arena, Hashing, MemberHealth, MemberInfo, ServiceTable, Target};
 
 /// One member, as the control plane knows it.
 #[derive(Clone, Copy, Debug)]
@@ -36,8 +38,12 @@ pub(crate) struct TableInput {
     /// All members, in address order.
     pub(crate) members: Vec<MemberInput>,
     pub(crate) hash_slots: u32,
-    /// The ring to carry, if any (from [`RingCache::ring_for`]).
-    pub(crate) ring: Option<DataArc<HashRing>>,
+    /// The ring or Maglev table to carry, if any (from [`RingCache::ring_for`]).
+    pub(crate) ring: Option<DataArc<Hashing>>,
+    /// The configured algorithm (for hash picks before `ring` exists).
+    pub(crate) hash_algorithm: HashAlgorithm,
+    /// Bounded loads' factor, if on.
+    pub(crate) balance_factor: Option<f64>,
     /// Whether routability was widened because too few members are healthy.
     pub(crate) panic: bool,
     /// Member indices of a primary/backup order, if the service is routed by one.
@@ -64,6 +70,7 @@ pub(crate) fn build(arena: &Arena, input: TableInput) -> ServiceTable {
         })
         .collect();
     let routable: Vec<Entry<Target>> = members.iter().filter(|e| e.payload.routable()).copied().collect();
+    let routable_len = routable.len();
     let weights: Vec<u32> = routable.iter().map(|e| e.payload.weight()).collect();
     let weighted = weights.windows(2).any(|w| w[0] != w[1]);
     let schedule = match input.strategy {
@@ -82,6 +89,11 @@ pub(crate) fn build(arena: &Arena, input: TableInput) -> ServiceTable {
         weighted,
         schedule,
         ring: input.ring,
+        hash_algorithm: input.hash_algorithm,
+        balance_factor: input.balance_factor,
+        cap_scale: input
+            .balance_factor
+            .map_or(0.0, |c| c / routable_len.max(1) as f64),
         hash_slots: input.hash_slots,
         miss: None,
         panic: input.panic,
@@ -89,26 +101,48 @@ pub(crate) fn build(arena: &Arena, input: TableInput) -> ServiceTable {
     }
 }
 
-/// The last ring built for a service and the member set it was built for.
+/// How a service's consistent-hash structure is built: the algorithm and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HashParams {
+    pub(crate) algorithm: HashAlgorithm,
+    /// Ring slots (a power of two).
+    pub(crate) slots: u32,
+    /// Maglev table size (a prime).
+    pub(crate) maglev_size: u32,
+}
+
+/// The last ring (or Maglev table) built for a service and the member set it was built for.
 #[derive(Debug, Default)]
 pub(crate) struct RingCache {
     key: Vec<(OwnedRingId, u32)>,
-    slots: u32,
-    ring: Option<DataArc<HashRing>>,
+    params: Option<HashParams>,
+    ring: Option<DataArc<Hashing>>,
 }
 
 impl RingCache {
-    /// The ring for members `key` (identity and registered weight, in the table's member
+    /// The structure for members `key` (identity and registered weight, in the table's member
     /// order): the cached one when they are unchanged, otherwise a new one (which replaces
     /// the cache).
-    pub(crate) fn ring_for(&mut self, key: Vec<(OwnedRingId, u32)>, slots: u32) -> DataArc<HashRing> {
-        if let (true, Some(ring)) = (self.slots == slots && self.key == key, &self.ring) {
+    pub(crate) fn ring_for(&mut self, key: Vec<(OwnedRingId, u32)>, params: HashParams) -> DataArc<Hashing> {
+        if let (true, Some(ring)) = (self.params == Some(params) && self.key == key, &self.ring) {
             return ring.clone();
         }
         let ids: Vec<(RingId<'_>, u32)> = key.iter().map(|(id, w)| (id.as_id(), *w)).collect();
-        let ring = DataArc::new(HashRing::build(&ids, slots));
+        let ring = DataArc::new(match params.algorithm {
+            HashAlgorithm::Ring => Hashing::Ring(HashRing::build(&ids, params.slots)),
+            HashAlgorithm::Maglev => {
+                if (params.maglev_size as usize) < 100 * ids.len() {
+                    tracing::warn!(
+                        endpoints = ids.len(),
+                        maglev_table_size = params.maglev_size,
+                        "Maglev table smaller than 100 entries per endpoint: balance is coarse"
+                    );
+                }
+                Hashing::Maglev(MaglevTable::build(&ids, params.maglev_size))
+            }
+        });
         self.key = key;
-        self.slots = slots;
+        self.params = Some(params);
         self.ring = Some(ring.clone());
         ring
     }

@@ -34,6 +34,7 @@
 
 pub(crate) mod build;
 pub(crate) mod estimate;
+pub(crate) mod maglev;
 pub(crate) mod ring;
 pub(crate) mod schedule;
 
@@ -50,6 +51,7 @@ use crate::sync::arena::{ArenaOwner, Lease, View};
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{Arc, CachePadded, DataArc, DataWeak, SnapshotCell};
 use estimate::Decay;
+use maglev::MaglevTable;
 use ring::HashRing;
 use schedule::Schedule;
 
@@ -304,8 +306,15 @@ pub(crate) struct ServiceTable {
     pub(crate) weighted: bool,
     /// Smooth weighted schedule over `routable` (weighted strategy with unequal weights).
     pub(crate) schedule: Option<Schedule>,
-    /// Consistent-hash ring over `members`.
-    pub(crate) ring: Option<DataArc<HashRing>>,
+    /// Consistent-hash structure (ring or Maglev table) over `members`.
+    pub(crate) ring: Option<DataArc<Hashing>>,
+    /// The configured algorithm (how hash picks are answered before `ring` is built).
+    pub(crate) hash_algorithm: crate::config::HashAlgorithm,
+    /// Bounded loads: hash picks skip owners at `ceil(c × average in flight)`.
+    pub(crate) balance_factor: Option<f64>,
+    /// `c / routable.len()` (0 without bounded loads): the cap is
+    /// `ceil(cap_scale × (total in flight + 1))`.
+    pub(crate) cap_scale: f64,
     /// Configured ring size (used to answer hash picks before `ring` is built).
     pub(crate) hash_slots: u32,
     /// Set when the table is a tombstone (stopped balancer or removed service).
@@ -338,6 +347,9 @@ impl ServiceTable {
             weighted: false,
             schedule: None,
             ring: None,
+            hash_algorithm: crate::config::HashAlgorithm::Ring,
+            balance_factor: None,
+            cap_scale: 0.0,
             hash_slots,
             miss,
             panic: false,
@@ -416,6 +428,60 @@ impl fmt::Debug for ServiceTable {
             .field("ring", &self.ring.is_some())
             .field("miss", &self.miss)
             .finish()
+    }
+}
+
+// ===== impl Hashing =====
+
+/// The consistent-hash structure a table carries: the ring or a Maglev table. Both map a key
+/// hash to a *position* (a ring slot, a table entry) owned by a member; bounded loads walk
+/// positions from the key's.
+pub(crate) enum Hashing {
+    Ring(HashRing),
+    Maglev(MaglevTable),
+}
+
+impl Hashing {
+    /// The position of hash `h`.
+    #[inline]
+    pub(crate) fn position(&self, h: u64) -> usize {
+        match self {
+            Hashing::Ring(r) => r.slot_of(h),
+            Hashing::Maglev(m) => m.entry_of(h),
+        }
+    }
+
+    /// The member owning position `p` (`< len`), `None` for an empty structure.
+    #[inline]
+    pub(crate) fn owner_at(&self, p: usize) -> Option<usize> {
+        match self {
+            Hashing::Ring(r) => r.owner(p),
+            Hashing::Maglev(m) => m.owner_of_entry(p),
+        }
+    }
+
+    /// The member owning hash `h`.
+    #[inline]
+    pub(crate) fn owner(&self, h: u64) -> Option<usize> {
+        self.owner_at(self.position(h))
+    }
+
+    /// Number of positions.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Hashing::Ring(r) => r.slots(),
+            Hashing::Maglev(m) => m.size(),
+        }
+    }
+}
+
+impl fmt::Debug for Hashing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hashing::Ring(r) => r.fmt(f),
+            Hashing::Maglev(m) => m.fmt(f),
+        }
     }
 }
 

@@ -29,7 +29,7 @@ const MEMBER_SEED: u64 = 0x7461_692d_6c62_2d31; // "tai-lb-1"
 /// Rings over at most this many virtual members are filled directly (cheaper than rounds).
 const DIRECT_FILL_MEMBERS: usize = 12;
 
-const EMPTY: u32 = u32::MAX;
+pub(super) const EMPTY: u32 = u32::MAX;
 
 /// Hashes a consistent-hash key: XXH3-64 with seed 0.
 ///
@@ -114,12 +114,12 @@ impl OwnedRingId {
 }
 
 /// Longest hash key hashed from the stack (longer ones are refused at registration).
-const MAX_KEY_BYTES: usize = 255;
+pub(super) const MAX_KEY_BYTES: usize = 255;
 
 /// Writes the bytes that identify `id` into `buf` and returns their length: IP octets then
 /// big-endian port for an address (what every mapping before hash keys used, unchanged), and
 /// `key:` then the key's bytes for a hash key (a prefix no address identity has).
-fn id_bytes(id: RingId<'_>, buf: &mut [u8; 4 + MAX_KEY_BYTES]) -> usize {
+pub(super) fn id_bytes(id: RingId<'_>, buf: &mut [u8; 4 + MAX_KEY_BYTES]) -> usize {
     match id {
         RingId::Address(addr) => {
             let mut a = [0u8; 22];
@@ -254,14 +254,14 @@ pub(crate) struct HashRing {
 /// Owners by slot, in the narrowest integer that holds a member index: 1 byte below 255
 /// members, 2 below 65,535, 4 beyond. A service of 100 endpoints keeps its 65,536-slot ring
 /// in 64 KiB instead of 256 KiB.
-enum Owners {
+pub(super) enum Owners {
     Tiny(Box<[u8]>),
     Narrow(Box<[u16]>),
     Wide(Box<[u32]>),
 }
 
 impl Owners {
-    fn from_wide(owners: Box<[u32]>, members: usize) -> Owners {
+    pub(super) fn from_wide(owners: Box<[u32]>, members: usize) -> Owners {
         if members < usize::from(u8::MAX) {
             Owners::Tiny(
                 owners
@@ -290,7 +290,7 @@ impl Owners {
     }
 
     #[inline]
-    fn get(&self, slot: usize) -> Option<usize> {
+    pub(super) fn get(&self, slot: usize) -> Option<usize> {
         match self {
             Owners::Tiny(o) => match o[slot] {
                 u8::MAX => None,
@@ -359,7 +359,7 @@ impl HashRing {
     }
 
     /// Number of slots.
-    #[cfg(test)]
+    #[inline]
     pub(crate) fn slots(&self) -> usize {
         self.owners.len()
     }
