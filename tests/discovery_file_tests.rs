@@ -294,3 +294,46 @@ async fn a_file_truncated_or_half_written_in_place_never_empties_a_service() {
     assert_eq!(routed(&lb, "billing"), billing);
     runner.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_keys_come_from_the_file_and_a_shared_one_rejects_the_file() {
+    let dir = TempDir::new();
+    let pods = |second_key: &str, second_address: &str| {
+        format!(
+            "[[services]]\nname = \"cache\"\n\n\
+             [[services.endpoints]]\naddress = \"127.0.0.1:7001\"\ntags = {{ hash_key = \"cache-0\" }}\n\n\
+             [[services.endpoints]]\naddress = \"{second_address}\"\ntags = {{ hash_key = \"{second_key}\" }}\n"
+        )
+    };
+    write_atomically(&dir.file(), &pods("cache-1", "127.0.0.1:7002"));
+    let (registry, lb, runner) = setup(&dir.file()).await;
+    let owner_of = |lb: &IntegratedLoadBalancer, k: u32| {
+        lb.select_with_hash("cache", k.to_le_bytes())
+            .unwrap()
+            .tag(tai_loadbalancer::HASH_KEY_TAG)
+            .unwrap()
+            .to_owned()
+    };
+    let before: Vec<String> = (0..2_000).map(|k| owner_of(&lb, k)).collect();
+
+    // Pod 1 comes back on another address with its key: no key moves.
+    write_atomically(&dir.file(), &pods("cache-1", "127.0.0.1:7003"));
+    eventually(Duration::from_secs(10), "the new address is applied", || {
+        routed(&lb, "cache") == addrs(&["127.0.0.1:7001", "127.0.0.1:7003"])
+    })
+    .await;
+    let after: Vec<String> = (0..2_000).map(|k| owner_of(&lb, k)).collect();
+    assert_eq!(before, after, "keys follow the hash key, not the address");
+
+    // Two endpoints with one hash key: the whole file is refused, naming the field.
+    write_atomically(&dir.file(), &pods("cache-0", "127.0.0.1:7003"));
+    eventually(Duration::from_secs(10), "the bad file is reported", || {
+        matches!(stats(&runner).health, SourceHealth::Degraded { .. })
+    })
+    .await;
+    let error = stats(&runner).last_error.unwrap();
+    assert!(error.contains("hash key") && error.contains("tags"), "{error}");
+    assert_eq!(routed(&lb, "cache"), addrs(&["127.0.0.1:7001", "127.0.0.1:7003"]));
+    assert_eq!(registry.endpoints("cache").await.unwrap().len(), 2);
+    runner.shutdown().await;
+}

@@ -65,7 +65,8 @@ const SETTLE: Duration = Duration::from_millis(25);
 ///
 /// * **A file applies whole or not at all.** Any problem (a syntax error, an unknown or
 ///   mistyped field, an address that does not parse, an endpoint [`Endpoint::validate`]
-///   rejects, a service or address listed twice) rejects the whole file with
+///   rejects, a service or address listed twice, two endpoints of a service with one
+///   `hash_key` tag) rejects the whole file with
 ///   [`Error::ConfigParse`] naming the line, column and field. The file is written by an
 ///   operator: applying the half that parses would route by a membership nobody wrote, so
 ///   the last good membership stays, the source reports [`SourceHealth::Degraded`] (the
@@ -183,7 +184,8 @@ impl FileDiscovery {
 /// [`Error::ConfigParse`] with the line and column of the first problem and a message
 /// naming the field (`services[0].endpoints[1].weight: ...`): TOML syntax, unknown or
 /// mistyped fields, an address that is not `IP:port`, an endpoint [`Endpoint::validate`]
-/// rejects, an invalid or repeated service name, an address listed twice in a service.
+/// rejects, an invalid or repeated service name, an address listed twice in a service, a
+/// [`HASH_KEY_TAG`](crate::HASH_KEY_TAG) shared by two endpoints of a service.
 ///
 /// # Examples
 ///
@@ -232,6 +234,7 @@ pub fn parse_services_toml(text: &str) -> Result<BTreeMap<String, Vec<Endpoint>>
             ));
         }
         let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+        let mut hash_keys: BTreeMap<String, SocketAddr> = BTreeMap::new();
         for (i, endpoint) in service.endpoints.iter().enumerate() {
             let endpoint = endpoint.get_ref();
             let field = |f: &str| format!("services[{s}].endpoints[{i}].{f}");
@@ -249,6 +252,24 @@ pub fn parse_services_toml(text: &str) -> Result<BTreeMap<String, Vec<Endpoint>>
             if let Err(error) = built.validate() {
                 let (name, span) = endpoint.span_of(&error);
                 return Err(at(span, format!("{}: {error}", field(name))));
+            }
+            if let Some(key) = built.tag(crate::endpoint::HASH_KEY_TAG) {
+                if let Some(other) = hash_keys.insert(key.to_owned(), address) {
+                    let span = endpoint
+                        .tags
+                        .as_ref()
+                        .map_or(endpoint.address.span(), Spanned::span);
+                    return Err(at(
+                        span,
+                        format!(
+                            "{}: hash key {:?} of {address} is also the hash key of {other} in \
+                             service `{}` (each endpoint's must be unique)",
+                            field("tags"),
+                            crate::error::truncate(key),
+                            crate::error::truncate(name)
+                        ),
+                    ));
+                }
             }
             if endpoints.insert(address, built).is_some() {
                 return Err(at(
