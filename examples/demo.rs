@@ -27,7 +27,9 @@
 //! (serve `/metrics` while it runs, e.g. `127.0.0.1:9464`), `--tls` (the same scenario over
 //! mTLS, with `--features tls`: a CA, a certificate per server and a client certificate are
 //! made at start, written to a temporary directory and loaded with `TlsFiles::watch`; each
-//! server is verified by its own name through its `tls_server_name` tag).
+//! server is verified by its own name through its `tls_server_name` tag), `--zones` (a
+//! separate scenario: six servers in three zones, zone-aware routing, the local zone's
+//! servers killed and restarted; see `examples/demo/zones.rs`).
 //! Logging: `RUST_LOG=tai_loadbalancer=debug cargo run --release --example demo`.
 
 use std::collections::BTreeMap;
@@ -44,6 +46,9 @@ use tai_loadbalancer::{
     IntegratedLoadBalancer, LoadBalancerConfig, LoadBalancingStrategy, RetryPolicy, ServiceRegistry,
     SlowStartConfig,
 };
+
+#[path = "demo/zones.rs"]
+mod zones;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -66,6 +71,7 @@ struct Args {
     metrics_file: String,
     serve_metrics: Option<SocketAddr>,
     tls: bool,
+    zones: bool,
 }
 
 impl Args {
@@ -78,6 +84,7 @@ impl Args {
             metrics_file: "target/demo-metrics.prom".into(),
             serve_metrics: None,
             tls: false,
+            zones: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -97,12 +104,13 @@ impl Args {
                 }
                 "--metrics-file" => args.metrics_file = value()?,
                 "--serve-metrics" => args.serve_metrics = Some(value()?.parse()?),
+                "--zones" => args.zones = true,
                 "--tls" if cfg!(feature = "tls") => args.tls = true,
                 "--tls" => return Err("--tls needs the `tls` feature: cargo run --release --features tls --example demo -- --tls".into()),
                 "--help" | "-h" => {
                     println!(
                         "usage: demo [--duration SECS] [--requests N] [--concurrency C] [--strategy NAME] \
-                         [--metrics-file PATH] [--serve-metrics ADDR] [--tls]"
+                         [--metrics-file PATH] [--serve-metrics ADDR] [--tls] [--zones]"
                     );
                     std::process::exit(0);
                 }
@@ -141,6 +149,9 @@ async fn main() -> Result<(), BoxError> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse()?;
+    if args.zones {
+        return zones::run(&args).await;
+    }
 
     // With --tls: certificates made now, servers requiring client certificates.
     #[cfg(feature = "tls")]

@@ -29,13 +29,14 @@ use crate::handoff::queue::Ack;
 use crate::handoff::{Command, MembershipSink, OutlierSink};
 #[cfg(feature = "runtime")]
 use crate::health::HealthCheckManager;
-use crate::pick::{Chosen, Outcome, Pick, bound_under_cap, choose, hash_owner};
+use crate::pick::{Chosen, Outcome, Pick, SubsetChoice, bound_under_cap, choose, choose_subset, hash_owner};
 use crate::registry::ServiceRegistry;
 use crate::stats::EndpointHealth;
 use crate::stats::{LoadBalancerMetrics, RoutingUpdate};
 use crate::sync::atomic::Ordering;
 use crate::sync::{DataArc, DataWeak, mpsc, name_cache, thread_ordinal};
 use crate::table::ring::hash_key;
+use crate::table::subsets::SubsetMiss;
 use crate::table::{Directory, DirectoryCell, MemberHealth, Miss, ServiceSlot, ServiceTable, report};
 use crate::{Error, LoadBalancerConfig, LoadBalancingStrategy};
 
@@ -128,13 +129,26 @@ impl Shared {
         strategy: LoadBalancingStrategy,
     ) -> Result<DataArc<Self>, Error> {
         let affinity = AffinityManager::new(config.affinity.clone())?;
+        // Resolved up front (the environment read once): a missing local zone or client id
+        // is this call's typed error.
+        let locality = config.locality.resolve()?;
+        let subsetting = config.subsetting.resolve()?;
+        if let Some(warning) = config.subsets.warnings() {
+            tracing::warn!("[subsets]: {warning}");
+        }
         Ok(DataArc::new_cyclic(|me: &DataWeak<Shared>| {
             let outlier_sink: DataWeak<dyn OutlierSink> = me.clone();
             #[cfg(feature = "runtime")]
             let health = HealthCheckManager::create(registry.clone(), config.health_check.clone());
             Self {
                 directory: DirectoryCell::new(),
-                control: ControlPlane::new(Settings::new(config, strategy, outlier_sink)),
+                control: ControlPlane::new(Settings::with(
+                    config,
+                    strategy,
+                    outlier_sink,
+                    locality,
+                    subsetting,
+                )),
                 registry,
                 #[cfg(feature = "runtime")]
                 health,
@@ -344,6 +358,59 @@ impl Shared {
                 Ok(chosen)
             }
             Err(miss) => Err(miss_error(table, miss)),
+        }
+    }
+
+    /// A guarded pick from the metadata subset `pairs` names (see `[subsets]`).
+    #[inline]
+    pub(crate) fn pick_subset(&self, slot: &ServiceSlot, pairs: &[(&str, &str)]) -> Result<Pick, Error> {
+        let table = slot.table.load();
+        let shard = thread_ordinal();
+        match choose_subset(&table, slot, pairs, shard) {
+            Ok(chosen) => Ok(chosen.into_pick(&table, shard)),
+            Err(why) => Err(self.subset_error(&table, pairs, why)),
+        }
+    }
+
+    /// An unguarded selection from the metadata subset `pairs` names.
+    #[inline]
+    pub(crate) fn select_subset(
+        &self,
+        slot: &ServiceSlot,
+        pairs: &[(&str, &str)],
+    ) -> Result<Endpoint, Error> {
+        let table = slot.table.load();
+        let shard = thread_ordinal();
+        match choose_subset(&table, slot, pairs, shard) {
+            Ok(Chosen { view, index, .. }) => {
+                view.note_selection(index, shard);
+                Ok(table.endpoint(view, index))
+            }
+            Err(why) => Err(self.subset_error(&table, pairs, why)),
+        }
+    }
+
+    #[cold]
+    fn subset_error(&self, table: &ServiceTable, pairs: &[(&str, &str)], why: SubsetChoice) -> Error {
+        let describe = |pairs: &[(&str, &str)]| {
+            let mut sorted: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            sorted.sort();
+            format!("{{{}}}", sorted.join(", "))
+        };
+        match why {
+            SubsetChoice::Miss(miss) => miss_error(table, miss),
+            SubsetChoice::Subset(SubsetMiss::UnknownSelector) => {
+                let mut keys: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+                keys.sort_unstable();
+                Error::UnknownSubsetSelector {
+                    keys: format!("{keys:?}"),
+                    configured: format!("{:?}", self.control.settings().config.subsets.selectors),
+                }
+            }
+            SubsetChoice::Subset(_) => Error::NoSubsetMatch {
+                service: table.service.to_string(),
+                subset: describe(pairs),
+            },
         }
     }
 
@@ -641,6 +708,8 @@ impl IntegratedLoadBalancer {
                 validate_key(key)?;
                 self.shared.choose_with_affinity(&table, slot, key, shard, true)?
             }
+            Route::Subset(pairs) => choose_subset(&table, slot, pairs, shard)
+                .map_err(|why| self.shared.subset_error(&table, pairs, why))?,
         };
         if !avoid.contains(&chosen.address(&table)) {
             return Ok(chosen.into_pick(&table, shard));
@@ -721,6 +790,52 @@ impl IntegratedLoadBalancer {
             .by_name(service, |slot| self.shared.select(slot, Some(hash)))
     }
 
+    /// A guarded pick among the endpoints of the metadata subset `subset` names: tag
+    /// key/value pairs whose keys are one of the `[subsets]` selectors (in any order). The
+    /// strategy picks inside the subset, which was precomputed with the routing table, so the
+    /// pick never filters; no lock, no allocation.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tai_loadbalancer::*;
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let registry = Arc::new(ServiceRegistry::new());
+    /// for (port, version) in [(5001, "v1"), (5002, "v2")] {
+    ///     let meta = EndpointMetadata::new().with_tag("version", version);
+    ///     registry.register("api", Endpoint::new(format!("127.0.0.1:{port}").parse().unwrap(), Some(meta))).await?;
+    /// }
+    /// let config = LoadBalancerConfig::from_toml_str("[subsets]\nselectors = [[\"version\"]]\n")?;
+    /// let lb = IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::RoundRobin, config).await?;
+    /// let pick = lb.pick_subset("api", &[("version", "v2")])?;
+    /// assert_eq!(pick.address().port(), 5002);
+    /// assert!(matches!(lb.pick_subset("api", &[("version", "v3")]), Err(Error::NoSubsetMatch { .. })));
+    /// # Ok::<_, Error>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSubsetSelector`] if no selector has exactly these keys;
+    /// [`Error::NoSubsetMatch`] if no routable endpoint matches and the fallback
+    /// (`[subsets] fallback`) is `no_fallback` or an empty `default_subset`; otherwise as
+    /// [`next_endpoint`](Self::next_endpoint).
+    #[inline]
+    pub fn pick_subset(&self, service: &str, subset: &[(&str, &str)]) -> Result<Pick, Error> {
+        self.shared
+            .by_name(service, |slot| self.shared.pick_subset(slot, subset))
+    }
+
+    /// An unguarded selection from a metadata subset (see [`pick_subset`](Self::pick_subset)).
+    ///
+    /// # Errors
+    ///
+    /// As [`pick_subset`](Self::pick_subset).
+    #[inline]
+    pub fn select_subset(&self, service: &str, subset: &[(&str, &str)]) -> Result<Endpoint, Error> {
+        self.shared
+            .by_name(service, |slot| self.shared.select_subset(slot, subset))
+    }
+
     /// A handle to `service` that skips the name lookup on every pick.
     ///
     /// The handle follows the service's tables as they are republished. If the service is
@@ -783,8 +898,11 @@ impl IntegratedLoadBalancer {
 
     /// A snapshot of the request counters (see [`LoadBalancerMetrics`] for their meaning).
     pub fn metrics(&self) -> LoadBalancerMetrics {
-        let mut metrics =
-            LoadBalancerMetrics::from_counters(self.shared.control.counters(&self.shared.sources()));
+        let settings = self.shared.control.settings();
+        let mut metrics = LoadBalancerMetrics::from_counters(
+            self.shared.control.counters(&self.shared.sources()),
+            settings.locality.zone.as_deref(),
+        );
         metrics.requests_per_second = self.shared.rate.sample(metrics.total_requests);
         metrics.affinity = self.shared.affinity.stats();
         metrics
@@ -1083,6 +1201,8 @@ pub(crate) enum Route<'a> {
     Hash(u64),
     /// Session affinity by key.
     Affinity(&'a str),
+    /// The strategy inside a metadata subset (tag key/value pairs).
+    Subset(&'a [(&'a str, &'a str)]),
 }
 
 /// One service of an [`IntegratedLoadBalancer`], resolved once: picks skip the name lookup.
@@ -1167,6 +1287,17 @@ impl ServiceHandle {
     #[inline]
     pub fn select_with_hash(&self, key: impl AsRef<[u8]>) -> Result<Endpoint, Error> {
         self.shared.select(&self.slot, Some(hash_key(key)))
+    }
+
+    /// A guarded pick from a metadata subset (see
+    /// [`IntegratedLoadBalancer::pick_subset`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`IntegratedLoadBalancer::pick_subset`].
+    #[inline]
+    pub fn pick_subset(&self, subset: &[(&str, &str)]) -> Result<Pick, Error> {
+        self.shared.pick_subset(&self.slot, subset)
     }
 
     /// The current endpoints and whether each is routable, in address order.

@@ -115,13 +115,21 @@ pub struct EndpointMetadata {
     pub weight: u32,
     /// Free-form labels (version, track, ...).
     pub tags: BTreeMap<String, String>,
+    /// Priority level, `0..=MAX_PRIORITY` (default 0, the best): traffic spills to a level
+    /// only as the levels before it lose health (see
+    /// [`PriorityConfig`](crate::PriorityConfig)).
+    pub priority: u32,
 }
+
+/// Largest accepted [`EndpointMetadata::priority`] (128 levels, as Envoy allows).
+pub const MAX_PRIORITY: u32 = 127;
 
 static DEFAULT_METADATA: EndpointMetadata = EndpointMetadata {
     region: None,
     zone: None,
     weight: 1,
     tags: BTreeMap::new(),
+    priority: 0,
 };
 
 impl Default for EndpointMetadata {
@@ -151,6 +159,12 @@ impl EndpointMetadata {
     /// Sets the weight (validated at registration: `1..=MAX_WEIGHT`).
     pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight;
+        self
+    }
+
+    /// Sets the priority level (validated at registration: `0..=MAX_PRIORITY`).
+    pub fn with_priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
         self
     }
 
@@ -216,6 +230,11 @@ impl Endpoint {
         self.metadata().zone.as_deref()
     }
 
+    /// The priority level (0 unless set).
+    pub fn priority(&self) -> u32 {
+        self.metadata().priority
+    }
+
     /// The value of tag `key`, if set.
     pub fn tag(&self, key: &str) -> Option<&str> {
         self.metadata().tags.get(key).map(String::as_str)
@@ -276,6 +295,12 @@ impl Endpoint {
                     return bad_meta(field, format!("longer than {MAX_LABEL_LEN} bytes"));
                 }
             }
+        }
+        if meta.priority > MAX_PRIORITY {
+            return bad_meta(
+                "priority",
+                format!("{} is more than {MAX_PRIORITY}", meta.priority),
+            );
         }
         if meta.tags.len() > MAX_TAGS {
             return bad_meta("tags", format!("more than {MAX_TAGS} tags"));
@@ -352,6 +377,12 @@ struct EndpointRecord {
     weight: u32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    priority: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn one() -> u32 {
@@ -367,6 +398,7 @@ impl Serialize for Endpoint {
             zone: meta.zone.clone(),
             weight: meta.weight,
             tags: meta.tags.clone(),
+            priority: meta.priority,
         }
         .serialize(serializer)
     }
@@ -380,6 +412,7 @@ impl<'de> Deserialize<'de> for Endpoint {
             zone: r.zone,
             weight: r.weight,
             tags: r.tags,
+            priority: r.priority,
         };
         let metadata = (meta != DEFAULT_METADATA).then_some(meta);
         Ok(Endpoint::new(r.address, metadata))

@@ -131,6 +131,25 @@ pub enum Error {
         addresses: (SocketAddr, SocketAddr),
     },
 
+    /// A subset pick found no routable endpoint in the subset it named, and the fallback
+    /// is `no_fallback` (or `default_subset` with an empty default subset).
+    #[error("service `{service}` has no routable endpoint in subset {subset}")]
+    NoSubsetMatch {
+        /// The service.
+        service: String,
+        /// The subset, as `key=value` pairs.
+        subset: String,
+    },
+
+    /// A subset pick named a set of tag keys that no `[subsets]` selector has.
+    #[error("no subset selector has the keys {keys} (configured: {configured})")]
+    UnknownSubsetSelector {
+        /// The keys the pick named.
+        keys: String,
+        /// The configured selectors.
+        configured: String,
+    },
+
     /// A session-affinity key is missing, empty or too long.
     #[error("invalid affinity key: {reason}")]
     InvalidAffinityKey {

@@ -55,6 +55,10 @@ pub use config::health::{
     HealthCheck, HealthCheckConfig, HealthCheckKind, MAX_CHECK_DURATION, MAX_CONCURRENT_CHECKS,
     MAX_EJECTION_TIME, OutlierDetectionConfig, SlowStartConfig, StatusRange,
 };
+pub use config::locality::{
+    LocalityConfig, LocalityMode, MAX_MIN_CLUSTER_SIZE, MAX_SUBSET_KEYS, MAX_SUBSET_SELECTORS,
+    MAX_SUBSET_SIZE, PriorityConfig, SubsetConfig, SubsetFallback, SubsettingConfig,
+};
 pub use config::pool::{MAX_POOL_SIZE, PoolConfig};
 pub use config::rebalance::{
     DEFAULT_DRAIN_TIMEOUT, MAX_BATCH_INTERVAL, MAX_DRAIN_TIMEOUT, RebalanceConfig, RebalanceStrategy,
@@ -77,7 +81,9 @@ pub use discovery::{
 };
 #[cfg(feature = "dns")]
 pub use discovery::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};
-pub use endpoint::{Endpoint, EndpointMetadata, HASH_KEY_TAG, MAX_SERVICE_NAME_LEN, MAX_WEIGHT};
+pub use endpoint::{
+    Endpoint, EndpointMetadata, HASH_KEY_TAG, MAX_PRIORITY, MAX_SERVICE_NAME_LEN, MAX_WEIGHT,
+};
 pub use error::Error;
 /// `etcd-client`, re-exported so a client of the same version is at hand (to write records,
 /// or to pass [`ConnectOptions`](etcd_client::ConnectOptions) to [`EtcdConfig`]).
@@ -144,5 +150,8 @@ pub mod __fuzz {
     pub use crate::affinity::FuzzAffinity as Affinity;
     pub use crate::pick::{MAX_BOUNDED_WALK, bounded_walk};
     pub use crate::table::maglev::FuzzMaglev as Maglev;
+    pub use crate::table::plan::{
+        LevelHealth, prefer_local_step, priority_loads, total_health, zone_aware_shares,
+    };
     pub use crate::table::ring::FuzzRing as Ring;
 }

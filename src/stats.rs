@@ -93,6 +93,12 @@ pub struct ServiceMetrics {
     pub in_flight: u64,
     /// Latencies reported with outcomes (current and removed endpoints together).
     pub latency: LatencyHistogram,
+    /// Selections of the current endpoints that are in the balancer's local zone
+    /// (`[locality] local_zone`), `None` when no local zone is configured.
+    pub local_picks: Option<u64>,
+    /// `local_picks` over the selections of all current endpoints: the share of picks that
+    /// stayed in the local zone (`None` without a local zone or before any pick).
+    pub local_pick_share: Option<f64>,
     /// Current endpoints, in address order.
     pub endpoints: Vec<EndpointMetrics>,
 }
@@ -152,7 +158,7 @@ impl LoadBalancerMetrics {
         self.services.iter().find(|s| s.service == service)
     }
 
-    pub(crate) fn from_counters(services: Vec<ServiceCounters>) -> Self {
+    pub(crate) fn from_counters(services: Vec<ServiceCounters>, local_zone: Option<&str>) -> Self {
         let mut m = LoadBalancerMetrics::default();
         for sc in services {
             let mut totals = sc.removed;
@@ -160,12 +166,21 @@ impl LoadBalancerMetrics {
             latency.add(&totals.latency);
             let mut endpoints = Vec::with_capacity(sc.endpoints.len());
             let mut routable = 0;
+            let (mut local, mut current) = (0u64, 0u64);
             for e in sc.endpoints {
                 totals.add_counts(&e.counters);
                 latency.add(&e.counters.latency);
                 routable += usize::from(e.routable);
+                current += e.counters.selections;
+                if local_zone.is_some() && e.endpoint.zone() == local_zone {
+                    local += e.counters.selections;
+                }
                 endpoints.push(EndpointMetrics::new(e));
             }
+            let local_picks = local_zone.map(|_| local);
+            let local_pick_share = local_picks
+                .filter(|_| current > 0)
+                .map(|l| l as f64 / current as f64);
             let service = ServiceMetrics {
                 service: sc.name.to_string(),
                 strategy: sc.strategy,
@@ -179,6 +194,8 @@ impl LoadBalancerMetrics {
                 failed_requests: totals.failures,
                 in_flight: totals.in_flight,
                 latency: latency.finish(),
+                local_picks,
+                local_pick_share,
                 endpoints,
             };
             m.total_requests += service.total_requests;

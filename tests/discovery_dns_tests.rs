@@ -382,7 +382,7 @@ async fn a_and_aaaa_records_become_endpoints() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn srv_weights_and_priorities_map_to_metadata_and_steer_picks() {
+async fn srv_weights_and_priorities_map_to_weights_and_priority_levels() {
     let server = DnsServer::start().await;
     server.zone.set_srv(
         "_api._tcp.test.",
@@ -405,27 +405,34 @@ async fn srv_weights_and_priorities_map_to_metadata_and_steer_picks() {
         .into_iter()
         .map(|e| (e.address, e))
         .collect();
+    // SRV priorities 10 and 20 become priority levels 0 and 1 (by rank).
     let expect = [
-        ("127.0.0.1:7001", 90, "10", "a.test"),
-        ("127.0.0.2:7002", 10, "10", "b.test"),
-        ("127.0.0.3:7003", 1, "20", "c.test"), // SRV weight 0 becomes the smallest weight
+        ("127.0.0.1:7001", 90, "10", 0, "a.test"),
+        ("127.0.0.2:7002", 10, "10", 0, "b.test"),
+        ("127.0.0.3:7003", 1, "20", 1, "c.test"), // SRV weight 0 becomes the smallest weight
     ];
     assert_eq!(endpoints.len(), expect.len());
-    for (address, weight, priority, target) in expect {
+    for (address, weight, priority, level, target) in expect {
         let e = &endpoints[&address.parse().unwrap()];
         assert_eq!(e.weight(), weight, "{address}");
         assert_eq!(e.tag("srv_priority"), Some(priority), "{address}");
+        assert_eq!(e.priority(), level, "{address}");
         assert_eq!(e.tag("srv_target"), Some(target), "{address}");
     }
 
-    // The weighted strategy follows the SRV weights: 90 : 10 : 1 over 10,100 picks.
+    // The weighted strategy follows the SRV weights inside the best priority (90 : 10 over
+    // 10,000 picks); the priority-20 record is standby while priority 10 is healthy.
     let mut counts: BTreeMap<SocketAddr, u32> = BTreeMap::new();
-    for _ in 0..10_100 {
+    for _ in 0..10_000 {
         *counts.entry(lb.select("api").unwrap().address).or_default() += 1;
     }
-    for (address, weight, _, _) in expect {
-        let got = f64::from(counts[&address.parse().unwrap()]);
-        let want = 10_100.0 * f64::from(weight) / 101.0;
+    for (address, weight, _, level, _) in expect {
+        let got = f64::from(counts.get(&address.parse().unwrap()).copied().unwrap_or(0));
+        let want = if level == 0 {
+            10_000.0 * f64::from(weight) / 100.0
+        } else {
+            0.0
+        };
         assert!(
             (got - want).abs() <= want * 0.05 + 5.0,
             "{address}: {got} picks, expected ~{want}"

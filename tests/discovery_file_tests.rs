@@ -61,6 +61,7 @@ tags = { track = "stable" }
 [[services.endpoints]]
 address = "127.0.0.2:5001"
 region = "region-1"
+priority = 1
 
 [[services]]
 name = "billing"
@@ -119,6 +120,7 @@ async fn initial_load_carries_every_field_into_the_balancer() {
     assert_eq!(api[0].tag("track"), Some("stable"));
     assert_eq!(api[1].region(), Some("region-1"));
     assert_eq!(api[1].weight(), 1);
+    assert_eq!((api[0].priority(), api[1].priority()), (0, 1));
     let s = stats(&runner);
     assert_eq!(s.health, SourceHealth::Healthy);
     assert_eq!(s.name, format!("file:{}", dir.file().display()));

@@ -629,6 +629,52 @@ async fn a76_hash_on_method_and_header_and_a_random_hash_without_the_header() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_header_routes_calls_inside_the_subset() {
+    let servers = servers(3);
+    let registry = Arc::new(ServiceRegistry::new());
+    for (server, version) in servers.iter().zip(["v1", "v2", "v2"]) {
+        let meta = EndpointMetadata::new().with_tag("version", version);
+        registry
+            .register(SERVICE, Endpoint::new(server.address(), Some(meta)))
+            .await
+            .unwrap();
+    }
+    let mut config = LoadBalancerConfig::default();
+    config.subsets.selectors = vec![vec!["version".into()]];
+    let lb = Arc::new(
+        IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::RoundRobin, config)
+            .await
+            .unwrap(),
+    );
+    let mut client = GreeterClient::new(
+        BalancedChannel::builder(lb.clone(), SERVICE)
+            .subset_header("x-version", "version")
+            .build()
+            .unwrap(),
+    );
+    let mut by_version: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for version in ["v1", "v2", ""] {
+        for _ in 0..12 {
+            let mut req = request("s");
+            if !version.is_empty() {
+                req.metadata_mut().insert("x-version", version.parse().unwrap());
+            }
+            let server = client.say_hello(req).await.unwrap().into_inner().server;
+            by_version.entry(version.to_owned()).or_default().insert(server);
+        }
+    }
+    assert_eq!(by_version["v1"], ["s0".to_owned()].into());
+    assert_eq!(by_version["v2"], ["s1".to_owned(), "s2".to_owned()].into());
+    assert_eq!(by_version[""].len(), 3, "no header: the whole service");
+    // No endpoint matches (no fallback configured): UNAVAILABLE naming the subset.
+    let mut req = request("s");
+    req.metadata_mut().insert("x-version", "v9".parse().unwrap());
+    let status = client.say_hello(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("version=v9"), "{}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_and_cancellation_leave_no_request_in_flight() {
     let servers = servers(2);
     let addresses: Vec<_> = servers.iter().map(GreeterServer::address).collect();

@@ -105,3 +105,68 @@ fn picks_do_not_allocate() {
         rt.block_on(lb.stop()).unwrap();
     }
 }
+
+#[test]
+fn locality_priority_subset_and_bounded_load_picks_do_not_allocate() {
+    let rt = rt();
+    for strategy in [
+        LoadBalancingStrategy::RoundRobin,
+        LoadBalancingStrategy::Random,
+        LoadBalancingStrategy::LeastConnections,
+        LoadBalancingStrategy::Weighted,
+        LoadBalancingStrategy::ConsistentHash,
+        LoadBalancingStrategy::PeakEwma,
+    ] {
+        // Three zones, two priority levels, two versions.
+        let endpoints: Vec<Endpoint> = (0..60)
+            .map(|i| {
+                let meta = tai_loadbalancer::EndpointMetadata::new()
+                    .with_zone(["a", "b", "c"][i % 3])
+                    .with_priority(u32::from(i % 6 == 5))
+                    .with_weight(1 + (i % 3) as u32)
+                    .with_tag("version", ["v1", "v2"][i % 2]);
+                Endpoint::new(common::addr(i), Some(meta))
+            })
+            .collect();
+        let mut config = tai_loadbalancer::LoadBalancerConfig::default();
+        config.locality.mode = tai_loadbalancer::LocalityMode::ZoneAware;
+        config.locality.local_zone = Some("a".into());
+        // Callers concentrated in zone a: the local zone takes only part of the traffic, so
+        // picks draw among three groups.
+        config.locality.client_zones = [("a".into(), 3), ("b".into(), 1), ("c".into(), 1)].into();
+        config.subsets.selectors = vec![vec!["version".into()]];
+        config.subsets.fallback = tai_loadbalancer::SubsetFallback::AnyEndpoint;
+        config.consistent_hash.balance_factor = Some(1.25);
+        let registry = std::sync::Arc::new(tai_loadbalancer::ServiceRegistry::new());
+        rt.block_on(registry.register_batch("svc", endpoints)).unwrap();
+        let lb = rt
+            .block_on(tai_loadbalancer::IntegratedLoadBalancer::new(
+                registry, strategy, config,
+            ))
+            .unwrap();
+        rt.block_on(lb.start()).unwrap();
+        let handle = lb.service("svc").unwrap();
+        let exercise = |rounds: u64| {
+            for i in 0..rounds {
+                drop(black_box(lb.pick("svc").unwrap()));
+                drop(black_box(handle.pick().unwrap()));
+                drop(black_box(lb.pick_subset("svc", &[("version", "v2")]).unwrap()));
+                drop(black_box(handle.pick_subset(&[("version", "v3")]).unwrap())); // falls back
+                black_box(lb.select_subset("svc", &[("version", "v1")]).unwrap());
+                // Bounded-load hash picks, several held at once so owners reach the cap.
+                let held: [_; 4] = std::array::from_fn(|k| {
+                    handle
+                        .pick_with_key_hash(i.wrapping_mul(4).wrapping_add(k as u64))
+                        .unwrap()
+                });
+                drop(black_box(held));
+            }
+        };
+        exercise(1_000);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        exercise(1_000);
+        let n = allocations_during(|| exercise(10_000));
+        assert_eq!(n, 0, "{strategy}: {n} allocations");
+        rt.block_on(lb.stop()).unwrap();
+    }
+}

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) mod affinity;
 pub(crate) mod health;
+pub(crate) mod locality;
 pub(crate) mod pool;
 pub(crate) mod rebalance;
 pub(crate) mod strategy;
@@ -78,6 +79,14 @@ pub struct LoadBalancerConfig {
     pub control_plane: ControlPlaneConfig,
     /// The latency estimate of [`LoadBalancingStrategy::PeakEwma`].
     pub peak_ewma: PeakEwmaConfig,
+    /// Zone-aware routing (off by default).
+    pub locality: locality::LocalityConfig,
+    /// How traffic spills across endpoints' priority levels.
+    pub priority: locality::PriorityConfig,
+    /// Metadata subsets a pick may name (none by default).
+    pub subsets: locality::SubsetConfig,
+    /// Deterministic subsetting for large fleets (off by default).
+    pub subsetting: locality::SubsettingConfig,
     /// Per-service overrides, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -95,6 +104,10 @@ impl Default for LoadBalancerConfig {
             consistent_hash: ConsistentHashConfig::default(),
             control_plane: ControlPlaneConfig::default(),
             peak_ewma: PeakEwmaConfig::default(),
+            locality: locality::LocalityConfig::default(),
+            priority: locality::PriorityConfig::default(),
+            subsets: locality::SubsetConfig::default(),
+            subsetting: locality::SubsettingConfig::default(),
             services: BTreeMap::new(),
         }
     }
@@ -326,6 +339,10 @@ impl LoadBalancerConfig {
                 "must be non-empty and contain no NUL byte",
             ));
         }
+        self.locality.validate()?;
+        self.priority.validate()?;
+        self.subsets.validate()?;
+        self.subsetting.validate()?;
         for name in self.services.keys() {
             if let Err(Error::InvalidServiceName { reason, .. }) = validate_service_name(name) {
                 return Err(Error::invalid_config(

@@ -44,6 +44,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
 use crate::config::LoadBalancerConfig;
+use crate::config::locality::Locality;
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::error::Error;
 use crate::handoff::queue::{Ack, AckOutcome, Queue};
@@ -358,16 +359,44 @@ pub(crate) struct Settings {
     pub(crate) hash_slots: u32,
     /// Where data-plane failure runs are reported (the balancer itself).
     pub(crate) outlier_sink: DataWeak<dyn OutlierSink>,
+    /// `[locality]` with the local zone and region resolved (environment read once).
+    pub(crate) locality: Locality,
+    /// `(subset_size, client_id)` when deterministic subsetting is on.
+    pub(crate) subsetting: Option<(u32, u64)>,
 }
 
 impl Settings {
+    /// The settings of a balancer; reads the environment variables `[locality]` and
+    /// `[subsetting]` name, and fails with a typed error if what they need is missing.
+    #[cfg(test)]
     pub(crate) fn new(
         config: LoadBalancerConfig,
         default_strategy: LoadBalancingStrategy,
         outlier_sink: DataWeak<dyn OutlierSink>,
+    ) -> Result<Self, crate::Error> {
+        let locality = config.locality.resolve()?;
+        let subsetting = config.subsetting.resolve()?;
+        Ok(Self::with(
+            config,
+            default_strategy,
+            outlier_sink,
+            locality,
+            subsetting,
+        ))
+    }
+
+    /// The settings with `[locality]` and `[subsetting]` already resolved.
+    pub(crate) fn with(
+        config: LoadBalancerConfig,
+        default_strategy: LoadBalancingStrategy,
+        outlier_sink: DataWeak<dyn OutlierSink>,
+        locality: Locality,
+        subsetting: Option<(u32, u64)>,
     ) -> Self {
         Self {
             hash_slots: config.consistent_hash.slots,
+            locality,
+            subsetting,
             config,
             default_strategy,
             outlier_sink,

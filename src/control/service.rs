@@ -33,9 +33,11 @@ use crate::stats::{CounterValues, EndpointCounters, ReleasedEndpoint, RoutingUpd
 use crate::sync::arena::{SlotCounters, SlotId};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
-use crate::table::build::{HashParams, MemberInput, RingCache, TableInput, build};
+use crate::table::build::{HashParams, MemberInput, RingCache, SubsetsInput, TableInput, build};
 use crate::table::estimate::{Decay, estimate_ns, expire, now_ns};
+use crate::table::plan::{LevelHealth, PlanMember, PlanSettings, PlanSpec, plan_spec, total_health};
 use crate::table::ring::OwnedRingId;
+use crate::table::subsetting::subset_mask;
 use crate::table::{
     Arena, MemberHealth, MemberInfo, Miss, OutlierReport, ServiceContext, ServiceSlot, ServiceTable,
     SlotRecord,
@@ -301,21 +303,46 @@ impl ServiceControl {
                 }
             })
             .collect();
+        // Deterministic subsetting: members outside this balancer's subset take none of its
+        // traffic (and do not count for panic). A subset an operator emptied falls back to
+        // the whole service.
+        let in_subset = self.subset_mask(settings, &members);
+        for (m, &inside) in members.iter_mut().zip(&in_subset) {
+            m.routable &= inside;
+        }
+        let eligible_at = |m: &MemberInput, inside: bool| inside && !m.info.health.is_operator_decision();
+
         // Panic mode is about health (active checks and outlier ejection), never about what
         // an operator decided: marked-down and draining members are left out of the count and
-        // stay out of routing in panic (as Envoy leaves its excluded hosts out).
+        // stay out of routing in panic (as Envoy leaves its excluded hosts out). With several
+        // priority levels, the service panics when Envoy's normalized total health (each
+        // level's healthy share times the overprovisioning factor, summed, capped at 100) is
+        // under the threshold.
         let healthy = members.iter().filter(|m| m.routable).count();
         let eligible = members
             .iter()
-            .filter(|m| !m.info.health.is_operator_decision())
+            .zip(&in_subset)
+            .filter(|(m, inside)| eligible_at(m, **inside))
             .count();
         let threshold = u64::from(settings.config.panic_threshold_percent);
-        let panic = eligible > 0 && (healthy as u64) * 100 < threshold * eligible as u64;
+        let levels = self.level_health(&members, &in_subset);
+        let panic = if levels.len() > 1 {
+            eligible > 0
+                && total_health(&levels, settings.config.priority.overprovisioning_factor) < threshold as f64
+        } else {
+            eligible > 0 && (healthy as u64) * 100 < threshold * eligible as u64
+        };
         if panic {
-            for m in &mut members {
-                m.routable = !m.info.health.is_operator_decision();
+            for (m, &inside) in members.iter_mut().zip(&in_subset) {
+                m.routable = eligible_at(m, inside);
             }
         }
+        let plan = if panic {
+            None
+        } else {
+            self.plan(settings, &members, &in_subset)
+        };
+        let subsets = self.subsets_input(settings, &members);
         if panic != self.panic {
             if panic {
                 tracing::warn!(service = %self.name, healthy, eligible, total = members.len(), "panic mode: routing to every endpoint not marked down or draining");
@@ -374,6 +401,8 @@ impl ServiceControl {
                 balance_factor: settings.config.consistent_hash.balance_factor,
                 panic,
                 failover,
+                plan,
+                subsets,
             },
         ));
         let (total, routable) = (table.members.len(), table.routable_len());
@@ -394,6 +423,117 @@ impl ServiceControl {
             "published routing table"
         );
         update
+    }
+
+    /// Which members are in this balancer's deterministic subset (all when subsetting is off,
+    /// and when an operator took out every member of the subset).
+    fn subset_mask(&self, settings: &Settings, members: &[MemberInput]) -> Vec<bool> {
+        let Some((k, client)) = settings.subsetting else {
+            return vec![true; members.len()];
+        };
+        let ids: Vec<Vec<u8>> = self
+            .states
+            .iter()
+            .map(|state| {
+                let id = ring_id(&state.endpoint);
+                let mut bytes = [0u8; 4 + crate::table::ring::MAX_KEY_BYTES];
+                let len = crate::table::ring::id_bytes(id.as_id(), &mut bytes);
+                bytes[..len].to_vec()
+            })
+            .collect();
+        let refs: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
+        let mask = subset_mask(&refs, client, k);
+        let usable = members
+            .iter()
+            .zip(&mask)
+            .any(|(m, &inside)| inside && !m.info.health.is_operator_decision());
+        if usable { mask } else { vec![true; members.len()] }
+    }
+
+    /// Each priority level's healthy and eligible members, levels in order.
+    fn level_health(&self, members: &[MemberInput], in_subset: &[bool]) -> Vec<LevelHealth> {
+        let mut levels: std::collections::BTreeMap<u32, LevelHealth> = Default::default();
+        for ((state, m), &inside) in self.states.iter().zip(members).zip(in_subset) {
+            if !inside || m.info.health.is_operator_decision() {
+                continue;
+            }
+            let level = levels.entry(state.endpoint.priority()).or_default();
+            level.eligible += 1;
+            level.healthy += u32::from(m.routable);
+        }
+        levels.into_values().collect()
+    }
+
+    /// The routing plan of priorities and locality for `members` (not in panic), if it
+    /// restricts anything.
+    fn plan(&self, settings: &Settings, members: &[MemberInput], in_subset: &[bool]) -> Option<PlanSpec> {
+        let locality = &settings.locality;
+        let mut zones: Vec<&str> = self.states.iter().filter_map(|s| s.endpoint.zone()).collect();
+        zones.sort_unstable();
+        zones.dedup();
+        let plan_members: Vec<PlanMember> = self
+            .states
+            .iter()
+            .zip(members)
+            .zip(in_subset)
+            .map(|((state, m), &inside)| {
+                let endpoint = &state.endpoint;
+                PlanMember {
+                    level: endpoint.priority(),
+                    zone: endpoint
+                        .zone()
+                        .and_then(|z| zones.binary_search(&z).ok())
+                        .map(|z| z as u32),
+                    local_zone: locality.zone.is_some() && endpoint.zone() == locality.zone.as_deref(),
+                    local_region: locality.region.is_some()
+                        && endpoint.region() == locality.region.as_deref(),
+                    eligible: inside && !m.info.health.is_operator_decision(),
+                    healthy: m.routable,
+                    routable: m.routable,
+                }
+            })
+            .collect();
+        let client_zones: Option<Vec<f64>> = (!locality.client_zones.is_empty()).then(|| {
+            zones
+                .iter()
+                .map(|z| f64::from(locality.client_zones.get(*z).copied().unwrap_or(0)))
+                .collect()
+        });
+        plan_spec(
+            &plan_members,
+            &PlanSettings {
+                mode: locality.mode,
+                min_cluster_size: locality.min_cluster_size,
+                panic_threshold: settings.config.panic_threshold_percent,
+                overprovisioning_factor: settings.config.priority.overprovisioning_factor,
+                client_zones: client_zones.as_deref(),
+            },
+        )
+    }
+
+    /// The `[subsets]` groups of the routable members, if selectors are configured.
+    fn subsets_input(&self, settings: &Settings, members: &[MemberInput]) -> Option<SubsetsInput> {
+        let config = &settings.config.subsets;
+        if config.selectors.is_empty() {
+            return None;
+        }
+        let selectors: Vec<Vec<String>> = config
+            .selectors
+            .iter()
+            .map(|keys| {
+                let mut keys = keys.clone();
+                keys.sort();
+                keys
+            })
+            .collect();
+        let endpoints: Vec<&Endpoint> = self.states.iter().map(|s| &s.endpoint).collect();
+        let specs = crate::table::subsets::group(&selectors, &endpoints, |i| members[i].routable);
+        Some(SubsetsInput {
+            selectors,
+            specs,
+            fallback: config.fallback,
+            default: config.default_subset.clone(),
+        })
     }
 
     /// Stores `table` as the service's current one, keeping the one it replaces until no

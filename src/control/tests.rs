@@ -61,7 +61,7 @@ fn control_plane(thread_name: &str) -> ControlPlane {
     let mut config = LoadBalancerConfig::default();
     config.control_plane.thread_name = thread_name.to_owned();
     let sink: DataWeak<dyn OutlierSink> = DataWeak::<NoOutliers>::new();
-    ControlPlane::new(Settings::new(config, LoadBalancingStrategy::RoundRobin, sink))
+    ControlPlane::new(Settings::new(config, LoadBalancingStrategy::RoundRobin, sink).unwrap())
 }
 
 fn block_on<F: Future>(f: F) -> F::Output {

@@ -337,10 +337,13 @@ fn unit_random() -> f64 {
 /// * **SRV** target (`DnsTarget::srv`): one endpoint per record, at the addresses of its
 ///   target host (from the answer's additional section, else resolved as A/AAAA, the
 ///   hosts concurrently) on the record's port. The SRV weight becomes the endpoint weight
-///   (weight 0, "rarely", becomes 1, the smallest valid weight); the priority becomes tag
-///   `srv_priority` and the target host tag `srv_target`. Every priority receives traffic
-///   by weight unless [`DnsConfig::with_lowest_srv_priority_only`] keeps only the lowest
-///   (most preferred) priority, as RFC 2782 clients do. A target of `.` ("no service here") contributes
+///   (weight 0, "rarely", becomes 1, the smallest valid weight); the priority becomes the
+///   endpoint's [priority level](crate::EndpointMetadata::priority) by rank (the lowest
+///   value is level 0, the next level 1, ...), so lower-priority records get traffic as the
+///   better levels lose health (`[priority]`'s overprovisioning rule), and it is also kept
+///   raw in tag `srv_priority`; the target host is tag `srv_target`.
+///   [`DnsConfig::with_lowest_srv_priority_only`] keeps only the lowest (most preferred)
+///   priority's records, as RFC 2782 clients do. A target of `.` ("no service here") contributes
 ///   nothing.
 /// * Several targets may feed one service (an A and an AAAA target for dual stack): its
 ///   membership is the union of their last answers.
@@ -957,6 +960,14 @@ async fn resolve_srv(
             }
         }
     }
+    // SRV priorities become priority levels by rank: the lowest value is level 0, the next
+    // level 1, ... (so 10/20/30 are levels 0/1/2), at most `MAX_PRIORITY`.
+    let mut priorities: Vec<u16> = records.iter().map(|r| r.0).collect();
+    priorities.dedup(); // sorted above
+    let level_of = |p: u16| {
+        let rank = priorities.binary_search(&p).unwrap_or(0) as u32;
+        rank.min(crate::endpoint::MAX_PRIORITY)
+    };
     let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
     let mut malformed = BTreeSet::new();
     for (priority, weight, port, host) in records {
@@ -972,6 +983,7 @@ async fn resolve_srv(
         }
         let metadata = EndpointMetadata::new()
             .with_weight(u32::from(weight.max(1)))
+            .with_priority(level_of(priority))
             .with_tag(TAG_PRIORITY, priority.to_string())
             .with_tag(TAG_TARGET, host_text.trim_end_matches('.'));
         for ip in ips {

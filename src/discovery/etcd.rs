@@ -450,6 +450,8 @@ struct WireRecord {
     weight: Option<u32>,
     #[serde(default)]
     tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    priority: Option<u32>,
 }
 
 /// The JSON record written by [`EtcdRegistration`].
@@ -463,6 +465,12 @@ struct WireRecordOut<'a> {
     weight: u32,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     tags: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "is_zero")]
+    priority: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The JSON record for `endpoint`, as [`EtcdRegistration`] writes it and [`EtcdDiscovery`]
@@ -483,6 +491,7 @@ pub fn etcd_record(endpoint: &Endpoint) -> String {
         zone: meta.zone.as_deref(),
         weight: meta.weight,
         tags: &meta.tags,
+        priority: meta.priority,
     };
     // Serializing strings, integers and a string map cannot fail.
     serde_json::to_string(&record).unwrap_or_default()
@@ -500,6 +509,7 @@ fn parse_record(value: &[u8]) -> Result<Endpoint, String> {
         zone: record.zone,
         weight: record.weight.unwrap_or(1),
         tags: record.tags.unwrap_or_default(),
+        priority: record.priority.unwrap_or(0),
     };
     let metadata = (meta != EndpointMetadata::default()).then_some(meta);
     let endpoint = Endpoint::new(address, metadata);
@@ -1421,6 +1431,10 @@ mod tests {
         assert_eq!(full.region(), Some("r"));
         assert_eq!(full.tag("v"), Some("2"));
         assert_eq!(parse_record(etcd_record(&full).as_bytes()).unwrap(), full);
+        let standby = parse_record(br#"{"address":"127.0.0.1:5003","priority":2}"#).unwrap();
+        assert_eq!(standby.priority(), 2);
+        assert_eq!(parse_record(etcd_record(&standby).as_bytes()).unwrap(), standby);
+        assert!(etcd_record(&standby).contains(r#""priority":2"#));
     }
 
     #[test]
@@ -1437,6 +1451,8 @@ mod tests {
             br#"{"address":"127.0.0.1:5001","tags":{"v":2}}"#,
             br#"{"address":"127.0.0.1:5001","zone":""}"#,
             br#"{"address":"0.0.0.0:5001"}"#,
+            br#"{"address":"127.0.0.1:5001","priority":128}"#,
+            br#"{"address":"127.0.0.1:5001","priority":-1}"#,
         ] {
             assert!(parse_record(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }

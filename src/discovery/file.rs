@@ -50,6 +50,7 @@ const SETTLE: Duration = Duration::from_millis(25);
 /// zone = "us-west-2a"               # optional
 /// weight = 5                        # optional, 1..=1000000, default 1
 /// tags = { track = "canary" }       # optional
+/// priority = 1                      # optional, 0..=127, default 0 (the best level)
 ///
 /// [[services.endpoints]]
 /// address = "127.0.0.1:5002"
@@ -310,12 +311,16 @@ struct RawEndpoint {
     zone: Option<Spanned<String>>,
     weight: Option<Spanned<u32>>,
     tags: Option<Spanned<BTreeMap<String, String>>>,
+    priority: Option<Spanned<u32>>,
 }
 
 impl RawEndpoint {
     fn to_endpoint(&self, address: SocketAddr) -> Endpoint {
-        let plain =
-            self.region.is_none() && self.zone.is_none() && self.weight.is_none() && self.tags.is_none();
+        let plain = self.region.is_none()
+            && self.zone.is_none()
+            && self.weight.is_none()
+            && self.tags.is_none()
+            && self.priority.is_none();
         if plain {
             return Endpoint::new(address, None);
         }
@@ -328,6 +333,7 @@ impl RawEndpoint {
                 .as_ref()
                 .map(|t| t.get_ref().clone())
                 .unwrap_or_default(),
+            priority: self.priority.as_ref().map_or(0, |p| *p.get_ref()),
         };
         Endpoint::new(address, Some(metadata))
     }
@@ -342,6 +348,7 @@ impl RawEndpoint {
                     "region" => self.region.as_ref().map(Spanned::span),
                     "zone" => self.zone.as_ref().map(Spanned::span),
                     "tags" => self.tags.as_ref().map(Spanned::span),
+                    "priority" => self.priority.as_ref().map(Spanned::span),
                     _ => None,
                 };
                 span.map_or(address, |span| (*field, span))

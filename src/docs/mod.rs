@@ -4,6 +4,9 @@
 #[doc = include_str!("consistent_hashing.md")]
 pub mod consistent_hashing {}
 
+#[doc = include_str!("locality_and_priority.md")]
+pub mod locality_and_priority {}
+
 #[cfg(feature = "etcd")]
 #[doc = include_str!("fleet.md")]
 pub mod fleet {}

@@ -580,6 +580,28 @@ fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec
             )
         }),
     );
+    let service_labels = |s: &'m crate::ServiceMetrics| Labels {
+        service: Some(&s.service),
+        ..Labels::default()
+    };
+    push(
+        &mut out,
+        "tai_lb_local_picks",
+        "Picks that went to an endpoint in the balancer's local zone ([locality] local_zone).",
+        Kind::Counter,
+        m.services
+            .iter()
+            .filter_map(|s| Some((service_labels(s), Sample::Counter(s.local_picks?)))),
+    );
+    push(
+        &mut out,
+        "tai_lb_local_pick_share",
+        "Share of the current endpoints' picks that stayed in the local zone (0 to 1).",
+        Kind::Gauge,
+        m.services
+            .iter()
+            .filter_map(|s| Some((service_labels(s), Sample::GaugeF(s.local_pick_share?)))),
+    );
     let a = &m.affinity;
     push(
         &mut out,

@@ -185,6 +185,7 @@ pub struct BalancedChannelBuilder {
     service: String,
     key: Option<RequestKey>,
     key_error: Option<Error>,
+    subset: Vec<(HeaderName, String)>,
     retry: RetryPolicy,
     timeout: Option<Duration>,
     connect_timeout: Duration,
@@ -284,6 +285,36 @@ impl BalancedChannelBuilder {
                 None
             }
         }
+    }
+
+    /// Routes calls inside a metadata subset (see
+    /// [`IntegratedLoadBalancer::pick_subset`](crate::IntegratedLoadBalancer::pick_subset)):
+    /// the value of request header `header` is the value of tag `tag`. Call it once per key
+    /// of a `[subsets]` selector; a call carrying all of the headers picks inside that subset
+    /// by the strategy (under the subset fallback policy), a call missing one is routed
+    /// normally. Affinity and hash keys take precedence.
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use tai_loadbalancer::*;
+    /// # #[allow(dead_code)]
+    /// # fn f(lb: Arc<IntegratedLoadBalancer>) -> Result<(), Error> {
+    /// let channel = BalancedChannel::builder(lb, "api")
+    ///     .subset_header("x-version", "version")
+    ///     .build()?;
+    /// # let _ = channel; Ok(()) }
+    /// ```
+    pub fn subset_header(mut self, header: &str, tag: &str) -> Self {
+        match HeaderName::try_from(header) {
+            Ok(name) => self.subset.push((name, tag.to_owned())),
+            Err(e) => {
+                self.key_error = Some(Error::InvalidConfig {
+                    field: "grpc.subset_header".to_owned(),
+                    reason: format!("{header:?} is not a valid header name: {e}"),
+                });
+            }
+        }
+        self
     }
 
     /// When calls are retried on another endpoint (default: [`RetryPolicy::default`]).
@@ -436,6 +467,7 @@ impl BalancedChannelBuilder {
                 lb: self.lb,
                 service: self.service,
                 key: self.key,
+                subset: self.subset,
                 retry: self.retry,
                 timeout: self.timeout,
                 failure_codes: self.failure_codes,
@@ -506,6 +538,7 @@ impl BalancedChannel {
             service: service.to_owned(),
             key: None,
             key_error: None,
+            subset: Vec::new(),
             retry: RetryPolicy::default(),
             timeout: None,
             connect_timeout: Duration::from_secs(1),
@@ -599,6 +632,8 @@ struct Inner {
     lb: DataArc<IntegratedLoadBalancer>,
     service: String,
     key: Option<RequestKey>,
+    /// Request headers naming a metadata subset, and the tag key each one gives.
+    subset: Vec<(HeaderName, String)>,
     retry: RetryPolicy,
     budget: RetryBudget,
     timeout: Option<Duration>,
@@ -636,6 +671,26 @@ impl Inner {
             (Some(key), Some(_)) => Route::Hash(hash_key(key)),
             (None, Some(k)) if k.random_when_absent => Route::Hash(crate::sync::random_u64()),
             _ => Route::Strategy,
+        };
+        // A call carrying every subset header is routed inside that subset by the strategy
+        // (keys and hashes route first; a call missing one of the headers is not restricted).
+        let subset_values: Option<Vec<(&str, String)>> = match route {
+            Route::Strategy if !self.subset.is_empty() => self
+                .subset
+                .iter()
+                .map(|(header, tag)| {
+                    let value = parts.headers.get(header)?.to_str().ok()?;
+                    Some((tag.as_str(), value.to_owned()))
+                })
+                .collect(),
+            _ => None,
+        };
+        let subset_pairs: Option<Vec<(&str, &str)>> = subset_values
+            .as_ref()
+            .map(|values| values.iter().map(|(t, v)| (*t, v.as_str())).collect());
+        let route = match &subset_pairs {
+            Some(pairs) => Route::Subset(pairs),
+            None => route,
         };
         let idempotent =
             parts.extensions.get::<Idempotent>().is_some() || self.retry.is_idempotent(parts.uri.path());

@@ -42,7 +42,10 @@ use std::time::Duration;
 
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
+use crate::table::plan::PlanGroup;
 use crate::table::ring::{FALLBACK_PROBES, owner_without_ring, probe_hash, reduce};
+use crate::table::schedule::Schedule;
+use crate::table::subsets::SubsetMiss;
 use crate::table::{Members, Miss, ServiceSlot, ServiceTable, SlotLease, report};
 
 // ===== the read path =====
@@ -78,17 +81,92 @@ pub(crate) fn choose<'t>(
             return Ok(Chosen::at((&table.members, i)));
         }
     }
-    let index = match table.strategy {
-        LoadBalancingStrategy::RoundRobin => round_robin::index(slot.next_ticket(), n),
-        LoadBalancingStrategy::Weighted => match &table.schedule {
-            Some(schedule) => schedule.index(slot.next_ticket()),
-            None => round_robin::index(slot.next_ticket(), n),
+    let pool = match &table.plan {
+        // Priority levels and locality: a group by the plan's shares, then the strategy
+        // inside it.
+        Some(plan) => Pool::of(plan.group((crate::sync::random_u64() >> 32) as u32)),
+        None => Pool {
+            view: routable,
+            schedule: table.schedule.as_ref(),
+            weighted: table.weighted,
         },
-        LoadBalancingStrategy::Random | LoadBalancingStrategy::ConsistentHash => random::index(n),
-        LoadBalancingStrategy::LeastConnections => p2c::index(routable, shard, table.weighted),
-        LoadBalancingStrategy::PeakEwma => p2c::index_by_cost(routable, shard, table.weighted),
     };
-    Ok(Chosen::at((routable, index)))
+    Ok(Chosen::at((pool.view, pool.index(table.strategy, slot, shard))))
+}
+
+/// The members a strategy picks among: the routable ones, a plan's group or a subset, with
+/// the weighted schedule over them.
+#[derive(Clone, Copy)]
+pub(crate) struct Pool<'t> {
+    pub(crate) view: &'t Members,
+    pub(crate) schedule: Option<&'t Schedule>,
+    pub(crate) weighted: bool,
+}
+
+impl<'t> Pool<'t> {
+    #[inline]
+    fn of(group: &'t PlanGroup) -> Self {
+        Pool {
+            view: &group.view,
+            schedule: group.schedule.as_ref(),
+            weighted: group.weighted,
+        }
+    }
+
+    /// The strategy's pick among the pool's members (at least one).
+    #[inline]
+    pub(crate) fn index(&self, strategy: LoadBalancingStrategy, slot: &ServiceSlot, shard: usize) -> usize {
+        let n = self.view.len();
+        match strategy {
+            LoadBalancingStrategy::RoundRobin => round_robin::index(slot.next_ticket(), n),
+            LoadBalancingStrategy::Weighted => match self.schedule {
+                Some(schedule) => schedule.index(slot.next_ticket()),
+                None => round_robin::index(slot.next_ticket(), n),
+            },
+            LoadBalancingStrategy::Random | LoadBalancingStrategy::ConsistentHash => random::index(n),
+            LoadBalancingStrategy::LeastConnections => p2c::index(self.view, shard, self.weighted),
+            LoadBalancingStrategy::PeakEwma => p2c::index_by_cost(self.view, shard, self.weighted),
+        }
+    }
+}
+
+/// A pick restricted to the metadata subset `pairs` names (see
+/// [`subsets`](crate::table::subsets)): the strategy over the subset's members, or over every
+/// routable member when the fallback says so.
+#[inline]
+pub(crate) fn choose_subset<'t>(
+    table: &'t ServiceTable,
+    slot: &ServiceSlot,
+    pairs: &[(&str, &str)],
+    shard: usize,
+) -> Result<Chosen<'t>, SubsetChoice> {
+    if table.routable.len() == 0 {
+        return Err(SubsetChoice::Miss(table.miss()));
+    }
+    let Some(index) = &table.subsets else {
+        return Err(SubsetChoice::Subset(SubsetMiss::UnknownSelector));
+    };
+    match index.resolve(pairs) {
+        Ok(subset) => {
+            let pool = Pool {
+                view: &subset.view,
+                schedule: subset.schedule.as_ref(),
+                weighted: subset.weighted,
+            };
+            Ok(Chosen::at((pool.view, pool.index(table.strategy, slot, shard))))
+        }
+        Err(SubsetMiss::AnyEndpoint) => choose(table, slot, None, shard, false).map_err(SubsetChoice::Miss),
+        Err(miss) => Err(SubsetChoice::Subset(miss)),
+    }
+}
+
+/// Why a subset pick has no endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SubsetChoice {
+    /// The service has no routable endpoint at all.
+    Miss(Miss),
+    /// The subset is unknown or empty (after the fallback).
+    Subset(SubsetMiss),
 }
 
 /// A decision: entry `index` of `view`, and the lease on it if the decision already took one
@@ -144,9 +222,17 @@ fn by_order(table: &ServiceTable, order: &[u32]) -> Option<usize> {
 /// Consistent-hash pick with the deterministic health fallback (see
 /// [`ring`](crate::table::ring)). At least one member is routable. Returns a member index,
 /// or a routable index for the final fallback.
+///
+/// With priority levels, the key's level comes first (by its hash against the levels'
+/// shares, [`RoutingPlan::level_of_hash`](crate::table::plan::RoutingPlan::level_of_hash)) and only owners at that level count; the final
+/// fallback is then a reduction over a group of that level.
 #[inline]
 fn by_hash(table: &ServiceTable, h: u64) -> (&Members, usize) {
     let members = table.members.entries();
+    let level = table
+        .plan
+        .as_ref()
+        .and_then(|plan| Some((plan, plan.level_of_hash(h)?)));
     for probe in 0..=FALLBACK_PROBES {
         let hp = probe_hash(h, probe);
         let owner = match &table.ring {
@@ -154,12 +240,18 @@ fn by_hash(table: &ServiceTable, h: u64) -> (&Members, usize) {
             None => ringless_owner(table, hp),
         };
         if let Some(o) = owner {
-            if members[o].payload.routable() {
+            let at_level = level.is_none_or(|(plan, l)| plan.member_level(o) == l);
+            if members[o].payload.routable() && at_level {
                 return (&table.members, o);
             }
         }
     }
     let last = probe_hash(h, FALLBACK_PROBES + 1);
+    if let Some((plan, l)) = level {
+        if let Some(group) = plan.groups().iter().find(|g| g.level == l) {
+            return (&group.view, reduce(last, group.view.len()));
+        }
+    }
     (&table.routable, reduce(last, table.routable.len()))
 }
 
@@ -237,11 +329,15 @@ fn by_hash_bounded(table: &ServiceTable, h: u64, shard: usize, hold: bool) -> Ch
     let cap = LazyCap::new(table);
     let members = &table.members;
     let entries = members.entries();
+    let level = table
+        .plan
+        .as_ref()
+        .and_then(|plan| Some((plan, plan.level_of_hash(h)?)));
     let walked = bounded_walk(
         hashing.len(),
         hashing.position(h),
         |p| hashing.owner_at(p),
-        |o| entries[o].payload.routable(),
+        |o| entries[o].payload.routable() && level.is_none_or(|(plan, l)| plan.member_level(o) == l),
         |o| take_below(members, o, shard, &cap, hold),
     );
     match walked {

@@ -13,8 +13,10 @@ use crate::config::strategy::LoadBalancingStrategy;
 use crate::sync::DataArc;
 use crate::sync::arena::{Entry, SlotId};
 use crate::table::maglev::MaglevTable;
+use crate::table::plan::{PlanGroup, PlanSpec, RoutingPlan};
 use crate::table::ring::{HashRing, OwnedRingId, RingId};
 use crate::table::schedule::Schedule;
+use crate::table::subsets::{SubsetIndex, SubsetSpec};
 use crate::table::{Arena, Hashing, MemberHealth, MemberInfo, ServiceTable, Target};
 
 /// One member, as the control plane knows it.
@@ -48,6 +50,28 @@ pub(crate) struct TableInput {
     pub(crate) panic: bool,
     /// Member indices of a primary/backup order, if the service is routed by one.
     pub(crate) failover: Option<Box<[u32]>>,
+    /// Priority levels and locality, when they restrict the routable members.
+    pub(crate) plan: Option<PlanSpec>,
+    /// Metadata subsets: the selectors (keys sorted), the groups, the fallback and the
+    /// default subset's pairs.
+    pub(crate) subsets: Option<SubsetsInput>,
+}
+
+/// The `[subsets]` part of a table's input.
+pub(crate) struct SubsetsInput {
+    pub(crate) selectors: Vec<Vec<String>>,
+    pub(crate) specs: Vec<SubsetSpec>,
+    pub(crate) fallback: crate::config::locality::SubsetFallback,
+    pub(crate) default: std::collections::BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SubsetsInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubsetsInput")
+            .field("selectors", &self.selectors)
+            .field("subsets", &self.specs.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Builds the table over `arena`'s slots: the member and routable views, the weights, and
@@ -71,6 +95,53 @@ pub(crate) fn build(arena: &Arena, input: TableInput) -> ServiceTable {
         .collect();
     let routable: Vec<Entry<Target>> = members.iter().filter(|e| e.payload.routable()).copied().collect();
     let routable_len = routable.len();
+    // A group of members (by index) as a view with its weighted schedule.
+    let strategy = input.strategy;
+    let pool = |indices: &[u32]| {
+        let entries: Vec<Entry<Target>> = indices.iter().map(|&i| members[i as usize]).collect();
+        let weights: Vec<u32> = entries.iter().map(|e| e.payload.weight()).collect();
+        let weighted = weights.windows(2).any(|w| w[0] != w[1]);
+        let schedule = match strategy {
+            LoadBalancingStrategy::Weighted => Schedule::build(&weights),
+            _ => None,
+        };
+        (arena.view(entries), schedule, weighted)
+    };
+    let plan = input.plan.and_then(|spec| {
+        let groups = spec
+            .groups
+            .iter()
+            .map(|(indices, share, level)| {
+                let (view, schedule, weighted) = pool(indices);
+                (
+                    PlanGroup {
+                        view,
+                        schedule,
+                        weighted,
+                        level: *level,
+                    },
+                    *share,
+                )
+            })
+            .collect();
+        RoutingPlan::new(groups, &spec.levels, spec.member_level).map(Box::new)
+    });
+    let subsets = input.subsets.map(|sub| {
+        let built = sub
+            .specs
+            .iter()
+            .map(|spec| {
+                let (view, schedule, weighted) = pool(&spec.members);
+                SubsetIndex::subset(spec, view, schedule, weighted)
+            })
+            .collect();
+        Box::new(SubsetIndex::new(
+            &sub.selectors,
+            built,
+            sub.fallback,
+            &sub.default,
+        ))
+    });
     let weights: Vec<u32> = routable.iter().map(|e| e.payload.weight()).collect();
     let weighted = weights.windows(2).any(|w| w[0] != w[1]);
     let schedule = match input.strategy {
@@ -98,6 +169,8 @@ pub(crate) fn build(arena: &Arena, input: TableInput) -> ServiceTable {
         miss: None,
         panic: input.panic,
         failover: input.failover,
+        plan,
+        subsets,
     }
 }
 

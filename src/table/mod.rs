@@ -35,8 +35,11 @@
 pub(crate) mod build;
 pub(crate) mod estimate;
 pub(crate) mod maglev;
+pub(crate) mod plan;
 pub(crate) mod ring;
 pub(crate) mod schedule;
+pub(crate) mod subsets;
+pub(crate) mod subsetting;
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -323,6 +326,11 @@ pub(crate) struct ServiceTable {
     pub(crate) panic: bool,
     /// Primary/backup order (member indices): picks go to the first healthy one.
     pub(crate) failover: Option<Box<[u32]>>,
+    /// Priority levels and locality: the groups strategy picks draw from (`None`: all of
+    /// `routable`).
+    pub(crate) plan: Option<Box<plan::RoutingPlan>>,
+    /// Metadata subsets, when `[subsets]` has selectors.
+    pub(crate) subsets: Option<Box<subsets::SubsetIndex>>,
 }
 
 impl ServiceTable {
@@ -354,6 +362,8 @@ impl ServiceTable {
             miss,
             panic: false,
             failover: None,
+            plan: None,
+            subsets: None,
         }
     }
 

@@ -114,12 +114,12 @@ impl OwnedRingId {
 }
 
 /// Longest hash key hashed from the stack (longer ones are refused at registration).
-pub(super) const MAX_KEY_BYTES: usize = 255;
+pub(crate) const MAX_KEY_BYTES: usize = 255;
 
 /// Writes the bytes that identify `id` into `buf` and returns their length: IP octets then
 /// big-endian port for an address (what every mapping before hash keys used, unchanged), and
 /// `key:` then the key's bytes for a hash key (a prefix no address identity has).
-pub(super) fn id_bytes(id: RingId<'_>, buf: &mut [u8; 4 + MAX_KEY_BYTES]) -> usize {
+pub(crate) fn id_bytes(id: RingId<'_>, buf: &mut [u8; 4 + MAX_KEY_BYTES]) -> usize {
     match id {
         RingId::Address(addr) => {
             let mut a = [0u8; 22];
