@@ -804,8 +804,9 @@ impl<R: Send + Sync + 'static, C: Send + Sync + 'static, P> View<R, C, P> {
                 return Err(load);
             }
             debug_assert!(seen & IN_FLIGHT_MASK < IN_FLIGHT_MASK, "in-flight overflow");
-            // Relaxed, as in `lease`: the count publishes nothing.
-            match word.compare_exchange_weak(
+            // Relaxed, as in `lease`: the count publishes nothing. A strong swap: a spurious
+            // failure (LL/SC machines, Miri) must not count a slot with room as full.
+            match word.compare_exchange(
                 seen,
                 seen.wrapping_add(ACQUIRE),
                 Ordering::Relaxed,
