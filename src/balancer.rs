@@ -25,6 +25,7 @@ use crate::affinity::{AffinityManager, fingerprint};
 use crate::config::affinity::{AffinityRequest, validate_key};
 use crate::control::{ControlPlane, Settings, Sources};
 use crate::endpoint::Endpoint;
+use crate::error::CircuitLimit;
 use crate::handoff::queue::Ack;
 use crate::handoff::{Command, MembershipSink, OutlierSink};
 #[cfg(feature = "runtime")]
@@ -326,9 +327,10 @@ impl Shared {
     pub(crate) fn pick(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Pick, Error> {
         let table = slot.table.load();
         let shard = thread_ordinal();
+        let ticket = Ticket::admit(&table)?;
         Ok(self
             .choose(&table, slot, hash, shard, true)?
-            .into_pick(&table, shard))
+            .into_pick(&table, shard, ticket.keep()))
     }
 
     /// An unguarded selection from `slot`.
@@ -336,6 +338,7 @@ impl Shared {
     pub(crate) fn select(&self, slot: &ServiceSlot, hash: Option<u64>) -> Result<Endpoint, Error> {
         let table = slot.table.load();
         let shard = thread_ordinal();
+        Ticket::check(&table)?;
         let Chosen { view, index, .. } = self.choose(&table, slot, hash, shard, false)?;
         view.note_selection(index, shard);
         Ok(table.endpoint(view, index))
@@ -366,8 +369,9 @@ impl Shared {
     pub(crate) fn pick_subset(&self, slot: &ServiceSlot, pairs: &[(&str, &str)]) -> Result<Pick, Error> {
         let table = slot.table.load();
         let shard = thread_ordinal();
+        let ticket = Ticket::admit(&table)?;
         match choose_subset(&table, slot, pairs, shard) {
-            Ok(chosen) => Ok(chosen.into_pick(&table, shard)),
+            Ok(chosen) => Ok(chosen.into_pick(&table, shard, ticket.keep())),
             Err(why) => Err(self.subset_error(&table, pairs, why)),
         }
     }
@@ -381,6 +385,7 @@ impl Shared {
     ) -> Result<Endpoint, Error> {
         let table = slot.table.load();
         let shard = thread_ordinal();
+        Ticket::check(&table)?;
         match choose_subset(&table, slot, pairs, shard) {
             Ok(Chosen { view, index, .. }) => {
                 view.note_selection(index, shard);
@@ -422,6 +427,52 @@ impl Shared {
         if !slot.hash_wanted.swap(true, Ordering::Relaxed) {
             self.control
                 .submit_unacked(Command::WantRing(table.service.clone()));
+        }
+    }
+}
+
+/// A guarded pick's place under the service's circuit-breaker `max_requests`, taken before
+/// the decision and given back if the decision fails (or handed to the [`Pick`]).
+struct Ticket<'t>(Option<&'t crate::breaker::Breaker>);
+
+impl<'t> Ticket<'t> {
+    /// Takes a place if the service limits its requests (after the misses of a stopped or
+    /// removed service, which answer as they would without a breaker).
+    #[inline]
+    fn admit(table: &'t ServiceTable) -> Result<Ticket<'t>, Error> {
+        let Some(breaker) = &table.members.context().breaker else {
+            return Ok(Ticket(None));
+        };
+        if let Some(miss) = table.miss {
+            return Err(miss_error(table, miss));
+        }
+        Ok(Ticket(
+            breaker.admit(CircuitLimit::MaxRequests)?.then_some(&**breaker),
+        ))
+    }
+
+    /// For an unguarded selection: refused while the service is at its limit (it holds
+    /// nothing, so it takes no place).
+    #[inline]
+    fn check(table: &ServiceTable) -> Result<(), Error> {
+        match &table.members.context().breaker {
+            Some(breaker) if table.miss.is_none() => breaker.check(CircuitLimit::MaxRequests),
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands the place to the pick: whether it holds one.
+    #[inline]
+    fn keep(mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
+impl Drop for Ticket<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            breaker.release(CircuitLimit::MaxRequests);
         }
     }
 }
@@ -661,6 +712,7 @@ impl IntegratedLoadBalancer {
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
         let shard = thread_ordinal();
+        Ticket::check(&table)?;
         let Chosen { view, index, .. } = self
             .shared
             .choose_with_affinity(&table, slot, key, shard, false)?;
@@ -680,10 +732,11 @@ impl IntegratedLoadBalancer {
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
         let shard = thread_ordinal();
+        let ticket = Ticket::admit(&table)?;
         Ok(self
             .shared
             .choose_with_affinity(&table, slot, key, shard, true)?
-            .into_pick(&table, shard))
+            .into_pick(&table, shard, ticket.keep()))
     }
 
     /// A guarded pick for one attempt of a call that may be retried: routed by `route`, and
@@ -701,6 +754,7 @@ impl IntegratedLoadBalancer {
         let slot = Shared::slot_by_name(&directory, service)?;
         let table = slot.table.load();
         let shard = thread_ordinal();
+        let ticket = Ticket::admit(&table)?;
         let chosen = match route {
             Route::Strategy => self.shared.choose(&table, slot, None, shard, true)?,
             Route::Hash(hash) => self.shared.choose(&table, slot, Some(hash), shard, true)?,
@@ -712,7 +766,7 @@ impl IntegratedLoadBalancer {
                 .map_err(|why| self.shared.subset_error(&table, pairs, why))?,
         };
         if !avoid.contains(&chosen.address(&table)) {
-            return Ok(chosen.into_pick(&table, shard));
+            return Ok(chosen.into_pick(&table, shard, ticket.keep()));
         }
         drop(chosen); // a lease bounded loads took ends here
         let routable = &table.routable;
@@ -721,7 +775,7 @@ impl IntegratedLoadBalancer {
         (0..n)
             .map(|k| (start + k) % n)
             .find(|&k| !avoid.contains(&table.address(&routable.entries()[k].payload)))
-            .map(|k| Pick::new(&table, routable, k, shard))
+            .map(|k| Pick::new(&table, routable, k, shard).with_admission(ticket.keep()))
             .ok_or_else(|| Error::NoHealthyEndpoints {
                 service: table.service.clone(),
                 total: table.members.len(),

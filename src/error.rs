@@ -327,6 +327,22 @@ pub enum Error {
         reason: DataArc<str>,
     },
 
+    /// A circuit breaker of the service is open: `limit` (configured at `max`) was reached,
+    /// so the call was refused at once instead of piling onto a sick or saturated service
+    /// (Envoy's circuit breakers; see `[circuit_breakers]` in CONFIGURATION.md). Counted in
+    /// `lb.metrics()` and `tai_lb_circuit_open_total{limit=...}`. Through a
+    /// [`BalancedChannel`](crate::BalancedChannel) it is a gRPC `UNAVAILABLE` whose message
+    /// names the limit and whose `source()` is this error.
+    #[error("circuit breaker open for service `{service}`: {limit} ({max}) reached")]
+    CircuitOpen {
+        /// The service.
+        service: DataArc<str>,
+        /// Which limit was reached.
+        limit: CircuitLimit,
+        /// Its configured value.
+        max: u32,
+    },
+
     /// An etcd call failed (unreachable, timed out, or refused): registering or
     /// deregistering an instance (`EtcdRegistration`, feature `etcd`).
     #[error("etcd {operation} failed: {reason}")]
@@ -336,6 +352,53 @@ pub enum Error {
         /// The client's error, or the timeout.
         reason: String,
     },
+}
+
+/// One of a service's circuit-breaker limits (Envoy's thresholds), as named in
+/// [`Error::CircuitOpen`] and in the `limit` label of `tai_lb_circuit_open_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CircuitLimit {
+    /// Requests in flight across the service's endpoints (guarded picks alive).
+    MaxRequests,
+    /// Calls waiting in a [`BalancedChannel`](crate::BalancedChannel) for a stream (every
+    /// connection it may open to the endpoint busy).
+    MaxPending,
+    /// Retries in flight at once (a concurrency budget, beside the channel's rate budget).
+    MaxRetries,
+    /// Connections to one endpoint, over every channel of the balancer.
+    MaxConnectionsPerEndpoint,
+}
+
+impl CircuitLimit {
+    /// Every limit, in the order of [`index`](Self::index).
+    pub const ALL: [CircuitLimit; 4] = [
+        CircuitLimit::MaxRequests,
+        CircuitLimit::MaxPending,
+        CircuitLimit::MaxRetries,
+        CircuitLimit::MaxConnectionsPerEndpoint,
+    ];
+
+    /// The configuration field's name: `max_requests`, `max_pending`, `max_retries`,
+    /// `max_connections_per_endpoint`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitLimit::MaxRequests => "max_requests",
+            CircuitLimit::MaxPending => "max_pending",
+            CircuitLimit::MaxRetries => "max_retries",
+            CircuitLimit::MaxConnectionsPerEndpoint => "max_connections_per_endpoint",
+        }
+    }
+
+    /// Position in [`ALL`](Self::ALL).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for CircuitLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 fn location(line: Option<usize>, column: Option<usize>) -> String {

@@ -21,6 +21,7 @@ compile_error!("`--cfg tai_loadbalancer_loom` needs `--features loom` (see loom-
 
 mod affinity;
 mod balancer;
+mod breaker;
 mod config;
 mod control;
 #[cfg(feature = "runtime")]
@@ -51,6 +52,7 @@ pub use config::affinity::{
     AffinityConfig, AffinityRequest, AffinityStrategy, MAX_AFFINITY_ENTRIES, MAX_AFFINITY_KEY_LEN,
     MAX_AFFINITY_TTL, cookie_value,
 };
+pub use config::circuit_breakers::CircuitBreakerConfig;
 pub use config::health::{
     HealthCheck, HealthCheckConfig, HealthCheckKind, MAX_CHECK_DURATION, MAX_CONCURRENT_CHECKS,
     MAX_EJECTION_TIME, OutlierDetectionConfig, SlowStartConfig, StatusRange,
@@ -84,7 +86,7 @@ pub use discovery::{DnsConfig, DnsDiscovery, DnsTarget, DnsTargetKind};
 pub use endpoint::{
     Endpoint, EndpointMetadata, HASH_KEY_TAG, MAX_PRIORITY, MAX_SERVICE_NAME_LEN, MAX_WEIGHT,
 };
-pub use error::Error;
+pub use error::{CircuitLimit, Error};
 /// `etcd-client`, re-exported so a client of the same version is at hand (to write records,
 /// or to pass [`ConnectOptions`](etcd_client::ConnectOptions) to [`EtcdConfig`]).
 #[cfg(feature = "etcd")]
@@ -124,8 +126,9 @@ pub use prometheus_client;
 pub use rebalance::{RebalanceEvents, RebalanceManager};
 pub use registry::ServiceRegistry;
 pub use stats::{
-    AffinityStats, DrainReport, EndpointHealth, EndpointMetrics, HealthState, HealthStatus,
-    LoadBalancerMetrics, RebalanceEvent, RebalanceTrigger, ReleasedEndpoint, RoutingUpdate, ServiceMetrics,
+    AffinityStats, CircuitBreakerMetrics, DrainReport, EndpointHealth, EndpointMetrics, HealthState,
+    HealthStatus, LoadBalancerMetrics, RebalanceEvent, RebalanceTrigger, ReleasedEndpoint, RoutingUpdate,
+    ServiceMetrics,
 };
 pub use table::estimate::FAILED_PROBE_ESTIMATE;
 pub use table::ring::{FALLBACK_PROBES, MAX_VIRTUAL_MEMBERS, hash_key};

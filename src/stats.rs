@@ -25,8 +25,10 @@ use std::time::Duration;
 
 use std::time::SystemTime;
 
+use crate::config::circuit_breakers::CircuitBreakerConfig;
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
+use crate::error::CircuitLimit;
 use crate::histogram::LatencyHistogram;
 use crate::sync::DataArc;
 
@@ -101,6 +103,40 @@ pub struct ServiceMetrics {
     pub local_pick_share: Option<f64>,
     /// Current endpoints, in address order.
     pub endpoints: Vec<EndpointMetrics>,
+    /// Its circuit breakers, when a limit is set for it.
+    pub circuit_breaker: Option<CircuitBreakerMetrics>,
+}
+
+/// A service's circuit breakers: the limits in force, what each holds now, and how many
+/// calls each refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CircuitBreakerMetrics {
+    /// The limits in force (the top-level ones with the service's own in their place).
+    pub limits: CircuitBreakerConfig,
+    /// Guarded picks in flight (counted while `max_requests` is set).
+    pub requests: u64,
+    /// Channel calls waiting for a connection or a stream (counted while `max_pending` is
+    /// set).
+    pub pending: u64,
+    /// Retries in flight (counted while `max_retries` is set).
+    pub retries: u64,
+    /// Connections the balancer's channels hold to the service's endpoints.
+    pub connections: u64,
+    /// Calls refused by each limit, by [`CircuitLimit::index`]; see [`open`](Self::open).
+    pub refused: [u64; 4],
+}
+
+impl CircuitBreakerMetrics {
+    /// Calls refused because `limit` was reached (for `max_connections_per_endpoint`:
+    /// connections not opened, the call sharing an open one or failing).
+    pub fn open(&self, limit: CircuitLimit) -> u64 {
+        self.refused[limit.index()]
+    }
+
+    /// Calls refused by any limit.
+    pub fn open_total(&self) -> u64 {
+        self.refused.iter().sum()
+    }
 }
 
 /// Counters of one endpoint.
@@ -158,6 +194,15 @@ impl LoadBalancerMetrics {
         self.services.iter().find(|s| s.service == service)
     }
 
+    /// Calls refused by `limit` of a circuit breaker, every service together.
+    pub fn circuit_open(&self, limit: CircuitLimit) -> u64 {
+        self.services
+            .iter()
+            .filter_map(|s| s.circuit_breaker.as_ref())
+            .map(|b| b.open(limit))
+            .sum()
+    }
+
     pub(crate) fn from_counters(services: Vec<ServiceCounters>, local_zone: Option<&str>) -> Self {
         let mut m = LoadBalancerMetrics::default();
         for sc in services {
@@ -197,6 +242,7 @@ impl LoadBalancerMetrics {
                 local_picks,
                 local_pick_share,
                 endpoints,
+                circuit_breaker: sc.circuit_breaker,
             };
             m.total_requests += service.total_requests;
             m.successful_requests += service.successful_requests;
@@ -554,4 +600,5 @@ pub(crate) struct ServiceCounters {
     pub(crate) endpoints: Vec<EndpointCounters>,
     /// Removed endpoints (retiring and retired) together.
     pub(crate) removed: CounterValues,
+    pub(crate) circuit_breaker: Option<CircuitBreakerMetrics>,
 }

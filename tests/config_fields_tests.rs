@@ -133,6 +133,21 @@ const ONE_FIELD: &[(&str, &str)] = &[
     ("peak_ewma", "decay = \"1h\""),
     ("services.api", "strategy = \"consistent_hash\""),
     ("services.api", "strategy = \"peak_ewma\""),
+    ("circuit_breakers", "max_requests = 1"),
+    ("circuit_breakers", "max_requests = 4294967295"),
+    ("circuit_breakers", "max_pending = 1"),
+    ("circuit_breakers", "max_pending = 4294967295"),
+    ("circuit_breakers", "max_retries = 1"),
+    ("circuit_breakers", "max_retries = 4294967295"),
+    ("circuit_breakers", "max_connections_per_endpoint = 1"),
+    ("circuit_breakers", "max_connections_per_endpoint = 4294967295"),
+    ("services.api.circuit_breakers", "max_requests = 1"),
+    ("services.api.circuit_breakers", "max_pending = 4294967295"),
+    ("services.api.circuit_breakers", "max_retries = 1"),
+    (
+        "services.api.circuit_breakers",
+        "max_connections_per_endpoint = 1",
+    ),
 ];
 
 /// Values just past a bound: `(section, field = value, the field the error names)`.
@@ -218,6 +233,31 @@ const REFUSED: &[(&str, &str, &str)] = &[
     ("subsetting", "subset_size = 1000001", "subsetting.subset_size"),
     ("control_plane", "max_batch = 0", "control_plane.max_batch"),
     ("peak_ewma", "decay = \"1h 1ns\"", "peak_ewma.decay"),
+    (
+        "circuit_breakers",
+        "max_requests = 0",
+        "circuit_breakers.max_requests",
+    ),
+    (
+        "circuit_breakers",
+        "max_pending = 0",
+        "circuit_breakers.max_pending",
+    ),
+    (
+        "circuit_breakers",
+        "max_retries = 0",
+        "circuit_breakers.max_retries",
+    ),
+    (
+        "circuit_breakers",
+        "max_connections_per_endpoint = 0",
+        "circuit_breakers.max_connections_per_endpoint",
+    ),
+    (
+        "services.api.circuit_breakers",
+        "max_requests = 0",
+        "services.api.circuit_breakers.max_requests",
+    ),
 ];
 
 fn toml_for(section: &str, line: &str) -> String {
@@ -388,6 +428,7 @@ prop_compose! {
         batch_interval in pick(vec![Duration::from_nanos(1), secs(3600)]),
         decay in pick(vec![Duration::from_millis(1), secs(3600)]),
         max_batch in pick(vec![1usize, 1_000_000]),
+        breaker in pick(vec![None, Some(1u32), Some(u32::MAX)]),
     ) -> LoadBalancerConfig {
         let mut c = LoadBalancerConfig::default();
         c.health_check.enabled = checks_on;
@@ -417,6 +458,12 @@ prop_compose! {
         }
         c.peak_ewma.decay = decay;
         c.control_plane.max_batch = max_batch;
+        c.circuit_breakers = tai_loadbalancer::CircuitBreakerConfig {
+            max_requests: breaker,
+            max_pending: breaker,
+            max_retries: breaker,
+            max_connections_per_endpoint: breaker,
+        };
         c
     }
 }

@@ -92,6 +92,7 @@ fn a_hundred_thousand_endpoints_in_a_thousand_services_fit_in_64_mib() {
                 format!("service-{s}"),
                 ServiceConfig {
                     strategy: Some(STRATEGIES[s % STRATEGIES.len()]),
+                    ..Default::default()
                 },
             );
         }

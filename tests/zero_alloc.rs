@@ -170,3 +170,62 @@ fn locality_priority_subset_and_bounded_load_picks_do_not_allocate() {
         rt.block_on(lb.stop()).unwrap();
     }
 }
+
+/// Under a circuit breaker (`max_requests`), admitted picks and refusals allocate nothing:
+/// the check is one `fetch_add` on the service's counter, and the refusal's error shares the
+/// service's name.
+#[test]
+fn picks_under_a_circuit_breaker_do_not_allocate() {
+    let rt = rt();
+    for strategy in [
+        LoadBalancingStrategy::RoundRobin,
+        LoadBalancingStrategy::LeastConnections,
+        LoadBalancingStrategy::ConsistentHash,
+    ] {
+        let config = tai_loadbalancer::LoadBalancerConfig {
+            circuit_breakers: tai_loadbalancer::CircuitBreakerConfig {
+                max_requests: Some(4),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let registry = std::sync::Arc::new(tai_loadbalancer::ServiceRegistry::new());
+        rt.block_on(registry.register_batch("svc", (0..16).map(ep).collect()))
+            .unwrap();
+        let lb = rt
+            .block_on(tai_loadbalancer::IntegratedLoadBalancer::new(
+                registry, strategy, config,
+            ))
+            .unwrap();
+        rt.block_on(lb.start()).unwrap();
+        let handle = lb.service("svc").unwrap();
+        let exercise = |rounds: u64| {
+            let mut refused = 0;
+            for i in 0..rounds {
+                let held = [
+                    lb.pick("svc").unwrap(),
+                    handle.pick().unwrap(),
+                    handle.pick_with_key_hash(i).unwrap(),
+                    lb.pick_with_hash("svc", i.to_le_bytes()).unwrap(),
+                ];
+                // Full: refused at once, without allocating.
+                refused += u64::from(black_box(handle.pick()).is_err());
+                refused += u64::from(black_box(lb.select("svc")).is_err());
+                for pick in held {
+                    pick.success();
+                }
+                black_box(lb.select("svc").unwrap());
+            }
+            assert_eq!(refused, 2 * rounds);
+        };
+        exercise(1_000);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        exercise(1_000);
+        let n = allocations_during(|| exercise(10_000));
+        assert_eq!(
+            n, 0,
+            "{strategy}: {n} allocations in 10,000 rounds of admitted and refused picks"
+        );
+        rt.block_on(lb.stop()).unwrap();
+    }
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod affinity;
+pub(crate) mod circuit_breakers;
 pub(crate) mod health;
 pub(crate) mod locality;
 pub(crate) mod pool;
@@ -24,6 +25,7 @@ pub(crate) mod strategy;
 use crate::endpoint::validate_service_name;
 use crate::error::Error;
 use affinity::AffinityConfig;
+use circuit_breakers::CircuitBreakerConfig;
 use health::{HealthCheckConfig, OutlierDetectionConfig, SlowStartConfig};
 use rebalance::RebalanceConfig;
 use strategy::LoadBalancingStrategy;
@@ -87,6 +89,9 @@ pub struct LoadBalancerConfig {
     pub subsets: locality::SubsetConfig,
     /// Deterministic subsetting for large fleets (off by default).
     pub subsetting: locality::SubsettingConfig,
+    /// Circuit-breaker limits of every service (none by default); per-service values in
+    /// [`ServiceConfig::circuit_breakers`] replace them.
+    pub circuit_breakers: CircuitBreakerConfig,
     /// Per-service overrides, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -108,6 +113,7 @@ impl Default for LoadBalancerConfig {
             priority: locality::PriorityConfig::default(),
             subsets: locality::SubsetConfig::default(),
             subsetting: locality::SubsettingConfig::default(),
+            circuit_breakers: CircuitBreakerConfig::default(),
             services: BTreeMap::new(),
         }
     }
@@ -245,6 +251,9 @@ impl Default for PeakEwmaConfig {
 pub struct ServiceConfig {
     /// The strategy for this service, instead of the balancer's.
     pub strategy: Option<LoadBalancingStrategy>,
+    /// Circuit-breaker limits for this service: each one set here replaces the top-level
+    /// `[circuit_breakers]` value; the others are inherited.
+    pub circuit_breakers: Option<CircuitBreakerConfig>,
 }
 
 impl Default for ConsistentHashConfig {
@@ -343,12 +352,16 @@ impl LoadBalancerConfig {
         self.priority.validate()?;
         self.subsets.validate()?;
         self.subsetting.validate()?;
-        for name in self.services.keys() {
+        self.circuit_breakers.validate("circuit_breakers")?;
+        for (name, service) in &self.services {
             if let Err(Error::InvalidServiceName { reason, .. }) = validate_service_name(name) {
                 return Err(Error::invalid_config(
                     format!("services.{}", crate::error::truncate(name)),
                     format!("invalid service name: {reason}"),
                 ));
+            }
+            if let Some(breakers) = &service.circuit_breakers {
+                breakers.validate(&format!("services.{name}.circuit_breakers"))?;
             }
         }
         Ok(())
@@ -378,6 +391,19 @@ impl LoadBalancerConfig {
         // Serializing plain structs of strings, integers and maps with string keys to TOML
         // cannot fail; keep a readable fallback rather than a panic path anyway.
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// The circuit-breaker limits of `service`: the top-level `[circuit_breakers]` with the
+    /// service's own `[services.<name>.circuit_breakers]` values in their place.
+    pub fn circuit_breakers_for(&self, service: &str) -> CircuitBreakerConfig {
+        match self
+            .services
+            .get(service)
+            .and_then(|s| s.circuit_breakers.as_ref())
+        {
+            Some(overrides) => self.circuit_breakers.overridden_by(overrides),
+            None => self.circuit_breakers,
+        }
     }
 
     /// The strategy for `service`: its override if configured, else `default`.

@@ -28,8 +28,11 @@ use std::time::{Duration, Instant};
 use super::{Settings, Sources};
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
+use crate::error::CircuitLimit;
 use crate::handoff::HealthSource;
-use crate::stats::{CounterValues, EndpointCounters, ReleasedEndpoint, RoutingUpdate, ServiceCounters};
+use crate::stats::{
+    CircuitBreakerMetrics, CounterValues, EndpointCounters, ReleasedEndpoint, RoutingUpdate, ServiceCounters,
+};
 use crate::sync::arena::{SlotCounters, SlotId};
 use crate::sync::atomic::Ordering;
 use crate::sync::{Arc, DataArc};
@@ -165,6 +168,7 @@ impl ServiceControl {
             }),
             decay: (strategy == LoadBalancingStrategy::PeakEwma)
                 .then(|| Decay::new(settings.config.peak_ewma.decay)),
+            breaker: crate::breaker::Breaker::new(name.clone(), settings.config.circuit_breakers_for(&name)),
         };
         let estimates = context.decay.is_some();
         // Bounded loads compare an endpoint's requests in flight with the service's average:
@@ -957,6 +961,18 @@ impl ServiceSnapshot {
                 }
             })
             .collect();
+        let circuit_breaker = view.context().breaker.as_ref().map(|b| {
+            let counts = b.counts();
+            let at = |l: CircuitLimit| counts.active[l.index()];
+            CircuitBreakerMetrics {
+                limits: counts.limits,
+                requests: at(CircuitLimit::MaxRequests),
+                pending: at(CircuitLimit::MaxPending),
+                retries: at(CircuitLimit::MaxRetries),
+                connections: at(CircuitLimit::MaxConnectionsPerEndpoint),
+                refused: counts.open,
+            }
+        });
         ServiceCounters {
             name: self.name,
             strategy,
@@ -965,6 +981,7 @@ impl ServiceSnapshot {
             panic: self.published.2,
             endpoints,
             removed: self.removed,
+            circuit_breaker,
         }
     }
 }

@@ -93,6 +93,12 @@ impl MetricsExporter for MetricsFacadeExporter {
             }
             let svc = [("service", service.clone())];
             metrics::gauge!("tai_lb_service_panic", &svc).set(f64::from(u8::from(s.panic)));
+            if let Some(b) = &s.circuit_breaker {
+                for limit in crate::CircuitLimit::ALL {
+                    let labels = [("service", service.clone()), ("limit", limit.as_str().to_owned())];
+                    metrics::counter!("tai_lb_circuit_open_total", &labels).absolute(b.open(limit));
+                }
+            }
         }
         let a = &m.affinity;
         metrics::counter!("tai_lb_affinity_lookups_total", "result" => "hit").absolute(a.hits);

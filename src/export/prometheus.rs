@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::{HEALTHS, LATENCY_BUCKETS_SECONDS, health_label};
 use crate::sync::{DataArc, DataWeak};
-use crate::{IntegratedLoadBalancer, LatencyHistogram, LoadBalancerMetrics};
+use crate::{CircuitLimit, IntegratedLoadBalancer, LatencyHistogram, LoadBalancerMetrics};
 
 /// A `prometheus-client` collector for one balancer: register it in your own
 /// `prometheus_client::registry::Registry`; each scrape reads
@@ -601,6 +601,54 @@ fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec
         m.services
             .iter()
             .filter_map(|s| Some((service_labels(s), Sample::GaugeF(s.local_pick_share?)))),
+    );
+    let breakers = || {
+        m.services.iter().filter_map(|s| {
+            s.circuit_breaker.as_ref().map(|b| {
+                (
+                    Labels {
+                        service: Some(s.service.as_str()),
+                        ..Labels::default()
+                    },
+                    b,
+                )
+            })
+        })
+    };
+    push(
+        &mut out,
+        "tai_lb_circuit_open",
+        "Calls a circuit breaker refused, per limit (max_connections_per_endpoint: connections not opened).",
+        Kind::Counter,
+        breakers().flat_map(|(l, b)| {
+            CircuitLimit::ALL.map(|limit| (with(&l, "limit", limit.as_str()), Sample::Counter(b.open(limit))))
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_circuit_breaker_limit",
+        "A circuit breaker's configured limits (the ones set).",
+        Kind::Gauge,
+        breakers().flat_map(|(l, b)| {
+            CircuitLimit::ALL.into_iter().filter_map(move |limit| {
+                let max = b.limits.limit(limit)?;
+                Some((with(&l, "limit", limit.as_str()), Sample::Gauge(i64::from(max))))
+            })
+        }),
+    );
+    push(
+        &mut out,
+        "tai_lb_circuit_breaker_active",
+        "What each set limit counts now: requests in flight, calls pending, retries in flight, connections.",
+        Kind::Gauge,
+        breakers().flat_map(|(l, b)| {
+            let active = [b.requests, b.pending, b.retries, b.connections];
+            CircuitLimit::ALL.into_iter().filter_map(move |limit| {
+                b.limits.limit(limit)?;
+                let n = i64::try_from(active[limit.index()]).unwrap_or(i64::MAX);
+                Some((with(&l, "limit", limit.as_str()), Sample::Gauge(n)))
+            })
+        }),
     );
     let a = &m.affinity;
     push(

@@ -37,8 +37,9 @@ use tower::{Service, ServiceExt};
 use super::body::{BalancedBody, FailureCodes, Recorder, Replay, grpc_status};
 use super::retry::{Idempotent, RetryBudget, RetryPolicy, format_grpc_timeout, parse_grpc_timeout};
 use crate::balancer::{IntegratedLoadBalancer, Route};
+use crate::breaker::{Admission, Breaker};
 use crate::endpoint::Endpoint;
-use crate::error::Error;
+use crate::error::{CircuitLimit, Error};
 use crate::handoff::ControlEvent;
 use crate::pick::Outcome;
 use crate::sync::atomic::{AtomicUsize, Ordering};
@@ -699,11 +700,25 @@ impl Inner {
 
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<Failed> = None;
+        // The service's circuit breakers, known from the first pick.
+        let mut breaker: Option<DataArc<Breaker>> = None;
         for attempt in 1..=self.retry.max_attempts {
+            // A retry holds one of the service's `max_retries` places until it ends.
+            let retry = match (&breaker, attempt > 1) {
+                (Some(breaker), true) => match Admission::take(breaker, CircuitLimit::MaxRetries) {
+                    Ok(admission) => admission,
+                    Err(error) => return Err(circuit_open(error, last.is_some())),
+                },
+                _ => None,
+            };
             let pick = match self.lb.pick_route(&self.service, route, &tried) {
                 Ok(pick) => pick,
+                Err(error @ Error::CircuitOpen { .. }) => return Err(circuit_open(error, last.is_some())),
                 Err(error) => return last.map_or_else(|| Err(no_endpoint(&error)), finish_failed),
             };
+            if breaker.is_none() {
+                breaker = pick.breaker().cloned();
+            }
             let Some(body) = replay.next_body() else {
                 break; // a partial body cannot be sent twice (not reached: retries check)
             };
@@ -717,14 +732,42 @@ impl Inner {
                     parts.headers.insert(GRPC_TIMEOUT.clone(), value);
                 }
             }
-            let (channel, stream) = match self.channels.channel(pick.endpoint()) {
+            let acquired = match self.channels.connections(pick.endpoint(), breaker.as_ref()) {
+                Ok(connections) => match breaker.as_ref().filter(|b| b.limits(CircuitLimit::MaxPending)) {
+                    // Every stream busy: wait for one (a pending call), within the deadline.
+                    Some(breaker) => {
+                        let waited = connections.acquire_waiting(breaker);
+                        match deadline {
+                            None => waited.await,
+                            Some(deadline) => match tokio::time::timeout_at(deadline, waited).await {
+                                Ok(waited) => waited,
+                                Err(_) => return Err(deadline_exceeded(timeout)),
+                            },
+                        }
+                    }
+                    None => Ok(connections.acquire()),
+                },
+                Err(error) => Err(error),
+            };
+            let (channel, stream) = match acquired {
                 Ok(acquired) => acquired,
+                Err(
+                    error @ Error::CircuitOpen {
+                        limit: CircuitLimit::MaxPending,
+                        ..
+                    },
+                ) => return Err(circuit_open(error, last.is_some())),
                 Err(error) => {
-                    // The endpoint's connection cannot be set up (its TLS server name, say):
-                    // nothing was sent, so another endpoint may take the call.
+                    // The endpoint's connection cannot be set up (its TLS server name, or
+                    // its connections are all held by other channels at the circuit
+                    // breaker's limit): nothing was sent, so another endpoint may take the
+                    // call.
                     let address = pick.address();
-                    pick.record(Outcome::Failure, None);
-                    let error: BoxError = Box::new(tonic::Status::unavailable(format!("{address}: {error}")));
+                    if !matches!(error, Error::CircuitOpen { .. }) {
+                        pick.record(Outcome::Failure, None);
+                    }
+                    let error =
+                        status_with_source(tonic::Status::unavailable(format!("{address}: {error}")), error);
                     let may_retry = attempt < self.retry.max_attempts
                         && replay.is_replayable()
                         && deadline.is_none_or(|d| Instant::now() < d)
@@ -789,6 +832,7 @@ impl Inner {
                                 started: attempt_started,
                                 failure_codes: self.failure_codes,
                                 stream,
+                                retry,
                             };
                             return Ok(response.map(|b| BalancedBody::new(b, Some(recorder))));
                         }
@@ -830,6 +874,24 @@ fn finish_failed(failed: Failed) -> Result<Response<BalancedBody>, BoxError> {
 
 fn no_endpoint(error: &Error) -> BoxError {
     Box::new(tonic::Status::unavailable(error.to_string()))
+}
+
+/// `status` with `error` as its source (callers can downcast `source()` to [`Error`]).
+fn status_with_source(mut status: tonic::Status, error: Error) -> BoxError {
+    status.set_source(crate::sync::DataArc::new(error));
+    Box::new(status)
+}
+
+/// A call refused by a circuit breaker: `UNAVAILABLE`, naming the limit, with the typed
+/// [`Error::CircuitOpen`] as its source. `retrying`: the call had failed once already and
+/// this was its retry.
+fn circuit_open(error: Error, retrying: bool) -> BoxError {
+    let message = if retrying {
+        format!("{error}: the failed attempt was not retried (tai-loadbalancer)")
+    } else {
+        format!("{error} (tai-loadbalancer)")
+    };
+    status_with_source(tonic::Status::unavailable(message), error)
 }
 
 fn deadline_exceeded(timeout: Option<Duration>) -> BoxError {
@@ -916,6 +978,14 @@ struct Connections {
     slots: Box<[ConnectionSlot]>,
     opened: AtomicUsize,
     max_streams: usize,
+    /// The endpoint, and the service's circuit breakers when its connections are counted
+    /// there (every opened one is given back on drop).
+    address: SocketAddr,
+    breaker: Option<DataArc<Breaker>>,
+    /// Calls waiting for a stream ([`acquire_waiting`](Self::acquire_waiting)), woken one
+    /// per stream freed.
+    waiters: AtomicUsize,
+    freed: tokio::sync::Notify,
     /// How each connection is made (address, timeouts, TLS).
     template: tonic::transport::Endpoint,
     /// The TLS generation the template was made with (0 without TLS).
@@ -939,15 +1009,40 @@ pub(crate) struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        // SeqCst, with the waiters' count below and in `acquire_waiting`: either a waiter
+        // sees this stream free when it rescans, or this drop sees the waiter and wakes it.
         self.connections.slots[self.slot]
             .streams
-            .fetch_sub(1, Ordering::Relaxed);
+            .fetch_sub(1, Ordering::SeqCst);
+        if self.connections.waiters.load(Ordering::SeqCst) > 0 {
+            self.connections.freed.notify_one();
+        }
+    }
+}
+
+impl Drop for Connections {
+    fn drop(&mut self) {
+        if let Some(breaker) = &self.breaker {
+            for _ in 0..self.opened() {
+                breaker.close_connection(self.address);
+            }
+        }
     }
 }
 
 impl Connections {
-    fn new(max_connections: usize, max_streams: usize, template: Template) -> Self {
+    /// An endpoint's connections, the first one counted in `breaker` (the caller checked
+    /// it was allowed).
+    fn new(
+        max_connections: usize,
+        max_streams: usize,
+        template: Template,
+        address: SocketAddr,
+        breaker: Option<DataArc<Breaker>>,
+    ) -> Self {
         Self {
+            address,
+            breaker,
             template: template.endpoint,
             generation: template.generation,
             server_name: template.server_name,
@@ -959,14 +1054,58 @@ impl Connections {
                 .collect(),
             opened: AtomicUsize::new(1),
             max_streams,
+            waiters: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
         }
     }
 
     /// The open connection with the fewest calls, opening one more first if every open one
-    /// carries `max_streams` and the limit allows. The call claims its stream with a
+    /// carries `max_streams` and the limits allow; if none can be opened, the least loaded
+    /// one anyway (HTTP/2 queues the stream past the server's limit).
+    fn acquire(self: &crate::sync::Arc<Self>) -> (Channel, StreamGuard) {
+        match self.claim(true) {
+            Some(acquired) => acquired,
+            None => unreachable!("claim(share = true) always places the call"),
+        }
+    }
+
+    /// As [`acquire`](Self::acquire), but when every connection that may be open carries
+    /// `max_streams` calls, the call waits here (first come, first served) for one to end,
+    /// holding one of the service's circuit-breaker `max_pending` places while it does: at
+    /// the limit it fails at once with [`Error::CircuitOpen`].
+    async fn acquire_waiting(
+        self: &crate::sync::Arc<Self>,
+        breaker: &DataArc<Breaker>,
+    ) -> Result<(Channel, StreamGuard), Error> {
+        if let Some(acquired) = self.claim(false) {
+            return Ok(acquired);
+        }
+        let _pending = Admission::take(breaker, CircuitLimit::MaxPending)?;
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiters);
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(acquired) = self.claim(false) {
+                return Ok(acquired);
+            }
+            freed.await;
+        }
+    }
+
+    /// Places a call on the open connection with the fewest calls, opening one more first if
+    /// every open one carries `max_streams` and the limits allow. When none can be opened:
+    /// the least loaded one anyway if `share`, else `None`. The call claims its stream with a
     /// compare-and-swap of the count it chose by, so racing calls cannot push a connection
     /// past `max_streams` while another may open (they rescan instead).
-    fn acquire(self: &crate::sync::Arc<Self>) -> (Channel, StreamGuard) {
+    fn claim(self: &crate::sync::Arc<Self>, share: bool) -> Option<(Channel, StreamGuard)> {
         loop {
             let opened = self.opened.load(Ordering::Acquire).clamp(1, self.slots.len());
             let (mut slot, mut least) = (0, usize::MAX);
@@ -981,15 +1120,32 @@ impl Connections {
             }
             if least >= self.max_streams && opened < self.slots.len() {
                 // Every open connection is full: open the next one (if another call did
-                // meanwhile, the rescan sees it) and place the call again.
-                let _ = self
-                    .opened
-                    .compare_exchange(opened, opened + 1, Ordering::AcqRel, Ordering::Acquire);
-                continue;
+                // meanwhile, the rescan sees it) and place the call again. At the circuit
+                // breaker's `max_connections_per_endpoint`, share the least loaded instead.
+                let allowed = self
+                    .breaker
+                    .as_ref()
+                    .is_none_or(|b| b.open_connection(self.address).is_ok());
+                if allowed {
+                    let won = self
+                        .opened
+                        .compare_exchange(opened, opened + 1, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok();
+                    if !won {
+                        if let Some(breaker) = &self.breaker {
+                            breaker.close_connection(self.address);
+                        }
+                    }
+                    continue;
+                }
             }
+            if least >= self.max_streams && !share {
+                return None;
+            }
+            // SeqCst: see `StreamGuard::drop`.
             if self.slots[slot]
                 .streams
-                .compare_exchange(least, least + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(least, least + 1, Ordering::SeqCst, Ordering::SeqCst)
                 .is_err()
             {
                 continue; // another call took or released a stream here meanwhile: rescan
@@ -1002,7 +1158,7 @@ impl Connections {
                 connections: self.clone(),
                 slot,
             };
-            return (channel, guard);
+            return Some((channel, guard));
         }
     }
 
@@ -1013,31 +1169,46 @@ impl Connections {
 }
 
 impl EndpointChannels {
-    /// A connection to `endpoint` for one call. The endpoint's connections are made on its
+    /// The connections to `endpoint`, for one call to take a stream on. They are made on its
     /// first call, and made again (new connections, new handshakes) when the TLS material
     /// has been reloaded since; calls on the old ones finish there.
-    fn channel(&self, endpoint: &Endpoint) -> Result<(Channel, StreamGuard), Error> {
+    ///
+    /// With the service's circuit breakers (`breaker`), the connections are counted there: a
+    /// first connection beyond `max_connections_per_endpoint` (the others held by other
+    /// channels) is [`Error::CircuitOpen`].
+    fn connections(
+        &self,
+        endpoint: &Endpoint,
+        breaker: Option<&DataArc<Breaker>>,
+    ) -> Result<crate::sync::Arc<Connections>, Error> {
         let address = endpoint.address;
         if let Some(connections) = self.map.load().get(&address) {
             if self.current(connections, endpoint) {
-                return Ok(connections.acquire());
+                return Ok(connections.clone());
             }
         }
         let _creating = self.create.lock();
         let map = self.map.load_full();
         if let Some(connections) = map.get(&address) {
             if self.current(connections, endpoint) {
-                return Ok(connections.acquire());
+                return Ok(connections.clone());
             }
         }
         let template = self.template(endpoint)?;
-        let connections =
-            crate::sync::Arc::new(Connections::new(self.per_endpoint, self.max_streams, template));
-        let acquired = connections.acquire();
+        if let Some(breaker) = breaker {
+            breaker.open_connection(address)?;
+        }
+        let connections = crate::sync::Arc::new(Connections::new(
+            self.per_endpoint,
+            self.max_streams,
+            template,
+            address,
+            breaker.cloned(),
+        ));
         let mut map = HashMap::clone(&map);
-        map.insert(address, connections);
+        map.insert(address, connections.clone());
         self.map.store(crate::sync::Arc::new(map));
-        Ok(acquired)
+        Ok(connections)
     }
 
     /// Whether `connections` were made with the TLS material in use and the server name

@@ -188,13 +188,15 @@ impl<'t> Chosen<'t> {
         }
     }
 
-    /// The guarded pick of this decision: its lease, or a new one.
+    /// The guarded pick of this decision: its lease, or a new one. `admitted`: the pick holds
+    /// one of the service's `max_requests` places (see [`Pick`]'s `Drop`).
     #[inline]
-    pub(crate) fn into_pick(self, table: &ServiceTable, shard: usize) -> Pick {
+    pub(crate) fn into_pick(self, table: &ServiceTable, shard: usize, admitted: bool) -> Pick {
         match self.held {
             Some(lease) => Pick::held(table, self.view, self.index, lease),
             None => Pick::new(table, self.view, self.index, shard),
         }
+        .with_admission(admitted)
     }
 
     /// The chosen endpoint's address.
@@ -507,6 +509,8 @@ pub struct Pick {
     lease: SlotLease,
     address: SocketAddr,
     version: u64,
+    /// Holds one of the service's circuit-breaker `max_requests` places, released on drop.
+    admitted: bool,
 }
 
 impl Pick {
@@ -519,6 +523,7 @@ impl Pick {
             lease: view.lease(i, shard),
             address,
             version: table.version,
+            admitted: false,
         }
     }
 
@@ -529,7 +534,22 @@ impl Pick {
             address: table.address(&view.entries()[i].payload),
             lease,
             version: table.version,
+            admitted: false,
         }
+    }
+
+    /// This pick, holding one of the service's `max_requests` places if `admitted`.
+    #[inline]
+    pub(crate) fn with_admission(mut self, admitted: bool) -> Pick {
+        self.admitted = admitted;
+        self
+    }
+
+    /// The service's circuit breakers, if it has any.
+    #[cfg(feature = "grpc")]
+    #[inline]
+    pub(crate) fn breaker(&self) -> Option<&crate::sync::DataArc<crate::breaker::Breaker>> {
+        self.lease.context().breaker.as_ref()
     }
 
     /// The version of the service's routing table this pick was made from (see
@@ -576,6 +596,19 @@ impl Pick {
     /// Reports failure and ends the request.
     pub fn failure(self) {
         self.record(Outcome::Failure, None);
+    }
+}
+
+impl Drop for Pick {
+    #[inline]
+    fn drop(&mut self) {
+        // Before the lease's own drop, which is its last touch of the arena (and so of the
+        // context the breaker lives in).
+        if self.admitted {
+            if let Some(breaker) = &self.lease.context().breaker {
+                breaker.release(crate::error::CircuitLimit::MaxRequests);
+            }
+        }
     }
 }
 

@@ -116,6 +116,8 @@ pub(crate) struct ServiceContext {
     pub(crate) outlier: Option<OutlierReport>,
     /// Peak-EWMA's τ, for services routed by it.
     pub(crate) decay: Option<Decay>,
+    /// Circuit breakers, when a limit is set for the service.
+    pub(crate) breaker: Option<DataArc<crate::breaker::Breaker>>,
 }
 
 impl fmt::Debug for ServiceContext {

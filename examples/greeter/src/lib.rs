@@ -49,9 +49,26 @@ pub struct GreeterState {
     /// Calls served per client certificate (its DER bytes), over TLS with client
     /// certificates (see [`GreeterServer::start_tls`]).
     pub client_certificates: std::sync::Mutex<std::collections::HashMap<Vec<u8>, u64>>,
+    /// Calls in the handler now.
+    pub in_flight: AtomicU64,
+    /// The most calls that were in the handler at once.
+    pub max_in_flight: AtomicU64,
+    /// While `true`, calls wait in the handler (see [`hold`](Self::hold)).
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 impl GreeterState {
+    /// Makes every call wait in the handler (counted in [`in_flight`](Self::in_flight))
+    /// until [`release`](Self::release): a server as slow as a test needs, without timing.
+    pub fn hold(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Lets held calls (and later ones) go on.
+    pub fn release(&self) {
+        self.gate.send_replace(false);
+    }
+
     /// Calls served to the client certificate `der`.
     pub fn calls_from(&self, der: &[u8]) -> u64 {
         let seen = self.client_certificates.lock().unwrap_or_else(|e| e.into_inner());
@@ -81,10 +98,31 @@ impl NamedGreeter {
     }
 }
 
+/// Counts a call in [`GreeterState::in_flight`] while it lives.
+struct InFlight<'a>(&'a GreeterState);
+
+impl<'a> InFlight<'a> {
+    fn new(state: &'a GreeterState) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[tonic::async_trait]
 impl Greeter for NamedGreeter {
     async fn say_hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let _in_flight = InFlight::new(&self.state);
         self.state.received.fetch_add(1, Ordering::Relaxed);
+        let mut gate = self.state.gate.subscribe();
+        // A closed sender cannot happen (the state owns it); either way, go on.
+        let _ = gate.wait_for(|held| !*held).await;
         if self.state.refuse.load(Ordering::Relaxed) {
             self.state.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Status::unavailable(format!("{} refuses calls", self.name)));
@@ -125,8 +163,48 @@ pub struct GreeterServer {
     address: SocketAddr,
     state: Arc<GreeterState>,
     health: HealthReporter,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    settings: Settings,
     running: Option<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+/// How a server is set up (kept to restart it alike).
+#[derive(Clone, Debug, Default)]
+struct Settings {
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    max_concurrent_streams: Option<u32>,
+}
+
+/// Builds a [`GreeterServer`] with options: see [`GreeterServer::builder`].
+#[derive(Debug)]
+pub struct GreeterServerBuilder {
+    name: String,
+    address: SocketAddr,
+    settings: Settings,
+}
+
+impl GreeterServerBuilder {
+    /// Listen on `address` (a loopback address; port 0 for an ephemeral one).
+    pub fn address(mut self, address: SocketAddr) -> Self {
+        self.address = address;
+        self
+    }
+
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: calls beyond it on one connection wait in
+    /// the client for a stream.
+    pub fn max_concurrent_streams(mut self, streams: u32) -> Self {
+        self.settings.max_concurrent_streams = Some(streams);
+        self
+    }
+
+    /// Starts the server.
+    pub fn start(self) -> std::io::Result<GreeterServer> {
+        GreeterServer::start_with_state(
+            &self.name,
+            self.address,
+            Arc::new(GreeterState::default()),
+            self.settings,
+        )
+    }
 }
 
 impl GreeterServer {
@@ -135,9 +213,23 @@ impl GreeterServer {
         Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
+    /// A server named `name`, on an ephemeral port of 127.0.0.1 unless set, with options.
+    pub fn builder(name: &str) -> GreeterServerBuilder {
+        GreeterServerBuilder {
+            name: name.to_owned(),
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            settings: Settings::default(),
+        }
+    }
+
     /// Starts `name` on `address` (a loopback address; port 0 for an ephemeral one).
     pub fn start_on(name: &str, address: SocketAddr) -> std::io::Result<Self> {
-        Self::start_with_state(name, address, Arc::new(GreeterState::default()), None)
+        Self::start_with_state(
+            name,
+            address,
+            Arc::new(GreeterState::default()),
+            Settings::default(),
+        )
     }
 
     /// Starts `name` on an ephemeral port of 127.0.0.1, serving TLS (rustls) with `tls`:
@@ -146,14 +238,18 @@ impl GreeterServer {
     /// [`GreeterState::client_certificates`].
     pub fn start_tls(name: &str, tls: tonic::transport::ServerTlsConfig) -> std::io::Result<Self> {
         let address = SocketAddr::from(([127, 0, 0, 1], 0));
-        Self::start_with_state(name, address, Arc::new(GreeterState::default()), Some(tls))
+        let settings = Settings {
+            tls: Some(tls),
+            ..Settings::default()
+        };
+        Self::start_with_state(name, address, Arc::new(GreeterState::default()), settings)
     }
 
     fn start_with_state(
         name: &str,
         address: SocketAddr,
         state: Arc<GreeterState>,
-        tls: Option<tonic::transport::ServerTlsConfig>,
+        settings: Settings,
     ) -> std::io::Result<Self> {
         if !address.ip().is_loopback() {
             return Err(std::io::Error::new(
@@ -167,7 +263,8 @@ impl GreeterServer {
         let greeter = NamedGreeter::new(name, state.clone()).into_service();
         let accepted = state.clone();
         let reporter = health.clone();
-        let server_tls = tls.clone();
+        let server_tls = settings.tls.clone();
+        let max_concurrent_streams = settings.max_concurrent_streams;
         let thread = std::thread::Builder::new()
             .name(format!("greeter-{name}"))
             .spawn(move || {
@@ -201,7 +298,8 @@ impl GreeterServer {
                             return;
                         }
                     };
-                    let mut builder = tonic::transport::Server::builder();
+                    let mut builder =
+                        tonic::transport::Server::builder().max_concurrent_streams(max_concurrent_streams);
                     if let Some(tls) = server_tls {
                         builder = match builder.tls_config(tls) {
                             Ok(builder) => builder,
@@ -248,7 +346,7 @@ impl GreeterServer {
             address,
             state,
             health,
-            tls,
+            settings,
             running: Some((stop_tx, thread)),
         })
     }
@@ -285,8 +383,12 @@ impl GreeterServer {
     /// Starts it again on the same port, with the same counters.
     pub fn restart(&mut self) -> std::io::Result<()> {
         self.kill();
-        let restarted =
-            Self::start_with_state(&self.name, self.address, self.state.clone(), self.tls.clone())?;
+        let restarted = Self::start_with_state(
+            &self.name,
+            self.address,
+            self.state.clone(),
+            self.settings.clone(),
+        )?;
         *self = restarted;
         Ok(())
     }
