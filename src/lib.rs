@@ -94,6 +94,8 @@ pub use etcd_client;
 pub use events::{HealthEvent, HealthEventKind, HealthEvents, MAX_REASON_LEN};
 #[cfg(feature = "metrics")]
 pub use export::MetricsFacadeExporter;
+#[cfg(feature = "opentelemetry")]
+pub use export::OtelMetrics;
 pub use export::{LATENCY_BUCKETS_SECONDS, MetricsExporter};
 #[cfg(feature = "metrics-server")]
 pub use export::{MetricsServer, serve_metrics};

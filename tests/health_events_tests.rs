@@ -326,9 +326,34 @@ async fn an_ejection_is_logged_with_its_duration_and_its_end() {
         }
     );
     let ejected_at = seen.last().unwrap().time;
+    // The snapshot says how long the ejection has left while it lasts.
+    let endpoint = |lb: &IntegratedLoadBalancer| {
+        lb.metrics()
+            .service("svc")
+            .unwrap()
+            .endpoints
+            .iter()
+            .find(|e| e.address == a.addr)
+            .cloned()
+            .unwrap()
+    };
+    let during = endpoint(&lb);
+    if during.health == tai_loadbalancer::EndpointHealth::Ejected {
+        let left = during
+            .ejection_remaining
+            .expect("an ejected endpoint has a remaining time");
+        assert!(left <= Duration::from_millis(300), "{left:?}");
+    } else {
+        assert_eq!(during.ejection_remaining, None, "{during:?}");
+    }
     until(&mut events, &mut seen, |e| is(e, Some(a.addr), "returned")).await;
     let after = seen.last().unwrap().time.duration_since(ejected_at).unwrap();
     assert!(after >= Duration::from_millis(290), "returned after {after:?}");
+    assert_eq!(
+        endpoint(&lb).ejection_remaining,
+        None,
+        "returned: no ejection left"
+    );
     let v: serde_json::Value = serde_json::from_str(&seen[seen.len() - 2].to_json_line()).unwrap();
     assert_eq!(
         (v["event"].as_str(), v["duration_ms"].as_u64()),

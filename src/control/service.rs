@@ -107,6 +107,8 @@ pub(super) struct ServiceSnapshot {
     published: (u64, u64, bool),
     removed: CounterValues,
     earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState>,
+    /// Members ejected now, with the end of their ejection.
+    ejected: Vec<(SocketAddr, Instant)>,
 }
 
 pub(super) struct ServiceControl {
@@ -1003,6 +1005,11 @@ impl ServiceControl {
             published: (published.version, published.membership_version, published.panic),
             removed,
             earlier,
+            ejected: self
+                .ejections
+                .iter()
+                .filter_map(|(a, e)| Some((*a, e.until?)))
+                .collect(),
         }
     }
 }
@@ -1018,6 +1025,7 @@ impl ServiceSnapshot {
         let table = &self.table;
         let view = &table.members;
         let now = now_ns();
+        let taken = Instant::now();
         let decay = view.context().decay;
         let endpoints = (0..view.len())
             .map(|i| {
@@ -1043,6 +1051,11 @@ impl ServiceSnapshot {
                     health: info.health,
                     effective_weight: info.effective_weight,
                     ejections: info.ejections,
+                    ejection_remaining: self
+                        .ejected
+                        .iter()
+                        .find(|(a, _)| *a == address)
+                        .map(|(_, until)| until.saturating_duration_since(taken)),
                     consecutive_failures: record.consecutive_failures(),
                     counters,
                     check: health.and_then(|h| h.status(&self.name, address)),

@@ -19,6 +19,7 @@ use tonic::Code;
 use tonic::body::Body;
 
 use super::channel::StreamGuard;
+use super::trace::OpenAttempt;
 use crate::pick::{Outcome, Pick};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -188,6 +189,8 @@ pub(crate) struct Recorder {
     pub(crate) failure_codes: FailureCodes,
     /// The call's stream on its connection, released with the pick.
     pub(crate) stream: StreamGuard,
+    /// The attempt's and the call's spans, ended with the body.
+    pub(crate) trace: OpenAttempt,
 }
 
 impl Recorder {
@@ -195,6 +198,7 @@ impl Recorder {
         let latency: Duration = self.started.elapsed();
         self.pick.record(self.failure_codes.outcome(code), Some(latency));
         drop(self.stream); // its connection carries one call fewer
+        self.trace.finish(code, latency);
     }
 }
 
