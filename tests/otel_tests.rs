@@ -4,8 +4,8 @@
 //! * a call retried once is one `Sent.` call span with two `Attempt.` spans, each naming its
 //!   endpoint, the second its retry reason, both under the caller's span;
 //! * the grpc-core server reads the W3C `traceparent` it received from its invocation
-//!   metadata: it carries the caller's trace id and the attempt span's id (and nothing is
-//!   injected without an OpenTelemetry layer);
+//!   metadata: it carries the caller's trace id and the attempt span's id, and a remote
+//!   caller's `tracestate` comes through (nothing is injected without an OpenTelemetry layer);
 //! * `OtelMetrics` publishes names, units and values equal to `lb.metrics()` and to the
 //!   Prometheus exposition.
 //!
@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanId, TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
@@ -318,6 +320,36 @@ async fn a_grpcio_server_receives_the_callers_trace_in_its_metadata() {
         attempt.span_context.span_id(),
         "the server's parent is the attempt's span"
     );
+
+    // A caller continuing a remote trace with a trace state: the server gets that trace and
+    // that state.
+    let remote = SpanContext::new(
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::from_key_value([("vendor", "abc")]).unwrap(),
+    );
+    let caller = tracing::info_span!("continuing");
+    caller
+        .set_parent(opentelemetry::Context::new().with_remote_span_context(remote))
+        .unwrap();
+    let reply = client
+        .say_hello(HelloRequest::default())
+        .instrument(caller)
+        .await
+        .unwrap()
+        .into_inner();
+    let (traceparent, tracestate) = reported(&reply.message);
+    assert!(
+        traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{traceparent}"
+    );
+    assert!(
+        !traceparent.contains("00f067aa0ba902b7"),
+        "the parent is our attempt, not the remote span"
+    );
+    assert_eq!(tracestate, "vendor=abc");
 
     // Without an OpenTelemetry layer nothing is injected.
     drop(guard);
