@@ -21,7 +21,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 # Lowest first. A module may use modules of its own layer (without a cycle) and of lower ones.
 LAYERS = [
     ["sync"],
-    ["error", "endpoint", "histogram", "config", "stats", "handoff", "breaker"],
+    ["error", "endpoint", "histogram", "config", "stats", "handoff", "breaker", "events"],
     ["table"],
     ["pick", "affinity"],
     ["control"],

@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) rebalancer: crate::rebalance::RebalanceManager,
     /// Samples for `requests_per_second`.
     pub(crate) rate: crate::stats::RateWindow,
+    /// The JSON-lines file sink of health events, when `health_events.log_path` is set.
+    event_log: crate::sync::Mutex<Option<crate::events::log::EventLog>>,
     /// This balancer's id in the per-thread name cache.
     cache_id: u64,
 }
@@ -157,6 +159,7 @@ impl Shared {
                 #[cfg(feature = "runtime")]
                 rebalancer: crate::rebalance::RebalanceManager::new(me.clone()),
                 rate: crate::stats::RateWindow::default(),
+                event_log: crate::sync::Mutex::new(None),
                 cache_id: name_cache::owner_id(),
             }
         }))
@@ -280,7 +283,13 @@ impl Shared {
     fn shutdown(&self) -> bool {
         #[cfg(feature = "runtime")]
         self.health.stop_now();
-        self.control.shutdown(&self.sources(), &self.directory)
+        let stopped = self.control.shutdown(&self.sources(), &self.directory);
+        // After the control plane: the log writes everything it decided, then ends.
+        let log = self.event_log.lock().take();
+        if let Some(log) = log {
+            log.stop();
+        }
+        stopped
     }
 
     /// Runs `f` on the slot of `service`, found through the calling thread's name cache:
@@ -589,6 +598,13 @@ impl IntegratedLoadBalancer {
             let sink: DataWeak<dyn crate::handoff::HealthSink> =
                 DataArc::downgrade(&shared) as DataWeak<dyn crate::handoff::HealthSink>;
             shared.health.subscribe(sink);
+        }
+        let events = &shared.control.settings().config.health_events;
+        if events.log_path.is_some() {
+            // Before attaching: the log starts with the services' first members (`added`).
+            let queue = shared.control.subscribe_health(events.buffer);
+            let log = crate::events::log::EventLog::start(events, queue)?;
+            *shared.event_log.lock() = Some(log);
         }
         let sink: DataWeak<dyn MembershipSink> = DataArc::downgrade(&shared) as DataWeak<dyn MembershipSink>;
         let lb = Self { shared, strategy };
@@ -1160,6 +1176,37 @@ impl IntegratedLoadBalancer {
     /// queue without bound; drop the receiver to unsubscribe.
     pub fn routing_updates(&self) -> RoutingUpdates {
         RoutingUpdates(self.shared.control.watch())
+    }
+
+    /// Every health event from now on, for every service (see [`HealthEvent`](crate::HealthEvent)):
+    /// endpoints added and removed, unhealthy (with the check's error) and healthy again,
+    /// ejected (with the duration) and returned, draining and released, marked down and up,
+    /// and panic mode entered and left, numbered in the order the control plane decided
+    /// them. A `Stream`; it holds up to `health_events.buffer` unread events (then loses the
+    /// oldest, counted) and ends when the balancer stops.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tai_loadbalancer::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// # let registry = Arc::new(ServiceRegistry::new());
+    /// let endpoint = Endpoint::new("127.0.0.1:5001".parse().unwrap(), None);
+    /// registry.register("api", endpoint.clone()).await?;
+    /// let lb = IntegratedLoadBalancer::new(registry, LoadBalancingStrategy::RoundRobin, LoadBalancerConfig::default()).await?;
+    /// let mut events = lb.health_events();
+    /// lb.mark_down("api", &endpoint).await?;
+    /// let event = events.next().await.unwrap();
+    /// assert_eq!((event.endpoint, &event.kind), (Some(endpoint.address), &HealthEventKind::MarkedDown));
+    /// println!("{}", event.to_json_line());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn health_events(&self) -> crate::HealthEvents {
+        let capacity = self.shared.control.settings().config.health_events.buffer;
+        crate::HealthEvents::new(self.shared.control.subscribe_health(capacity))
     }
 
     /// This balancer's active health checker (started by [`start`](Self::start) when

@@ -9,6 +9,7 @@
 //! | `control` | the write path: command queue, coalescing, rebuild and publish |
 //! | `discovery` | sources of membership (`FileDiscovery`, `DnsDiscovery`, `EtcdDiscovery`, your own `Discovery`) feeding a registry through a `DiscoveryRunner` (feature `runtime`) |
 //! | `config`, `stats`, `error` | configuration, counters snapshot, errors |
+//! | `events` | the health event log: [`HealthEvent`]s, the [`HealthEvents`] stream, the JSON-lines file sink |
 //! | `tls` | TLS settings of a service (`ClientTls`, files reloaded as they change), `TlsConnector` for pools, handshake errors in words (feature `tls`) |
 //! | `sync` | the one door to atomics, `Arc`, locks, threads and entropy (loom-swappable) |
 #![doc(test(attr(deny(warnings))))]
@@ -29,6 +30,7 @@ mod discovery;
 pub mod docs;
 mod endpoint;
 mod error;
+mod events;
 mod export;
 mod failover;
 #[cfg(feature = "grpc")]
@@ -67,9 +69,9 @@ pub use config::rebalance::{
 };
 pub use config::strategy::LoadBalancingStrategy;
 pub use config::{
-    ConsistentHashConfig, ControlPlaneConfig, DEFAULT_MAGLEV_TABLE_SIZE, HashAlgorithm, LoadBalancerConfig,
-    MAX_BALANCE_FACTOR, MAX_HASH_SLOTS, MAX_MAGLEV_TABLE_SIZE, MIN_HASH_SLOTS, MIN_MAGLEV_TABLE_SIZE,
-    PeakEwmaConfig, ServiceConfig,
+    ConsistentHashConfig, ControlPlaneConfig, DEFAULT_MAGLEV_TABLE_SIZE, HashAlgorithm, HealthEventsConfig,
+    LoadBalancerConfig, MAX_BALANCE_FACTOR, MAX_EVENT_LOG_BYTES, MAX_HASH_SLOTS, MAX_MAGLEV_TABLE_SIZE,
+    MIN_EVENT_LOG_FILE_BYTES, MIN_HASH_SLOTS, MIN_MAGLEV_TABLE_SIZE, PeakEwmaConfig, ServiceConfig,
 };
 #[cfg(feature = "runtime")]
 pub use discovery::{
@@ -91,8 +93,11 @@ pub use error::{CircuitLimit, Error};
 /// or to pass [`ConnectOptions`](etcd_client::ConnectOptions) to [`EtcdConfig`]).
 #[cfg(feature = "etcd")]
 pub use etcd_client;
+pub use events::{HealthEvent, HealthEventKind, HealthEvents, MAX_REASON_LEN};
 #[cfg(feature = "metrics")]
 pub use export::MetricsFacadeExporter;
+#[cfg(feature = "opentelemetry")]
+pub use export::OtelMetrics;
 pub use export::{LATENCY_BUCKETS_SECONDS, MetricsExporter};
 #[cfg(feature = "metrics-server")]
 pub use export::{MetricsServer, serve_metrics};

@@ -156,6 +156,8 @@ pub struct EndpointMetrics {
     pub health: EndpointHealth,
     /// How many times outlier detection ejected it (decays while it behaves).
     pub ejections: u32,
+    /// While it is ejected: how long until the ejection ends.
+    pub ejection_remaining: Option<Duration>,
     /// Failures reported in a row (outlier detection's counter; 0 when it is off).
     pub consecutive_failures: u64,
     /// Active health-check status, when checks run.
@@ -277,6 +279,7 @@ impl EndpointMetrics {
             routable: e.routable,
             health: e.health,
             ejections: e.ejections,
+            ejection_remaining: e.ejection_remaining,
             consecutive_failures: e.consecutive_failures,
             health_check: e.check,
             selections: c.selections,
@@ -583,6 +586,7 @@ pub(crate) struct EndpointCounters {
     pub(crate) health: EndpointHealth,
     pub(crate) effective_weight: u32,
     pub(crate) ejections: u32,
+    pub(crate) ejection_remaining: Option<Duration>,
     pub(crate) consecutive_failures: u64,
     pub(crate) counters: CounterValues,
     pub(crate) check: Option<HealthStatus>,

@@ -131,6 +131,16 @@ const ONE_FIELD: &[(&str, &str)] = &[
     ),
     ("peak_ewma", "decay = \"1ms\""),
     ("peak_ewma", "decay = \"1h\""),
+    ("health_events", "buffer = 1"),
+    ("health_events", "buffer = 1000000"),
+    (
+        "health_events",
+        "log_path = \"target/tai-lb-config-fields-events.jsonl\"",
+    ),
+    ("health_events", "log_max_bytes = 4096"),
+    ("health_events", "log_max_bytes = 1099511627776"),
+    ("health_events", "log_files = 1"),
+    ("health_events", "log_files = 1000"),
     ("services.api", "strategy = \"consistent_hash\""),
     ("services.api", "strategy = \"peak_ewma\""),
     ("circuit_breakers", "max_requests = 1"),
@@ -258,6 +268,21 @@ const REFUSED: &[(&str, &str, &str)] = &[
         "max_requests = 0",
         "services.api.circuit_breakers.max_requests",
     ),
+    ("health_events", "buffer = 0", "health_events.buffer"),
+    ("health_events", "buffer = 1000001", "health_events.buffer"),
+    ("health_events", "log_path = \"\"", "health_events.log_path"),
+    (
+        "health_events",
+        "log_max_bytes = 4095",
+        "health_events.log_max_bytes",
+    ),
+    (
+        "health_events",
+        "log_max_bytes = 1099511627777",
+        "health_events.log_max_bytes",
+    ),
+    ("health_events", "log_files = 0", "health_events.log_files"),
+    ("health_events", "log_files = 1001", "health_events.log_files"),
 ];
 
 fn toml_for(section: &str, line: &str) -> String {

@@ -229,3 +229,69 @@ fn picks_under_a_circuit_breaker_do_not_allocate() {
         rt.block_on(lb.stop()).unwrap();
     }
 }
+
+/// Health events cost the pick path nothing: with a `health_events()` subscriber and the
+/// JSON-lines file sink running, and another thread marking endpoints down and up (each a
+/// table publication and two events), picks and outcome reports on this thread allocate
+/// nothing.
+#[test]
+fn picks_do_not_allocate_while_health_events_flow() {
+    use std::sync::Arc;
+    use tai_loadbalancer::{IntegratedLoadBalancer, LoadBalancerConfig, ServiceRegistry};
+
+    let rt = rt();
+    let dir = std::env::temp_dir().join(format!("tai-lb-zero-alloc-events-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let registry = Arc::new(ServiceRegistry::new());
+    let endpoints: Vec<Endpoint> = (0..16).map(ep).collect();
+    rt.block_on(registry.register_batch("svc", endpoints.clone()))
+        .unwrap();
+    let mut config = LoadBalancerConfig::default();
+    config.health_events.log_path = Some(dir.join("events.jsonl"));
+    let lb = Arc::new(
+        rt.block_on(IntegratedLoadBalancer::new(
+            registry,
+            LoadBalancingStrategy::LeastConnections,
+            config,
+        ))
+        .unwrap(),
+    );
+    rt.block_on(lb.start()).unwrap();
+    let events = lb.health_events();
+    let handle = lb.service("svc").unwrap();
+    let exercise = |rounds: u64| {
+        for i in 0..rounds {
+            black_box(lb.pick("svc").unwrap().address());
+            handle.pick().unwrap().record(
+                Outcome::Success,
+                Some(std::time::Duration::from_micros(i % 900 + 1)),
+            );
+        }
+    };
+    exercise(2_000);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let operator = {
+        let (lb, stop, endpoint) = (lb.clone(), stop.clone(), endpoints[3].clone());
+        std::thread::spawn(move || {
+            let rt = common::rt();
+            let mut toggles = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rt.block_on(lb.mark_down("svc", &endpoint)).unwrap();
+                rt.block_on(lb.mark_up("svc", &endpoint)).unwrap();
+                toggles += 1;
+            }
+            toggles
+        })
+    };
+    let n = allocations_during(|| exercise(50_000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let toggles = operator.join().unwrap();
+    assert!(toggles > 0, "events flowed while picking");
+    assert!(events.drain().len() >= 2);
+    assert_eq!(
+        n, 0,
+        "{n} allocations in 100,000 picks and reports while events flowed"
+    );
+    rt.block_on(lb.stop()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

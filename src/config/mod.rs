@@ -9,7 +9,7 @@
 #![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,8 @@ pub struct LoadBalancerConfig {
     /// Circuit-breaker limits of every service (none by default); per-service values in
     /// [`ServiceConfig::circuit_breakers`] replace them.
     pub circuit_breakers: CircuitBreakerConfig,
+    /// The health event log: subscribers' buffers and the JSON-lines file sink.
+    pub health_events: HealthEventsConfig,
     /// Per-service overrides, keyed by service name.
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -114,6 +116,7 @@ impl Default for LoadBalancerConfig {
             subsets: locality::SubsetConfig::default(),
             subsetting: locality::SubsettingConfig::default(),
             circuit_breakers: CircuitBreakerConfig::default(),
+            health_events: HealthEventsConfig::default(),
             services: BTreeMap::new(),
         }
     }
@@ -245,6 +248,90 @@ impl Default for PeakEwmaConfig {
     }
 }
 
+/// The health event log ([`IntegratedLoadBalancer::health_events`](crate::IntegratedLoadBalancer::health_events)
+/// and its JSON-lines file sink).
+///
+/// In TOML:
+///
+/// ```
+/// # use tai_loadbalancer::LoadBalancerConfig;
+/// let config = LoadBalancerConfig::from_toml_str(r#"
+///     [health_events]
+///     log_path = "/var/log/my-service/lb-health.jsonl"
+///     log_max_bytes = 10485760
+///     log_files = 4
+/// "#).unwrap();
+/// assert_eq!(config.health_events.log_files, 4);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthEventsConfig {
+    /// Events a subscriber (a [`HealthEvents`](crate::HealthEvents) stream, the file sink,
+    /// the status page) holds before it loses the oldest (`1..=1_000_000`, default 4,096).
+    /// The control plane never waits for a subscriber.
+    pub buffer: usize,
+    /// Write every event as a line of JSON to this file (created if missing, appended to),
+    /// rotated by size. `None` (the default): no file.
+    pub log_path: Option<PathBuf>,
+    /// The log and its rotated copies together hold at most this many bytes
+    /// (`4096..=1 TiB`, default 10 MiB).
+    pub log_max_bytes: u64,
+    /// Files the log is spread over: the log and `log_files - 1` rotated copies
+    /// (`PATH.1` newest ...), each at most `log_max_bytes / log_files` bytes
+    /// (`1..=1000`, default 4; lowered so that each file holds at least 4 KiB).
+    pub log_files: u32,
+}
+
+impl Default for HealthEventsConfig {
+    fn default() -> Self {
+        Self {
+            buffer: 4096,
+            log_path: None,
+            log_max_bytes: 10 << 20,
+            log_files: 4,
+        }
+    }
+}
+
+/// Largest accepted `health_events.log_max_bytes` (1 TiB).
+pub const MAX_EVENT_LOG_BYTES: u64 = 1 << 40;
+
+/// The smallest size of one health event log file (and of `health_events.log_max_bytes`):
+/// an event line always fits (its reason is cut to 512 bytes).
+pub const MIN_EVENT_LOG_FILE_BYTES: u64 = 4096;
+
+impl HealthEventsConfig {
+    /// Checks every field (prefix `health_events.`).
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=1_000_000).contains(&self.buffer) {
+            return Err(Error::invalid_config(
+                "health_events.buffer",
+                format!("{} is not between 1 and 1000000", self.buffer),
+            ));
+        }
+        if self.log_path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(Error::invalid_config("health_events.log_path", "is empty"));
+        }
+        let min = MIN_EVENT_LOG_FILE_BYTES;
+        if !(min..=MAX_EVENT_LOG_BYTES).contains(&self.log_max_bytes) {
+            return Err(Error::invalid_config(
+                "health_events.log_max_bytes",
+                format!(
+                    "{} is not between {min} and {MAX_EVENT_LOG_BYTES}",
+                    self.log_max_bytes
+                ),
+            ));
+        }
+        if !(1..=1000).contains(&self.log_files) {
+            return Err(Error::invalid_config(
+                "health_events.log_files",
+                format!("{} is not between 1 and 1000", self.log_files),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Overrides for one service.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -335,6 +422,7 @@ impl LoadBalancerConfig {
                 format!("{decay:?} is not between 1ms and 1h"),
             ));
         }
+        self.health_events.validate()?;
         let cp = &self.control_plane;
         if !(1..=1_000_000).contains(&cp.max_batch) {
             return Err(Error::invalid_config(

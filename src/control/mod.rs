@@ -47,6 +47,7 @@ use crate::config::LoadBalancerConfig;
 use crate::config::locality::Locality;
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::error::Error;
+use crate::events::{EventHub, EventQueue};
 use crate::handoff::queue::{Ack, AckOutcome, Queue};
 use crate::handoff::{Command, ControlEvent, HealthSource, MembershipSource, OutlierSink, Watcher};
 use crate::stats::{RoutingUpdate, ServiceCounters};
@@ -107,6 +108,8 @@ pub(crate) struct Sources<'a> {
 struct ControlState {
     services: HashMap<DataArc<str>, ServiceControl, ahash::RandomState>,
     watchers: Vec<Watcher>,
+    /// Health-event subscribers and numbering.
+    events: EventHub,
     stopped: bool,
 }
 
@@ -170,10 +173,23 @@ impl ControlState {
             }
         }
         self.sweep(cfg, now);
+        self.deliver_events(cfg);
         if directory_changed {
             self.publish_directory(directory);
         }
         failed
+    }
+
+    /// Delivers the health events services recorded, service by service in their order.
+    fn deliver_events(&mut self, cfg: &Settings) {
+        for sc in self.services.values_mut() {
+            if !sc.events.is_empty() {
+                self.events.deliver(&sc.name, sc.events.drain(..));
+            }
+        }
+        // Relaxed: read by the services under this same lock.
+        cfg.listening
+            .store(self.events.has_subscribers(), Ordering::Relaxed);
     }
 
     /// Applies the commands of one service, then re-reads its membership if it changed, and
@@ -236,6 +252,9 @@ impl ControlState {
                 }
                 (None, Some(_)) => {
                     if let Some(mut sc) = self.services.remove(service) {
+                        sc.depart_all();
+                        let pending: Vec<_> = sc.events.drain(..).collect();
+                        self.events.deliver(&sc.name, pending);
                         let update = sc.bury(Miss::Removed, cfg.strategy_for(service), cfg.hash_slots);
                         self.announce(update);
                         tracing::debug!(service = %sc.name, "service removed");
@@ -305,6 +324,7 @@ impl ControlState {
         }
         // Also releases timed-out drains.
         self.sweep(cfg, now);
+        self.deliver_events(cfg);
     }
 
     fn next_deadline(&self, cfg: &Settings) -> Option<Instant> {
@@ -355,6 +375,8 @@ impl ControlState {
 /// Immutable settings of one control plane.
 pub(crate) struct Settings {
     pub(crate) config: LoadBalancerConfig,
+    /// Whether anyone subscribes to health events (services record none otherwise).
+    pub(crate) listening: DataArc<AtomicBool>,
     pub(crate) default_strategy: LoadBalancingStrategy,
     pub(crate) hash_slots: u32,
     /// Where data-plane failure runs are reported (the balancer itself).
@@ -397,6 +419,7 @@ impl Settings {
             hash_slots: config.consistent_hash.slots,
             locality,
             subsetting,
+            listening: DataArc::new(AtomicBool::new(false)),
             config,
             default_strategy,
             outlier_sink,
@@ -443,6 +466,7 @@ impl ControlPlane {
             state: Mutex::new(ControlState {
                 services: HashMap::default(),
                 watchers: Vec::new(),
+                events: EventHub::default(),
                 stopped: false,
             }),
             thread: Mutex::new(None),
@@ -679,6 +703,7 @@ impl ControlPlane {
             state.announce(update);
         }
         state.watchers.clear();
+        state.events.close();
         state.publish_directory(directory);
         true
     }
@@ -695,6 +720,21 @@ impl ControlPlane {
             ControlEvent::Released { .. } => true,
         }));
         rx
+    }
+
+    /// A new health-event subscriber holding up to `capacity` events (closed at once if the
+    /// control plane is stopped).
+    pub(crate) fn subscribe_health(&self, capacity: usize) -> DataArc<EventQueue> {
+        let queue = EventQueue::new(capacity);
+        let mut state = self.state.lock();
+        if state.stopped {
+            queue.close();
+        } else {
+            state.events.subscribe(queue.clone());
+            // Relaxed: read under this same lock.
+            self.settings.listening.store(true, Ordering::Relaxed);
+        }
+        queue
     }
 
     /// Calls `watcher` for every event from now on (on the control plane's thread).

@@ -29,12 +29,13 @@ use super::{Settings, Sources};
 use crate::config::strategy::LoadBalancingStrategy;
 use crate::endpoint::Endpoint;
 use crate::error::CircuitLimit;
+use crate::events::{HealthEventKind, PendingEvent, short_reason};
 use crate::handoff::HealthSource;
 use crate::stats::{
     CircuitBreakerMetrics, CounterValues, EndpointCounters, ReleasedEndpoint, RoutingUpdate, ServiceCounters,
 };
 use crate::sync::arena::{SlotCounters, SlotId};
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{Arc, DataArc};
 use crate::table::build::{HashParams, MemberInput, RingCache, SubsetsInput, TableInput, build};
 use crate::table::estimate::{Decay, estimate_ns, expire, now_ns};
@@ -109,6 +110,8 @@ pub(super) struct ServiceSnapshot {
     published: (u64, u64, bool),
     removed: CounterValues,
     earlier: HashMap<SocketAddr, CounterValues, ahash::RandomState>,
+    /// Members ejected now, with the end of their ejection.
+    ejected: Vec<(SocketAddr, Instant)>,
 }
 
 pub(super) struct ServiceControl {
@@ -154,6 +157,10 @@ pub(super) struct ServiceControl {
     built: bool,
     panic: bool,
     pub(super) dirty: bool,
+    /// Health events decided since the control plane last delivered them.
+    pub(super) events: Vec<PendingEvent>,
+    /// Whether anyone subscribes to health events (none are recorded otherwise).
+    listening: DataArc<AtomicBool>,
 }
 
 impl ServiceControl {
@@ -217,6 +224,8 @@ impl ServiceControl {
             built: false,
             panic: false,
             dirty: true,
+            events: Vec::new(),
+            listening: settings.listening.clone(),
         }
     }
 
@@ -255,6 +264,7 @@ impl ServiceControl {
                     if self.built && !slow_start.window.is_zero() {
                         self.ramps.insert(endpoint.address, now);
                     }
+                    self.note(PendingEvent::endpoint(endpoint.address, HealthEventKind::Added));
                     self.arena.alloc(SlotRecord::new(endpoint.clone()))
                 }
             };
@@ -350,8 +360,16 @@ impl ServiceControl {
         if panic != self.panic {
             if panic {
                 tracing::warn!(service = %self.name, healthy, eligible, total = members.len(), "panic mode: routing to every endpoint not marked down or draining");
+                self.note(PendingEvent::service(HealthEventKind::PanicEntered {
+                    healthy,
+                    eligible,
+                }));
             } else {
                 tracing::info!(service = %self.name, healthy, eligible, total = members.len(), "panic mode over");
+                self.note(PendingEvent::service(HealthEventKind::PanicLeft {
+                    healthy,
+                    eligible,
+                }));
             }
         }
         self.panic = panic;
@@ -565,14 +583,27 @@ impl ServiceControl {
         let Some(health) = sources.health else { return };
         let unhealthy: HashSet<SocketAddr, ahash::RandomState> =
             health.unhealthy(&self.name).into_iter().collect();
-        for recovered in self.unhealthy.difference(&unhealthy) {
+        let mut recovered: Vec<SocketAddr> = self.unhealthy.difference(&unhealthy).copied().collect();
+        recovered.sort_unstable();
+        for recovered in recovered {
             tracing::info!(service = %self.name, endpoint = %recovered, "endpoint healthy again");
             if ramp {
-                self.ramps.insert(*recovered, now);
+                self.ramps.insert(recovered, now);
             }
+            self.note(PendingEvent::endpoint(recovered, HealthEventKind::Healthy));
         }
-        for failed in unhealthy.difference(&self.unhealthy) {
-            tracing::warn!(service = %self.name, endpoint = %failed, "endpoint unhealthy: out of routing");
+        let mut failed: Vec<SocketAddr> = unhealthy.difference(&self.unhealthy).copied().collect();
+        failed.sort_unstable();
+        for failed in failed {
+            let reason = health
+                .status(&self.name, failed)
+                .and_then(|s| s.last_error)
+                .map(|r| short_reason(&r));
+            tracing::warn!(service = %self.name, endpoint = %failed, reason = reason.as_deref().unwrap_or(""), "endpoint unhealthy: out of routing");
+            self.note(PendingEvent::endpoint(
+                failed,
+                HealthEventKind::Unhealthy { reason },
+            ));
         }
         self.unhealthy = unhealthy;
     }
@@ -615,6 +646,12 @@ impl ServiceControl {
         };
         if changed {
             tracing::info!(service = %self.name, endpoint = %address, draining, "endpoint drain");
+            let kind = if draining {
+                HealthEventKind::Draining
+            } else {
+                HealthEventKind::Undrained
+            };
+            self.note(PendingEvent::endpoint(address, kind));
         }
         changed
     }
@@ -635,6 +672,12 @@ impl ServiceControl {
         };
         if changed {
             tracing::info!(service = %self.name, endpoint = %address, down, "endpoint marked by operator");
+            let kind = if down {
+                HealthEventKind::MarkedDown
+            } else {
+                HealthEventKind::MarkedUp
+            };
+            self.note(PendingEvent::endpoint(address, kind));
         }
         changed
     }
@@ -688,6 +731,11 @@ impl ServiceControl {
             ejected_for_ms = duration.as_millis() as u64,
             "endpoint ejected by outlier detection"
         );
+        let ejections = e.count;
+        self.note(PendingEvent::endpoint(
+            address,
+            HealthEventKind::Ejected { duration, ejections },
+        ));
         true
     }
 
@@ -698,11 +746,13 @@ impl ServiceControl {
         // plane's sweep after every tick, whether or not the table changes.
         let mut changed = false;
         let ramp = !settings.config.slow_start.window.is_zero();
+        let mut returned = Vec::new();
         for (address, e) in &mut self.ejections {
             if e.until.is_some_and(|until| until <= now) {
                 e.until = None;
                 e.changed = now;
                 changed = true;
+                returned.push(*address);
                 tracing::info!(service = %self.name, endpoint = %address, "ejection over: endpoint back in routing");
                 if let Ok(i) = self.states.binary_search_by(|s| s.endpoint.address.cmp(address)) {
                     self.arena.record(self.states[i].slot).reset_failures();
@@ -712,6 +762,12 @@ impl ServiceControl {
                 }
             }
         }
+        returned.sort_unstable();
+        self.note_all(
+            returned
+                .into_iter()
+                .map(|a| PendingEvent::endpoint(a, HealthEventKind::Returned)),
+        );
         if self.ramp_tick.is_some_and(|t| t <= now) {
             let window = settings.config.slow_start.window;
             self.ramps
@@ -748,6 +804,12 @@ impl ServiceControl {
     /// Retires a generation. `stays` tells whether its address remains a member.
     fn retire(&mut self, state: MemberState, stays: bool, now: Instant) {
         self.arena.retire(state.slot);
+        if !stays {
+            self.note(PendingEvent::endpoint(
+                state.endpoint.address,
+                HealthEventKind::Removed,
+            ));
+        }
         self.retiring.push(Retiring {
             slot: state.slot,
             address: state.endpoint.address,
@@ -806,6 +868,15 @@ impl ServiceControl {
         }
         self.sweep_tick =
             (!self.old_tables.is_empty() || !self.retiring.is_empty()).then(|| later(now, SWEEP_INTERVAL));
+        self.note_all(released.iter().map(|r| {
+            PendingEvent::endpoint(
+                r.address,
+                HealthEventKind::Released {
+                    in_flight_abandoned: r.in_flight_abandoned,
+                    timed_out: r.timed_out,
+                },
+            )
+        }));
         released
     }
 
@@ -863,6 +934,30 @@ impl ServiceControl {
         self.table_version
     }
 
+    /// Records a health event, if anyone listens.
+    fn note(&mut self, event: PendingEvent) {
+        // Relaxed: set and read under the control plane's state lock.
+        if self.listening.load(Ordering::Relaxed) {
+            self.events.push(event);
+        }
+    }
+
+    fn note_all(&mut self, events: impl IntoIterator<Item = PendingEvent>) {
+        if self.listening.load(Ordering::Relaxed) {
+            self.events.extend(events);
+        }
+    }
+
+    /// Every current member leaves (the service was removed from the registry).
+    pub(super) fn depart_all(&mut self) {
+        let departed: Vec<PendingEvent> = self
+            .states
+            .iter()
+            .map(|s| PendingEvent::endpoint(s.endpoint.address, HealthEventKind::Removed))
+            .collect();
+        self.note_all(departed);
+    }
+
     /// Publishes a tombstone table.
     pub(super) fn bury(
         &mut self,
@@ -914,6 +1009,11 @@ impl ServiceControl {
             published: (published.version, published.membership_version, published.panic),
             removed,
             earlier,
+            ejected: self
+                .ejections
+                .iter()
+                .filter_map(|(a, e)| Some((*a, e.until?)))
+                .collect(),
         }
     }
 }
@@ -929,6 +1029,7 @@ impl ServiceSnapshot {
         let table = &self.table;
         let view = &table.members;
         let now = now_ns();
+        let taken = Instant::now();
         let decay = view.context().decay;
         let endpoints = (0..view.len())
             .map(|i| {
@@ -954,6 +1055,11 @@ impl ServiceSnapshot {
                     health: info.health,
                     effective_weight: info.effective_weight,
                     ejections: info.ejections,
+                    ejection_remaining: self
+                        .ejected
+                        .iter()
+                        .find(|(a, _)| *a == address)
+                        .map(|(_, until)| until.saturating_duration_since(taken)),
                     consecutive_failures: record.consecutive_failures(),
                     counters,
                     check: health.and_then(|h| h.status(&self.name, address)),

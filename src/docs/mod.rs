@@ -10,3 +10,7 @@ pub mod locality_and_priority {}
 #[cfg(feature = "etcd")]
 #[doc = include_str!("fleet.md")]
 pub mod fleet {}
+
+#[cfg(feature = "opentelemetry")]
+#[doc = include_str!("observability.md")]
+pub mod observability {}

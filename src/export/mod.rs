@@ -43,6 +43,8 @@
 
 #[cfg(feature = "metrics")]
 mod facade;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 #[cfg(feature = "prometheus")]
 mod prometheus;
 #[cfg(feature = "metrics-server")]
@@ -50,6 +52,8 @@ mod server;
 
 #[cfg(feature = "metrics")]
 pub use facade::MetricsFacadeExporter;
+#[cfg(feature = "opentelemetry")]
+pub use otel::OtelMetrics;
 #[cfg(feature = "prometheus")]
 pub use prometheus::{PrometheusCollector, encode_prometheus, encode_prometheus_snapshot};
 #[cfg(all(feature = "prometheus", feature = "runtime"))]

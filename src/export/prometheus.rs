@@ -88,7 +88,7 @@ pub fn encode_prometheus(balancer: &DataArc<IntegratedLoadBalancer>) -> String {
 /// Every service with TLS settings in `balancer`'s health checker (set by its channels),
 /// with their state.
 #[cfg(feature = "tls")]
-fn tls_rows(balancer: &IntegratedLoadBalancer) -> Vec<(String, crate::TlsStats)> {
+pub(super) fn tls_rows(balancer: &IntegratedLoadBalancer) -> Vec<(String, crate::TlsStats)> {
     balancer
         .health_checks()
         .tls_services()
@@ -99,7 +99,7 @@ fn tls_rows(balancer: &IntegratedLoadBalancer) -> Vec<(String, crate::TlsStats)>
 
 /// The TLS families: certificate expiry (alert on it), generation and reloads per service.
 #[cfg(feature = "tls")]
-fn tls_families(rows: &[(String, crate::TlsStats)]) -> Vec<Family<'_>> {
+pub(super) fn tls_families(rows: &[(String, crate::TlsStats)]) -> Vec<Family<'_>> {
     let secs = |t: Option<std::time::SystemTime>| {
         t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -174,7 +174,7 @@ pub fn encode_prometheus_snapshot(metrics: &LoadBalancerMetrics) -> String {
 }
 
 /// Every endpoint's address as text, in snapshot order (formatted once per scrape).
-fn endpoint_names(m: &LoadBalancerMetrics) -> Vec<String> {
+pub(super) fn endpoint_names(m: &LoadBalancerMetrics) -> Vec<String> {
     m.services
         .iter()
         .flat_map(|s| s.endpoints.iter().map(|e| e.address.to_string()))
@@ -183,7 +183,7 @@ fn endpoint_names(m: &LoadBalancerMetrics) -> Vec<String> {
 
 /// A sample's labels, borrowed from the snapshot (no allocation per sample).
 #[derive(Clone, Copy, Default)]
-struct Labels<'m> {
+pub(super) struct Labels<'m> {
     service: Option<&'m str>,
     endpoint: Option<&'m str>,
     /// A discovery source's name.
@@ -192,7 +192,7 @@ struct Labels<'m> {
 }
 
 impl<'m> Labels<'m> {
-    fn pairs(&self) -> impl Iterator<Item = (&'static str, &'m str)> {
+    pub(super) fn pairs(&self) -> impl Iterator<Item = (&'static str, &'m str)> {
         self.service
             .map(|s| ("service", s))
             .into_iter()
@@ -222,14 +222,14 @@ fn with<'m>(labels: &Labels<'m>, key: &'static str, value: &'static str) -> Labe
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
     Counter,
     Gauge,
     Histogram,
 }
 
-enum Sample<'m> {
+pub(super) enum Sample<'m> {
     Counter(u64),
     Gauge(i64),
     GaugeF(f64),
@@ -237,11 +237,11 @@ enum Sample<'m> {
 }
 
 /// One metric family: its base name (counters without `_total`), help, type and samples.
-struct Family<'m> {
-    name: &'static str,
-    help: &'static str,
-    kind: Kind,
-    samples: Vec<(Labels<'m>, Sample<'m>)>,
+pub(super) struct Family<'m> {
+    pub(super) name: &'static str,
+    pub(super) help: &'static str,
+    pub(super) kind: Kind,
+    pub(super) samples: Vec<(Labels<'m>, Sample<'m>)>,
 }
 
 fn gauge(b: bool) -> Sample<'static> {
@@ -426,7 +426,7 @@ fn push<'m>(
 
 /// Every family of a snapshot (families without samples are left out).
 /// `endpoint_names` holds every endpoint's address as text, in snapshot order.
-fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec<Family<'m>> {
+pub(super) fn families<'m>(m: &'m LoadBalancerMetrics, endpoint_names: &'m [String]) -> Vec<Family<'m>> {
     let mut out = Vec::new();
     let endpoints = || {
         m.services

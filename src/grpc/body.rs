@@ -19,6 +19,7 @@ use tonic::Code;
 use tonic::body::Body;
 
 use super::channel::StreamGuard;
+use super::trace::OpenAttempt;
 use crate::breaker::Admission;
 use crate::pick::{Outcome, Pick};
 
@@ -191,6 +192,8 @@ pub(crate) struct Recorder {
     pub(crate) stream: StreamGuard,
     /// The circuit breaker's `max_retries` place, when this attempt is a retry.
     pub(crate) retry: Option<Admission>,
+    /// The attempt's and the call's spans, ended with the body.
+    pub(crate) trace: OpenAttempt,
 }
 
 impl Recorder {
@@ -199,6 +202,7 @@ impl Recorder {
         self.pick.record(self.failure_codes.outcome(code), Some(latency));
         drop(self.stream); // its connection carries one call fewer
         drop(self.retry); // the retry is over
+        self.trace.finish(code, latency);
     }
 }
 

@@ -36,6 +36,7 @@ use tower::{Service, ServiceExt};
 
 use super::body::{BalancedBody, FailureCodes, Recorder, Replay, grpc_status};
 use super::retry::{Idempotent, RetryBudget, RetryPolicy, format_grpc_timeout, parse_grpc_timeout};
+use super::trace::{CallTrace, OpenAttempt, code_name, record_end};
 use crate::balancer::{IntegratedLoadBalancer, Route};
 use crate::breaker::{Admission, Breaker};
 use crate::endpoint::Endpoint;
@@ -608,7 +609,10 @@ impl Service<Request<Body>> for BalancedChannel {
     }
 
     fn call(&mut self, request: Request<Body>) -> ResponseFuture {
-        ResponseFuture(Box::pin(self.inner.clone().call(request)))
+        use tracing::Instrument;
+        let trace = CallTrace::new(&self.inner.service, request.uri().path());
+        let span = trace.span.clone();
+        ResponseFuture(Box::pin(self.inner.clone().call(request, trace).instrument(span)))
     }
 }
 
@@ -653,9 +657,38 @@ enum Failed {
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 impl Inner {
-    async fn call(self: DataArc<Self>, request: Request<Body>) -> Result<Response<BalancedBody>, BoxError> {
-        let (mut parts, body) = request.into_parts();
+    async fn call(
+        self: DataArc<Self>,
+        request: Request<Body>,
+        mut trace: CallTrace,
+    ) -> Result<Response<BalancedBody>, BoxError> {
         let started = Instant::now();
+        let result = self.attempts(request, &mut trace, started).await;
+        trace.record_attempts();
+        match &result {
+            Err(error) => {
+                let code = error.downcast_ref::<tonic::Status>().map(tonic::Status::code);
+                record_end(&trace.span, code, started.elapsed());
+            }
+            // Trailers-only: the call is over (a streamed body records it when it ends).
+            Ok(response) => {
+                if let Some(code) = grpc_status(response.headers()) {
+                    record_end(&trace.span, Some(code), started.elapsed());
+                }
+            }
+        }
+        result
+    }
+
+    /// Picks, sends and retries; records each attempt's span (the call's span is recorded
+    /// by the caller on an error, by the response body when it streams, here otherwise).
+    async fn attempts(
+        &self,
+        request: Request<Body>,
+        trace: &mut CallTrace,
+        started: Instant,
+    ) -> Result<Response<BalancedBody>, BoxError> {
+        let (mut parts, body) = request.into_parts();
         let header_timeout = parts
             .headers
             .get(&GRPC_TIMEOUT)
@@ -702,6 +735,7 @@ impl Inner {
         let mut last: Option<Failed> = None;
         // The service's circuit breakers, known from the first pick.
         let mut breaker: Option<DataArc<Breaker>> = None;
+        let mut retry_reason: Option<String> = None;
         for attempt in 1..=self.retry.max_attempts {
             // A retry holds one of the service's `max_retries` places until it ends.
             let retry = match (&breaker, attempt > 1) {
@@ -719,6 +753,9 @@ impl Inner {
             if breaker.is_none() {
                 breaker = pick.breaker().cloned();
             }
+            let span = trace.attempt(pick.address(), attempt, retry_reason.as_deref());
+            #[cfg(feature = "opentelemetry")]
+            super::otel::inject(&span, &mut parts.headers);
             let Some(body) = replay.next_body() else {
                 break; // a partial body cannot be sent twice (not reached: retries check)
             };
@@ -768,12 +805,15 @@ impl Inner {
                     }
                     let error =
                         status_with_source(tonic::Status::unavailable(format!("{address}: {error}")), error);
+                    span.record("error", tracing::field::display(&error));
+                    record_end(&span, Some(Code::Unavailable), Duration::ZERO);
                     let may_retry = attempt < self.retry.max_attempts
                         && replay.is_replayable()
                         && deadline.is_none_or(|d| Instant::now() < d)
                         && self.budget.withdraw();
                     if may_retry {
                         tracing::debug!(service = %self.service, endpoint = %address, attempt, %error, "cannot connect, retrying on another endpoint");
+                        retry_reason = Some("cannot connect".to_owned());
                         tried.push(address);
                         last = Some(Failed::Error(error));
                         continue;
@@ -790,6 +830,7 @@ impl Inner {
                     Err(_) => {
                         let latency = attempt_started.elapsed();
                         pick.record(self.failure_codes.outcome(Code::DeadlineExceeded), Some(latency));
+                        record_end(&span, Some(Code::DeadlineExceeded), latency);
                         return Err(deadline_exceeded(timeout));
                     }
                 },
@@ -813,13 +854,16 @@ impl Inner {
                             // The server's timer (set from our grpc-timeout) won the race
                             // with ours; tonic servers answer CANCELLED. It is our deadline.
                             pick.record(self.failure_codes.outcome(Code::DeadlineExceeded), Some(latency));
+                            record_end(&span, Some(Code::DeadlineExceeded), latency);
                             return Err(deadline_exceeded(timeout));
                         }
                         Some(code) => {
                             let address = pick.address();
                             pick.record(self.failure_codes.outcome(code), Some(latency));
+                            record_end(&span, Some(code), latency);
                             if code == Code::Unavailable && may_retry(true) {
                                 tracing::debug!(service = %self.service, endpoint = %address, attempt, "UNAVAILABLE, retrying on another endpoint");
+                                retry_reason = Some(code_name(code).to_owned());
                                 tried.push(address);
                                 last = Some(Failed::Unavailable(response));
                                 continue;
@@ -833,6 +877,11 @@ impl Inner {
                                 failure_codes: self.failure_codes,
                                 stream,
                                 retry,
+                                trace: OpenAttempt {
+                                    attempt: span,
+                                    call: trace.span.clone(),
+                                    call_started: started,
+                                },
                             };
                             return Ok(response.map(|b| BalancedBody::new(b, Some(recorder))));
                         }
@@ -843,6 +892,7 @@ impl Inner {
                     // ours): the caller sees the same DEADLINE_EXCEEDED either way.
                     let latency = attempt_started.elapsed();
                     pick.record(self.failure_codes.outcome(Code::DeadlineExceeded), Some(latency));
+                    record_end(&span, Some(Code::DeadlineExceeded), latency);
                     return Err(deadline_exceeded(timeout));
                 }
                 Err(error) => {
@@ -851,8 +901,15 @@ impl Inner {
                     pick.record(Outcome::Failure, None);
                     #[cfg(feature = "tls")]
                     let error = tls_error_in_words(error, address, self.channels.tls.as_ref());
+                    span.record("error", tracing::field::display(&error));
+                    record_end(&span, None, attempt_started.elapsed());
                     if may_retry(before_server) {
                         tracing::debug!(service = %self.service, endpoint = %address, attempt, before_server, %error, "call failed, retrying on another endpoint");
+                        retry_reason = Some(if before_server {
+                            "transport error before the request reached the server".to_owned()
+                        } else {
+                            "transport error (idempotent method)".to_owned()
+                        });
                         tried.push(address);
                         last = Some(Failed::Error(error));
                         continue;

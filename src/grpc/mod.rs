@@ -9,7 +9,10 @@
 
 mod body;
 mod channel;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod retry;
+mod trace;
 
 pub use body::BalancedBody;
 pub use channel::{
