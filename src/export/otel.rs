@@ -264,63 +264,31 @@ impl OtelMetrics {
                 }
             };
             out.names.push(name.clone());
+            // One observable instrument of the family's kind; its callback reports the
+            // family's samples of that kind from the shared snapshot.
+            macro_rules! observable {
+                ($builder:ident, $kind:ident) => {
+                    meter
+                        .$builder(name)
+                        .with_description(help)
+                        .with_unit(unit)
+                        .with_callback(move |o| {
+                            each(&mut |v, a| {
+                                if let Observed::$kind(v) = v {
+                                    o.observe(*v, a);
+                                }
+                            })
+                        })
+                        .build()
+                };
+            }
             match shape {
-                Observed::U64(_) => out._counters.push(
-                    meter
-                        .u64_observable_counter(name)
-                        .with_description(help)
-                        .with_unit(unit)
-                        .with_callback(move |o| {
-                            each(&mut |v, a| {
-                                if let Observed::U64(v) = v {
-                                    o.observe(*v, a);
-                                }
-                            })
-                        })
-                        .build(),
-                ),
-                Observed::F64(_) if name.ends_with("_sum") => out._float_counters.push(
-                    meter
-                        .f64_observable_counter(name)
-                        .with_description(help)
-                        .with_unit(unit)
-                        .with_callback(move |o| {
-                            each(&mut |v, a| {
-                                if let Observed::F64(v) = v {
-                                    o.observe(*v, a);
-                                }
-                            })
-                        })
-                        .build(),
-                ),
-                Observed::F64(_) => out._float_gauges.push(
-                    meter
-                        .f64_observable_gauge(name)
-                        .with_description(help)
-                        .with_unit(unit)
-                        .with_callback(move |o| {
-                            each(&mut |v, a| {
-                                if let Observed::F64(v) = v {
-                                    o.observe(*v, a);
-                                }
-                            })
-                        })
-                        .build(),
-                ),
-                Observed::I64(_) => out._gauges.push(
-                    meter
-                        .i64_observable_gauge(name)
-                        .with_description(help)
-                        .with_unit(unit)
-                        .with_callback(move |o| {
-                            each(&mut |v, a| {
-                                if let Observed::I64(v) = v {
-                                    o.observe(*v, a);
-                                }
-                            })
-                        })
-                        .build(),
-                ),
+                Observed::U64(_) => out._counters.push(observable!(u64_observable_counter, U64)),
+                Observed::F64(_) if name.ends_with("_sum") => {
+                    out._float_counters.push(observable!(f64_observable_counter, F64))
+                }
+                Observed::F64(_) => out._float_gauges.push(observable!(f64_observable_gauge, F64)),
+                Observed::I64(_) => out._gauges.push(observable!(i64_observable_gauge, I64)),
             }
         }
         out
